@@ -1,0 +1,1 @@
+//! C ABI of bufferheap: PyTorch's pluggable CUDA allocator entry points plus statistics and control

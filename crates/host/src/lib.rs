@@ -1,0 +1,1 @@
+//! Host-memory backend for bufferheap: system memory, unified (shared == private), events complete at once

@@ -1,0 +1,1 @@
+//! Replays PyTorch memory snapshots through the bufferheap engine

@@ -1,0 +1,1 @@
+//! Reads PyTorch memory snapshots.
