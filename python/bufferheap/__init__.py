@@ -1,0 +1,213 @@
+"""bufferheap: a caching allocator for accelerator memory.
+
+Use it as PyTorch's CUDA allocator (call before any CUDA tensor exists)::
+
+    import bufferheap
+    bufferheap.torch.install()
+
+then read its figures with ``bufferheap.memory_stats()``, ``bufferheap.max_memory_reserved()``,
+``bufferheap.snapshot("snap.pickle")`` and the like: PyTorch's own ``torch.cuda.memory_stats()``
+and ``_snapshot()`` do not work with a pluggable allocator.
+
+``import bufferheap`` needs neither torch nor a GPU; ``bufferheap.torch`` imports torch.
+The native library is found as described in ``bufferheap._ffi`` (``BUFFERHEAP_LIB`` overrides).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Any, Dict, List, Optional, Union
+
+from . import _config, _snapshot
+from ._ffi import BufferheapError, LibraryNotFoundError, find_library, lib
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BufferheapError",
+    "LibraryNotFoundError",
+    "configure",
+    "empty_cache",
+    "initialized",
+    "library_path",
+    "max_memory_allocated",
+    "max_memory_reserved",
+    "memory_allocated",
+    "memory_reserved",
+    "memory_stats",
+    "reset_peak_memory_stats",
+    "set_watermarks",
+    "snapshot",
+    "torch",
+]
+
+Device = Union[None, int, str, Any]
+
+# The settings applied through bufferheap_configure in this process (None: none yet).
+_applied: Optional[Dict[str, str]] = None
+
+
+def __getattr__(name: str):
+    # `bufferheap.torch` is imported on first use, so that `import bufferheap` never imports torch.
+    if name == "torch":
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def library_path() -> str:
+    """The path of the native library this process uses (or would load)."""
+    return str(find_library())
+
+
+def initialized() -> bool:
+    """True once the library has created an allocator for some device."""
+    return lib().initialized()
+
+
+def configure(
+    policy: str = "default",
+    low_watermark_ratio: Optional[float] = None,
+    high_watermark_ratio: Optional[float] = None,
+    debug: Union[None, bool, int] = None,
+) -> Dict[str, str]:
+    """Apply allocator settings; they take effect only before the first allocation.
+
+    Calling again with the same settings does nothing; other settings once some are applied
+    raise BufferheapError. Returns the settings as sent to the library.
+    """
+    global _applied
+    wanted = _config.as_dict(_config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug))
+    if _applied is not None:
+        if wanted == _applied:
+            return dict(_applied)
+        raise BufferheapError(f"bufferheap is already configured with {_applied}; cannot change it to {wanted}")
+    library = lib()
+    for key, value in wanted.items():
+        library.configure(key, value)
+    _applied = wanted
+    return dict(wanted)
+
+
+def _current_device() -> int:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return int(torch.cuda.current_device())
+    return 0
+
+
+def _device_count() -> int:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return int(torch.cuda.device_count())
+    return 1
+
+
+def _device_index(device: Device) -> int:
+    """A device index from None (current device), an int, 'cuda', 'cuda:N' or a torch.device."""
+    if device is None:
+        return _current_device()
+    if isinstance(device, bool):
+        raise TypeError("device must be an int, a string or a torch.device, not a bool")
+    if isinstance(device, int):
+        return device
+    if isinstance(device, str):
+        kind, _, index = device.partition(":")
+        if kind.isdigit() and not index:
+            return int(kind)
+        if kind != "cuda" or (index and not index.isdigit()):
+            raise ValueError(f"not a CUDA device: {device!r}")
+        return int(index) if index else _current_device()
+    kind = getattr(device, "type", None)
+    if kind is not None:
+        if kind != "cuda":
+            raise ValueError(f"not a CUDA device: {device!r}")
+        index = getattr(device, "index", None)
+        return _current_device() if index is None else int(index)
+    raise TypeError(f"cannot make a device index of {device!r}")
+
+
+def memory_stats(device: Device = None) -> Dict[str, Any]:
+    """The allocator's statistics for a device, with torch.cuda.memory_stats()'s key names."""
+    d = _device_index(device)
+    stats = json.loads(lib().stats_json(d))
+    if not isinstance(stats, dict):
+        raise BufferheapError(f"bufferheap_stats_json({d}) returned {type(stats).__name__}, not an object")
+    return dict(sorted(stats.items()))
+
+
+def _stat(key: str, device: Device) -> int:
+    return int(memory_stats(device).get(key, 0))
+
+
+def memory_allocated(device: Device = None) -> int:
+    """Bytes of buffers in use on a device."""
+    return _stat("allocated_bytes.all.current", device)
+
+
+def max_memory_allocated(device: Device = None) -> int:
+    """Peak of memory_allocated since the start or the last reset_peak_memory_stats."""
+    return _stat("allocated_bytes.all.peak", device)
+
+
+def memory_reserved(device: Device = None) -> int:
+    """Bytes the allocator holds from the device (in use plus cached)."""
+    return _stat("reserved_bytes.all.current", device)
+
+
+def max_memory_reserved(device: Device = None) -> int:
+    """Peak of memory_reserved since the start or the last reset_peak_memory_stats."""
+    return _stat("reserved_bytes.all.peak", device)
+
+
+def reset_peak_memory_stats(device: Device = None) -> None:
+    """Reset the peak figures of a device (the current one by default; -1: every device)."""
+    d = -1 if device == -1 else _device_index(device)
+    lib().reset_peak(d)
+
+
+def empty_cache(device: Device = None) -> None:
+    """Give every cached, unused buffer back to the device (all devices by default)."""
+    lib().empty_cache(-1 if device is None else _device_index(device))
+
+
+def set_watermarks(low: float, high: float, device: Device = None) -> None:
+    """Set the low and high watermark ratios of a device's allocator; 0 disables a limit."""
+    if low is None or high is None:
+        raise TypeError("set_watermarks needs both ratios (0 disables a limit)")
+    low_f, high_f = _config.check_watermarks(low, high)
+    lib().set_watermarks(_device_index(device), low_f, high_f)
+
+
+def _settings() -> Dict[str, Any]:
+    settings: Dict[str, Any] = {"backend": "bufferheap", "version": __version__}
+    settings.update(_applied or {})
+    return settings
+
+
+def snapshot(path: Optional[str] = None, device: Device = None) -> Dict[str, Any]:
+    """The allocator's state in torch.cuda.memory._snapshot()'s format.
+
+    device None takes every device the process uses. With a path, the dict is also pickled
+    there (gzip-compressed if the name ends in .gz) for PyTorch's memory viewer and
+    ``bufferheap replay``. Returns the dict.
+    """
+    library = lib()
+    devices: List[int] = list(range(_device_count())) if device is None else [_device_index(device)]
+    answers = []
+    failures: List[BufferheapError] = []
+    for d in devices:
+        try:
+            answers.append((d, json.loads(library.snapshot_json(d))))
+        except BufferheapError as e:
+            # A device this process never allocated on may have no allocator to ask.
+            if device is not None:
+                raise
+            failures.append(e)
+    if not answers and failures:
+        raise failures[-1]
+    snap = _snapshot.build(answers, _settings())
+    if path is not None:
+        _snapshot.write(snap, path)
+    return snap

@@ -1,0 +1,62 @@
+"""Validation of the settings handed to bufferheap_configure (pure Python, no library needed)."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple, Union
+
+POLICIES = ("default", "mps")
+
+Number = Union[int, float]
+
+
+def _ratio(name: str, value: Number) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0 disables the limit), got {value}")
+    return value
+
+
+def check_watermarks(low: Optional[Number], high: Optional[Number]) -> Tuple[Optional[float], Optional[float]]:
+    """Both ratios validated; low may not exceed high while high is a limit (> 0)."""
+    low = None if low is None else _ratio("low_watermark_ratio", low)
+    high = None if high is None else _ratio("high_watermark_ratio", high)
+    if low is not None and high is not None and high > 0.0 and low > high:
+        raise ValueError(f"low_watermark_ratio ({low}) must not exceed high_watermark_ratio ({high})")
+    return low, high
+
+
+def _format_ratio(value: float) -> str:
+    return repr(float(value))
+
+
+def configuration(
+    policy: str = "default",
+    low_watermark_ratio: Optional[Number] = None,
+    high_watermark_ratio: Optional[Number] = None,
+    debug: Union[None, bool, int] = None,
+) -> List[Tuple[str, str]]:
+    """The (key, value) pairs for bufferheap_configure, in the order they are applied.
+
+    Settings left as None are not sent: the library keeps its defaults for them. The high
+    ratio goes first so that the library can check the low one against it.
+    """
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    low, high = check_watermarks(low_watermark_ratio, high_watermark_ratio)
+    pairs = [("policy", policy)]
+    if high is not None:
+        pairs.append(("high_watermark_ratio", _format_ratio(high)))
+    if low is not None:
+        pairs.append(("low_watermark_ratio", _format_ratio(low)))
+    if debug is not None:
+        if not isinstance(debug, (bool, int)) or int(debug) < 0:
+            raise ValueError(f"debug must be a bool or a non-negative int (verbosity flags); got {debug!r}")
+        pairs.append(("debug", str(int(debug))))
+    return pairs
+
+
+def as_dict(pairs: List[Tuple[str, str]]) -> Dict[str, str]:
+    return dict(pairs)

@@ -1,0 +1,94 @@
+"""bufferheap as PyTorch's CUDA allocator.
+
+    import torch, bufferheap
+    bufferheap.torch.install()          # before anything touches CUDA
+    x = torch.empty(1 << 20, device="cuda")
+    print(bufferheap.memory_stats()["allocated_bytes.all.current"])
+
+With a pluggable allocator PyTorch's own torch.cuda.memory_stats(), memory_allocated(),
+_snapshot() and _record_memory_history() raise; use the functions of the bufferheap module.
+torch.cuda.empty_cache() and torch.cuda.set_per_process_memory_fraction() reach bufferheap
+through the hooks set here, and so does Tensor.record_stream().
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+try:
+    import torch
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("bufferheap.torch needs PyTorch with CUDA support (pip install torch)") from e
+
+import bufferheap
+
+from . import _config, _ffi
+
+_TOO_LATE = (
+    "bufferheap.torch.install() must be called before any CUDA tensor is created: CUDA is already "
+    "initialized in this process, and PyTorch cannot swap an allocator that is in use. Call it right "
+    "after `import torch`, before anything touches CUDA (tensors on 'cuda', .cuda(), "
+    "torch.cuda.mem_get_info(), torch.cuda.current_device(), ...)."
+)
+
+# What install() did in this process: the settings, and the allocator object (kept alive).
+_installed: Optional[Dict[str, str]] = None
+_allocator: Any = None
+_hooks: List[str] = []
+
+
+def installed() -> bool:
+    """True once install() has made bufferheap PyTorch's CUDA allocator in this process."""
+    return _installed is not None
+
+
+def install(
+    policy: str = "default",
+    low_watermark_ratio: Optional[float] = None,
+    high_watermark_ratio: Optional[float] = None,
+    debug: Union[None, bool, int] = None,
+) -> Dict[str, Any]:
+    """Make bufferheap PyTorch's CUDA allocator for this process.
+
+    Must run before CUDA is initialized. A second call with the same settings does nothing;
+    with other settings it raises RuntimeError. Returns what was installed: the library
+    path, the settings and the optional hooks PyTorch accepted.
+    """
+    global _installed, _allocator, _hooks
+    wanted = _config.as_dict(_config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug))
+    if _installed is not None:
+        if wanted != _installed:
+            raise RuntimeError(
+                f"bufferheap is already PyTorch's allocator with {_installed}; an allocator can be "
+                f"installed once per process, so {wanted} cannot take effect"
+            )
+        return _info()
+    if not hasattr(torch._C, "_cuda_customAllocator"):
+        raise RuntimeError("this PyTorch build has no CUDA support, so it has no pluggable CUDA allocator")
+    if torch.cuda.is_initialized():
+        raise RuntimeError(_TOO_LATE)
+
+    library = _ffi.lib()
+    bufferheap.configure(policy, low_watermark_ratio, high_watermark_ratio, debug)
+
+    alloc = torch.cuda.memory.CUDAPluggableAllocator(str(library.path), "bufferheap_malloc", "bufferheap_free")
+    raw = alloc.allocator()
+    hooks = []
+    for setter, symbol in _ffi.TORCH_HOOKS.items():
+        set_hook = getattr(raw, setter, None)
+        if set_hook is None or symbol in library.missing:
+            continue
+        set_hook(library.address(symbol))
+        hooks.append(setter)
+    try:
+        torch.cuda.memory.change_current_allocator(alloc)
+    except RuntimeError as e:
+        if "already initialized" in str(e) or torch.cuda.is_initialized():
+            raise RuntimeError(_TOO_LATE) from e
+        raise
+    _installed, _allocator, _hooks = wanted, alloc, hooks
+    return _info()
+
+
+def _info() -> Dict[str, Any]:
+    return {"library": str(_ffi.lib().path), "settings": dict(_installed or {}), "hooks": list(_hooks)}

@@ -1,0 +1,61 @@
+"""Validation of allocator settings (pure Python)."""
+
+import math
+
+import pytest
+
+from bufferheap import _config
+
+
+def test_defaults_send_only_the_policy():
+    assert _config.configuration() == [("policy", "default")]
+
+
+def test_all_settings_in_order():
+    pairs = _config.configuration("mps", low_watermark_ratio=1, high_watermark_ratio=1.7, debug=True)
+    assert pairs == [
+        ("policy", "mps"),
+        ("high_watermark_ratio", "1.7"),
+        ("low_watermark_ratio", "1.0"),
+        ("debug", "1"),
+    ]
+
+
+def test_debug_flags_and_zero_ratios():
+    pairs = dict(_config.configuration(low_watermark_ratio=0, high_watermark_ratio=0, debug=6))
+    assert pairs["low_watermark_ratio"] == "0.0" and pairs["high_watermark_ratio"] == "0.0"
+    assert pairs["debug"] == "6"
+    assert dict(_config.configuration(debug=False))["debug"] == "0"
+
+
+@pytest.mark.parametrize("policy", ["", "Default", "native", None, 1])
+def test_bad_policy(policy):
+    with pytest.raises(ValueError, match="policy must be one of default, mps"):
+        _config.configuration(policy)
+
+
+@pytest.mark.parametrize("value", [-0.1, math.inf, math.nan])
+def test_bad_ratio_values(value):
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        _config.configuration(high_watermark_ratio=value)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        _config.configuration(low_watermark_ratio=value)
+
+
+@pytest.mark.parametrize("value", ["1.0", True, [1]])
+def test_bad_ratio_types(value):
+    with pytest.raises(TypeError, match="must be a number"):
+        _config.configuration(low_watermark_ratio=value)
+
+
+def test_low_above_high():
+    with pytest.raises(ValueError, match="must not exceed"):
+        _config.configuration(low_watermark_ratio=1.5, high_watermark_ratio=1.0)
+    # high = 0 means no upper limit: any low ratio is fine
+    assert dict(_config.configuration(low_watermark_ratio=1.5, high_watermark_ratio=0))["low_watermark_ratio"] == "1.5"
+
+
+@pytest.mark.parametrize("debug", [-1, "yes", 1.5])
+def test_bad_debug(debug):
+    with pytest.raises(ValueError, match="debug must be"):
+        _config.configuration(debug=debug)

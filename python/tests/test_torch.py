@@ -1,0 +1,77 @@
+"""PyTorch integration; needs torch with a CUDA device and the real library (else skipped).
+
+Each case runs in its own process: an allocator can be installed once per process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import PYTHON_DIR
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+
+def _run(code: str):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library_present():
+    import bufferheap
+
+    try:
+        bufferheap.library_path()
+    except bufferheap.LibraryNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_install_allocate_and_stats():
+    r = _run(
+        """
+        import json, torch, bufferheap
+        info = bufferheap.torch.install()
+        assert bufferheap.torch.install() == info          # same settings: no-op
+        try:
+            bufferheap.torch.install(policy="mps")
+            raise SystemExit("a different configuration was accepted")
+        except RuntimeError as e:
+            other = str(e)
+        x = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
+        s = float(x.sum())
+        stats = bufferheap.memory_stats()
+        print(json.dumps(dict(info=info, other=other, sum=s, allocated=bufferheap.memory_allocated(),
+                              keys=sorted(stats))))
+        """
+    )
+    assert r["sum"] == float(sum(range(1 << 20)))
+    assert r["allocated"] >= 4 << 20
+    assert "set_init_fn" in r["info"]["hooks"]
+    assert "already PyTorch's allocator" in r["other"]
+    for key in ("allocated_bytes.all.current", "reserved_bytes.all.peak", "num_alloc_retries", "num_ooms"):
+        assert key in r["keys"]
+
+
+def test_install_after_cuda_started_is_refused():
+    r = _run(
+        """
+        import json, torch, bufferheap
+        torch.zeros(1, device="cuda")
+        try:
+            bufferheap.torch.install()
+            msg = None
+        except RuntimeError as e:
+            msg = str(e)
+        print(json.dumps(dict(msg=msg)))
+        """
+    )
+    assert r["msg"] and "before any CUDA tensor is created" in r["msg"]
