@@ -1,0 +1,239 @@
+"""Quick functional check of bufferheap as PyTorch's CUDA allocator on one GPU.
+
+usage: PYTHONPATH=python BUFFERHEAP_LIB=dist/libbufferheap_ffi.so python3 bench/gpu_smoke.py [--policy default|mps]
+
+Installs bufferheap, then: tensors of many sizes on cuda:0 with results checked against the
+CPU; frees; memory_stats keys present and consistent; empty_cache lowers reserved memory;
+snapshot() writes a pickle that loads back with segments and device_traces (and that PyTorch's
+memory viewer renders); a tensor made on a side stream and used on the main stream while the
+side stream reuses memory keeps its data when record_stream is called; and what PyTorch
+shows for an impossible (1 PiB) allocation. Prints one JSON object; exit status 1 if a check failed.
+"""
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import tempfile
+import traceback
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--policy", default="default", choices=["default", "mps"])
+a = ap.parse_args()
+
+for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+    os.environ.pop(var, None)
+
+import torch  # noqa: E402
+
+import bufferheap  # noqa: E402
+
+report = {"torch": torch.__version__, "checks": {}, "info": {}}
+checks, info = report["checks"], report["info"]
+
+
+def check(name):
+    """Run one check; record True/False, or the exception as a failure."""
+
+    def wrap(fn):
+        try:
+            ok = fn()
+            checks[name] = bool(ok) if ok is not None else True
+        except Exception as e:  # noqa: BLE001 - every failure goes into the report
+            checks[name] = False
+            info[name + ".error"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+        return fn
+
+    return wrap
+
+
+@check("install")
+def _():
+    info["install"] = bufferheap.torch.install(policy=a.policy)
+    info["install_again_same"] = bufferheap.torch.install(policy=a.policy) == info["install"]
+    return info["install_again_same"]
+
+
+@check("install_refuses_other_settings")
+def _():
+    other = "mps" if a.policy == "default" else "default"
+    try:
+        bufferheap.torch.install(policy=other)
+    except RuntimeError as e:
+        info["install_other_settings"] = str(e)
+        return True
+    return False
+
+
+dev = torch.device("cuda:0")
+MiB = 1 << 20
+SIZES = [0, 1, 511, 512, 4097, MiB - 1, MiB + 1, 10 * MiB - 512, 20 * MiB + 7, 100 * MiB, 1 << 30]
+
+
+@check("tensors_of_many_sizes")
+def _():
+    tensors = []
+    for n in SIZES:
+        t = torch.empty(n, dtype=torch.uint8, device=dev)
+        t.copy_(torch.arange(n, dtype=torch.int32, device=dev).remainder_(251))
+        tensors.append(t)
+    torch.cuda.synchronize()
+    ok = True
+    # every live tensor has its own memory, and its bytes survived everything written since
+    pointers = [t.data_ptr() for t in tensors if t.numel()]
+    ok &= len(set(pointers)) == len(pointers)
+    for n, t in zip(SIZES, tensors):
+        if n:
+            k = min(n, 4096)
+            idx = torch.cat([torch.arange(k), n - 1 - torch.arange(k), torch.randint(0, n, (4096,))])
+            ok &= torch.equal(t.cpu()[idx] if n <= MiB else t[idx.to(dev)].cpu(), idx.remainder(251).to(torch.uint8))
+    info["allocated_with_tensors"] = bufferheap.memory_allocated()
+    info["min_alignment_bytes"] = min(p & -p for p in pointers)
+    ok &= info["allocated_with_tensors"] >= sum(SIZES)
+    del tensors, t
+    torch.cuda.synchronize()
+    info["allocated_after_free"] = bufferheap.memory_allocated()
+    return ok
+
+
+@check("compute_matches_cpu")
+def _():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 1024, generator=g)
+    y = torch.randn(1024, 1024, generator=g)
+    got = (x.to(dev) @ y.to(dev)).relu().sum(dim=0).cpu()
+    want = (x.double() @ y.double()).relu().sum(dim=0).float()
+    err = float((got - want).abs().max() / want.abs().max())
+    info["matmul_rel_err"] = err
+    return err < 1e-2  # TF32 may be on
+
+
+REQUIRED_KEYS = ["allocated_bytes.all.current", "allocated_bytes.all.peak", "reserved_bytes.all.current",
+                 "reserved_bytes.all.peak", "num_alloc_retries", "num_ooms"]
+
+
+@check("memory_stats")
+def _():
+    st = bufferheap.memory_stats()
+    info["memory_stats_keys"] = len(st)
+    missing = [k for k in REQUIRED_KEYS if k not in st]
+    info["memory_stats_missing"] = missing
+    cur_a, peak_a = st.get("allocated_bytes.all.current", -1), st.get("allocated_bytes.all.peak", -1)
+    cur_r, peak_r = st.get("reserved_bytes.all.current", -1), st.get("reserved_bytes.all.peak", -1)
+    info["memory_stats_sample"] = {k: st.get(k) for k in REQUIRED_KEYS + ["num_device_alloc", "num_device_free"]}
+    return not missing and 0 <= cur_a <= peak_a and cur_a <= cur_r <= peak_r and peak_a >= (1 << 30)
+
+
+@check("torch_stats_need_bufferheap")
+def _():
+    # PyTorch has no statistics of a pluggable allocator: show what it says
+    try:
+        torch.cuda.memory_allocated()
+        info["torch.cuda.memory_allocated"] = "worked"
+    except RuntimeError as e:
+        info["torch.cuda.memory_allocated"] = str(e).splitlines()[0]
+    return True
+
+
+@check("empty_cache_lowers_reserved")
+def _():
+    keep = torch.ones(8 * MiB, device=dev)
+    for n in (64 * MiB, 256 * MiB, 3 * MiB):
+        torch.empty(n, dtype=torch.uint8, device=dev).fill_(1)
+    torch.cuda.synchronize()
+    before = bufferheap.memory_reserved()
+    torch.cuda.empty_cache()  # through the reset hook
+    via_torch = bufferheap.memory_reserved()
+    bufferheap.empty_cache()
+    after = bufferheap.memory_reserved()
+    info["reserved_before_after_torch_after_ours"] = [before, via_torch, after]
+    ok = after < before and after >= bufferheap.memory_allocated() and float(keep.sum()) == 8 * MiB
+    return ok
+
+
+@check("snapshot_pickle")
+def _():
+    x = torch.ones(3 * MiB, device=dev)  # something live to show
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "snap.pkl.gz")
+        snap = bufferheap.snapshot(path)
+        import gzip
+
+        with gzip.open(path, "rb") as f:
+            loaded = pickle.load(f)
+        info["snapshot"] = {"segments": len(loaded["segments"]), "trace_entries": [len(t) for t in loaded["device_traces"]],
+                            "bytes": os.path.getsize(path)}
+        ok = loaded == snap and loaded["segments"] and isinstance(loaded["device_traces"], list)
+        ok = ok and any(b["state"] == "active_allocated" and b["address"] <= x.data_ptr() < b["address"] + b["size"]
+                        for s in loaded["segments"] for b in s["blocks"])
+        try:
+            from torch.cuda import _memory_viz
+
+            html = _memory_viz.segment_plot(loaded)
+            info["memory_viz_segment_plot_chars"] = len(html)
+            html = _memory_viz.trace_plot(loaded)
+            info["memory_viz_trace_plot_chars"] = len(html)
+            info["memory_viz_segsum_lines"] = len(_memory_viz.segsum(loaded).splitlines())
+        except Exception as e:  # noqa: BLE001
+            info["memory_viz_error"] = f"{type(e).__name__}: {e}"
+            ok = False
+    del x
+    return ok
+
+
+@check("record_stream_cross_stream")
+def _():
+    n = 16 * MiB  # 64 MiB of float32
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    with torch.cuda.stream(side):
+        a = torch.ones(n, device=dev)
+    main.wait_stream(side)
+    torch.cuda._sleep(300_000_000)  # keep the main stream busy (hundreds of ms)
+    out = a * 3  # queued on main, runs after the sleep
+    a.record_stream(main)
+    old = a.data_ptr()
+    del a
+    with torch.cuda.stream(side):  # runs at once on the idle side stream
+        b = torch.full((n,), 7.0, device=dev)
+    reused = b.data_ptr() == old
+    torch.cuda.synchronize()
+    good = bool((out == 3).all())
+    info["record_stream"] = {"reused_address_at_once": reused, "data_intact": good}
+    return good
+
+
+@check("memory_fraction_hook")
+def _():
+    torch.cuda.set_per_process_memory_fraction(0.9, 0)
+    return True
+
+
+@check("impossible_allocation")
+def _():
+    before = bufferheap.memory_stats().get("num_ooms")
+    try:
+        t = torch.empty(1 << 50, dtype=torch.uint8, device=dev)
+        info["alloc_1PiB"] = {"raised": None, "data_ptr": t.data_ptr()}
+        del t
+    except Exception as e:  # noqa: BLE001
+        info["alloc_1PiB"] = {"raised": type(e).__name__, "message": str(e)[:2000]}
+    info["alloc_1PiB"]["num_ooms_before_after"] = [before, bufferheap.memory_stats().get("num_ooms")]
+    # the process must go on working afterwards
+    y = torch.ones(MiB, device=dev)
+    return float(y.sum()) == MiB
+
+
+@check("zero_size_and_reuse_loop")
+def _():
+    torch.empty(0, device=dev)
+    for i in range(2000):
+        t = torch.empty((i * 7919) % (4 * MiB) + 1, dtype=torch.uint8, device=dev)
+        t.fill_(i % 256)
+    torch.cuda.synchronize()
+    return True
+
+
+report["ok"] = all(checks.values())
+print(json.dumps(report, indent=1, default=str), flush=True)
+sys.exit(0 if report["ok"] else 1)

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Run every allocator mode of every workload, and the latency microbenchmark, each in its own
+# Python process (an allocator can be installed only once per process), then print the tables.
+#
+# usage: bash bench/run_all.sh [all|workloads|micro|summary]
+#   env: OUT        results folder (default ./out); lines are appended to $OUT/results.jsonl,
+#                   each run's stderr kept in $OUT/logs/
+#        BUFFERHEAP_LIB  the built libbufferheap_ffi.so (default: dist/libbufferheap_ffi.so if present)
+#        MODES      default "native expandable async bufferheap"
+#        POLICIES   bufferheap policies to run (default "default"; e.g. "default mps")
+#        WORKLOADS  default "gpt2 resnet50"
+#        STEPS      timed steps per workload (default: the script's own, 40 / 30)
+#        MICRO_STEPS  steps per microbenchmark pass (default 200000)
+#        TIMEOUT    seconds per process (default 900)
+# A failed or timed-out process adds an {"error": ...} line and the rest go on.
+set -u
+cd "$(dirname "$0")/.."
+what=${1:-all}
+OUT=${OUT:-./out}
+MODES=${MODES:-native expandable async bufferheap}
+POLICIES=${POLICIES:-default}
+WORKLOADS=${WORKLOADS:-gpt2 resnet50}
+TIMEOUT=${TIMEOUT:-900}
+PY=${PYTHON:-python3}
+if [ -z "${BUFFERHEAP_LIB:-}" ] && [ -f dist/libbufferheap_ffi.so ]; then
+    export BUFFERHEAP_LIB=$PWD/dist/libbufferheap_ffi.so
+fi
+export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT/logs"
+results=$OUT/results.jsonl
+
+# run NAME KIND WORKLOAD MODE POLICY -- command...
+run() {
+    local name=$1 kind=$2 workload=$3 mode=$4 policy=$5
+    shift 6
+    echo "== $name" >&2
+    local log=$OUT/logs/$name.err tmp=$OUT/logs/$name.out
+    timeout --kill-after=30 "$TIMEOUT" "$@" >"$tmp" 2>"$log"
+    local rc=$?
+    grep '^{' "$tmp" >>"$results"
+    if [ $rc -ne 0 ]; then
+        echo "   failed (exit $rc), see $log" >&2
+        "$PY" - "$kind" "$workload" "$mode" "$policy" "$rc" "$log" >>"$results" <<'EOF'
+import json, sys
+kind, workload, mode, policy, rc, log = sys.argv[1:]
+tail = open(log, errors="replace").read().strip().splitlines()[-15:]
+print(json.dumps(dict(kind=kind, workload=workload or None, mode=mode, policy=policy or None,
+                      error=("timed out" if rc in ("124", "137") else f"exit {rc}"), stderr_tail=tail)))
+EOF
+    fi
+}
+
+# mode_runs MODE: the (mode, policy) pairs for one mode, one per line
+mode_runs() {
+    if [ "$1" = bufferheap ]; then
+        for p in $POLICIES; do echo "bufferheap $p"; done
+    else
+        echo "$1 -"
+    fi
+}
+
+if [ "$what" = all ] || [ "$what" = workloads ]; then
+    for w in $WORKLOADS; do
+        for m in $MODES; do
+            mode_runs "$m" | while read -r mode policy; do
+                args=("$w" "$mode") suffix=""
+                [ "$policy" != - ] && args+=(--policy "$policy") && suffix=-$policy
+                [ -n "${STEPS:-}" ] && args+=(--steps "$STEPS")
+                run "$w-$mode$suffix" workload "$w" "$mode" "${suffix#-}" -- "$PY" bench/workloads.py "${args[@]}"
+            done
+        done
+    done
+fi
+
+if [ "$what" = all ] || [ "$what" = micro ]; then
+    for m in $MODES; do
+        mode_runs "$m" | while read -r mode policy; do
+            args=("$mode") suffix=""
+            [ "$policy" != - ] && args+=(--policy "$policy") && suffix=-$policy
+            [ -n "${MICRO_STEPS:-}" ] && args+=(--steps "$MICRO_STEPS")
+            run "micro-$mode$suffix" micro "" "$mode" "${suffix#-}" -- "$PY" bench/microbench.py "${args[@]}"
+        done
+    done
+fi
+
+"$PY" bench/summarize.py "$results"
