@@ -1,1 +1,408 @@
-//! Host-memory backend for bufferheap: system memory, unified (shared == private), events complete at once
+//! Host-memory backend: system memory, unified (shared storage is the same memory), events
+//! complete at once. The embedded default: runs anywhere.
+//!
+//! Regions are anonymous memory mappings. A region reserved unmapped is address space only
+//! (`PROT_NONE`); `map` makes pages readable and writable, and `unmap` hands their contents
+//! back to the kernel (`MADV_DONTNEED`) and seals them again. So the host backend does real
+//! page mapping, like CUDA's virtual memory API, and the engine's page-mapped heaps run on it
+//! unchanged. Memory is committed lazily by the kernel: a region nobody writes costs no RAM,
+//! which lets a replay run at full scale here.
+//!
+//! Invariants: every region's base is aligned to the granularity; `held` counts committed
+//! regions plus mapped pages and never exceeds the configured total; the only `unsafe` code
+//! is the system calls and the copy in `write`, each with its argument.
+
+use std::collections::HashMap;
+
+use bufferheap_core::{
+    Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
+};
+use parking_lot::Mutex;
+
+/// Page size for mapping: 2 MiB, as on NVIDIA devices, so replays match the other backends.
+pub const DEFAULT_GRANULARITY: usize = 2 << 20;
+
+#[derive(Debug)]
+struct HostRegion {
+    /// Start of the whole mapping (before alignment).
+    map_start: usize,
+    map_len: usize,
+    committed: bool,
+    mapped_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct HostState {
+    next_handle: u64,
+    regions: HashMap<u64, HostRegion>,
+    held: usize,
+}
+
+/// System memory as a device.
+#[derive(Debug)]
+pub struct HostBackend {
+    total: usize,
+    granularity: usize,
+    state: Mutex<HostState>,
+}
+
+/// Host events are complete when recorded: the host has no queue of work.
+#[derive(Debug, Clone, Copy)]
+pub struct HostEvent;
+
+fn physical_memory() -> usize {
+    // SAFETY: sysconf only reads system configuration values; no pointers are involved.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && page_size > 0 {
+        pages as usize * page_size as usize
+    } else {
+        8 << 30
+    }
+}
+
+fn os_error(op: BackendOp, what: &str) -> BackendError {
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOMEM) {
+        BackendError::out_of_memory(op, format!("{what}: {err}"))
+    } else {
+        BackendError::new(op, format!("{what}: {err}"))
+    }
+}
+
+impl Default for HostBackend {
+    fn default() -> Self {
+        HostBackend::new()
+    }
+}
+
+impl HostBackend {
+    /// The machine's RAM as the device.
+    pub fn new() -> HostBackend {
+        HostBackend::with_memory(physical_memory())
+    }
+
+    /// A device of `total` bytes (a budget, not a reservation: for replays at a chosen size).
+    pub fn with_memory(total: usize) -> HostBackend {
+        HostBackend {
+            total,
+            granularity: DEFAULT_GRANULARITY,
+            state: Mutex::new(HostState {
+                next_handle: 1,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Bytes held now (committed regions plus mapped pages).
+    pub fn held(&self) -> usize {
+        self.state.lock().held
+    }
+
+    /// Number of live regions.
+    pub fn live_regions(&self) -> usize {
+        self.state.lock().regions.len()
+    }
+
+    fn protect(
+        &self,
+        region: &Region,
+        offset: usize,
+        len: usize,
+        op: BackendOp,
+        prot: libc::c_int,
+    ) -> Result<(), BackendError> {
+        let g = self.granularity;
+        if len == 0
+            || offset % g != 0
+            || len % g != 0
+            || offset.checked_add(len).is_none_or(|e| e > region.size)
+        {
+            return Err(BackendError::new(
+                op,
+                format!("range [{offset:#x}, +{len:#x}) is unaligned or outside the region"),
+            ));
+        }
+        let addr = (region.base as usize + offset) as *mut libc::c_void;
+        if prot == libc::PROT_NONE {
+            // SAFETY: [addr, addr+len) lies inside a mapping this backend created (checked
+            // against the region above, and the region is live: the caller owns it); the
+            // engine unmaps only pages no buffer uses, so discarding their contents is what it asks for.
+            if unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) } != 0 {
+                return Err(os_error(op, "madvise"));
+            }
+        }
+        // SAFETY: same range as above, inside our own live mapping; changing its protection
+        // affects no memory outside it.
+        if unsafe { libc::mprotect(addr, len, prot) } != 0 {
+            return Err(os_error(op, "mprotect"));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for HostBackend {
+    type Event = HostEvent;
+
+    fn caps(&self) -> BackendCaps {
+        BackendCaps {
+            shared_storage: true,
+            unified_memory: true,
+            page_mapping: true,
+            granularity: self.granularity,
+            max_buffer_size: self.total,
+        }
+    }
+
+    fn reserve(&self, size: usize, storage: Storage, mapped: bool) -> Result<Region, BackendError> {
+        let g = self.granularity;
+        if size == 0 || size % g != 0 {
+            return Err(BackendError::new(
+                BackendOp::Reserve,
+                format!("size {size} is not a multiple of {g}"),
+            ));
+        }
+        let committed = mapped || storage == Storage::Shared;
+        {
+            let st = self.state.lock();
+            if committed && st.held + size > self.total {
+                return Err(BackendError::out_of_memory(
+                    BackendOp::Reserve,
+                    format!(
+                        "host budget of {} bytes has {} free, {size} asked",
+                        self.total,
+                        self.total - st.held
+                    ),
+                ));
+            }
+        }
+        let map_len = size
+            .checked_add(g)
+            .ok_or_else(|| BackendError::new(BackendOp::Reserve, "size overflows"))?;
+        let prot = if committed {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_NONE
+        };
+        // SAFETY: an anonymous private mapping at an address the kernel chooses; no existing
+        // memory is touched. The result is checked against MAP_FAILED below.
+        let start = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if start == libc::MAP_FAILED {
+            return Err(os_error(BackendOp::Reserve, "mmap"));
+        }
+        let start = start as usize;
+        let base = start.div_ceil(g) * g;
+        let mut st = self.state.lock();
+        let handle = st.next_handle;
+        st.next_handle += 1;
+        st.regions.insert(
+            handle,
+            HostRegion {
+                map_start: start,
+                map_len,
+                committed,
+                mapped_bytes: 0,
+            },
+        );
+        if committed {
+            st.held += size;
+        }
+        Ok(Region {
+            base: base as u64,
+            size,
+            host_base: Some(base as u64),
+            handle,
+        })
+    }
+
+    fn release(&self, region: &Region) -> Result<(), BackendError> {
+        let mut st = self.state.lock();
+        let r = st.regions.remove(&region.handle).ok_or_else(|| {
+            BackendError::new(
+                BackendOp::Release,
+                format!("unknown region at {:#x}", region.base),
+            )
+        })?;
+        // SAFETY: exactly the mapping mmap returned for this region, removed from the table
+        // above so it cannot be released twice; the engine releases a region only when no
+        // buffer lives in it.
+        if unsafe { libc::munmap(r.map_start as *mut libc::c_void, r.map_len) } != 0 {
+            let err = os_error(BackendOp::Release, "munmap");
+            st.regions.insert(region.handle, r);
+            return Err(err);
+        }
+        st.held -= if r.committed {
+            region.size
+        } else {
+            r.mapped_bytes
+        };
+        Ok(())
+    }
+
+    fn map(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
+        {
+            let st = self.state.lock();
+            let r = st
+                .regions
+                .get(&region.handle)
+                .ok_or_else(|| BackendError::new(BackendOp::Map, "unknown region"))?;
+            if r.committed {
+                return Err(BackendError::new(
+                    BackendOp::Map,
+                    "region is committed, not page-mapped",
+                ));
+            }
+            if st.held + len > self.total {
+                return Err(BackendError::out_of_memory(
+                    BackendOp::Map,
+                    format!("host budget has {} free, {len} asked", self.total - st.held),
+                ));
+            }
+        }
+        self.protect(
+            region,
+            offset,
+            len,
+            BackendOp::Map,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )?;
+        let mut st = self.state.lock();
+        if let Some(r) = st.regions.get_mut(&region.handle) {
+            r.mapped_bytes += len;
+        }
+        st.held += len;
+        Ok(())
+    }
+
+    fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
+        {
+            let st = self.state.lock();
+            let r = st
+                .regions
+                .get(&region.handle)
+                .ok_or_else(|| BackendError::new(BackendOp::Unmap, "unknown region"))?;
+            if r.committed || r.mapped_bytes < len {
+                return Err(BackendError::new(BackendOp::Unmap, "range is not mapped"));
+            }
+        }
+        self.protect(region, offset, len, BackendOp::Unmap, libc::PROT_NONE)?;
+        let mut st = self.state.lock();
+        if let Some(r) = st.regions.get_mut(&region.handle) {
+            r.mapped_bytes -= len;
+        }
+        st.held -= len;
+        Ok(())
+    }
+
+    fn record_event(&self, _stream: StreamId) -> Result<HostEvent, BackendError> {
+        Ok(HostEvent)
+    }
+
+    fn event_complete(&self, _event: &HostEvent) -> Result<bool, BackendError> {
+        Ok(true)
+    }
+
+    fn wait_event(&self, _event: &HostEvent) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn memory_info(&self) -> MemoryInfo {
+        let held = self.state.lock().held;
+        MemoryInfo {
+            total: self.total,
+            free: self.total.saturating_sub(held),
+            recommended_max: self.total / 4 * 3,
+        }
+    }
+
+    fn write(&self, region: &Region, offset: usize, bytes: &[u8]) -> Result<(), BackendError> {
+        if offset
+            .checked_add(bytes.len())
+            .is_none_or(|e| e > region.size)
+        {
+            return Err(BackendError::new(
+                BackendOp::Write,
+                "write outside the region",
+            ));
+        }
+        let st = self.state.lock();
+        let r = st
+            .regions
+            .get(&region.handle)
+            .ok_or_else(|| BackendError::new(BackendOp::Write, "unknown region"))?;
+        if !r.committed {
+            return Err(BackendError::new(
+                BackendOp::Write,
+                "writes go to committed (shared) regions only",
+            ));
+        }
+        let dst = (region.base as usize + offset) as *mut u8;
+        // SAFETY: dst..dst+len lies inside a live, committed, read-write mapping of this
+        // backend (bounds checked above; the table lock keeps it from being released
+        // meanwhile); `bytes` is a distinct Rust slice, so the ranges cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+        Ok(())
+    }
+}
+
+impl Drop for HostBackend {
+    fn drop(&mut self) {
+        for (_, r) in self.state.get_mut().regions.drain() {
+            // SAFETY: the mapping came from mmap in `reserve` and was never unmapped (it is
+            // still in the table); nothing can use it once the backend is gone.
+            unsafe { libc::munmap(r.map_start as *mut libc::c_void, r.map_len) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_mapping_round_trip() {
+        let b = HostBackend::with_memory(1 << 30);
+        let g = DEFAULT_GRANULARITY;
+        let r = b.reserve(8 * g, Storage::Private, false).unwrap();
+        assert_eq!(r.base as usize % g, 0);
+        assert_eq!(b.held(), 0);
+        b.map(&r, 2 * g, 2 * g).unwrap();
+        assert_eq!(b.held(), 2 * g);
+        b.unmap(&r, 2 * g, 2 * g).unwrap();
+        assert_eq!(b.held(), 0);
+        assert!(b.map(&r, 1, g).is_err());
+        b.release(&r).unwrap();
+        assert!(b.release(&r).is_err());
+    }
+
+    #[test]
+    fn shared_region_is_writable_and_readable() {
+        let b = HostBackend::with_memory(1 << 30);
+        let r = b
+            .reserve(DEFAULT_GRANULARITY, Storage::Shared, true)
+            .unwrap();
+        b.write(&r, 128, &[1, 2, 3]).unwrap();
+        assert!(b.write(&r, r.size - 1, &[1, 2]).is_err());
+        b.release(&r).unwrap();
+    }
+
+    #[test]
+    fn budget_is_enforced() {
+        let b = HostBackend::with_memory(4 << 20);
+        let err = b.reserve(8 << 20, Storage::Shared, true).unwrap_err();
+        assert!(err.out_of_memory);
+    }
+}

@@ -1,1 +1,340 @@
-//! Simulated backend for bufferheap: address ranges only, page mapping modelled, for replaying traces at full scale
+//! Simulated backend: address ranges only, no memory touched.
+//!
+//! It models a discrete device of a given size with page mapping, so the engine can replay a
+//! real training trace at full scale on any machine and count exactly what it would reserve,
+//! map and unmap. It also checks the backend contract the engine must keep: a map of a page
+//! already mapped, an unmap of a page not mapped, a range outside its region or unaligned, or
+//! a release of an unknown region is an error (the tests rely on this to catch engine bugs).
+//!
+//! Invariants: regions never overlap (addresses are handed out by a bump pointer and never
+//! reused); `held` = committed regions + mapped pages and never exceeds `total`; events
+//! complete at once unless manual events are on, in which case they complete when
+//! [`SimBackend::complete_events`] is called or when waited on.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bufferheap_core::{
+    Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
+};
+use parking_lot::Mutex;
+
+/// Counters of backend calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimCounters {
+    pub reserves: u64,
+    pub releases: u64,
+    pub maps: u64,
+    pub unmaps: u64,
+    pub events_recorded: u64,
+    /// Bytes held now (committed regions + mapped pages).
+    pub held: usize,
+    /// Largest `held` seen.
+    pub peak_held: usize,
+}
+
+#[derive(Debug)]
+struct SimRegion {
+    size: usize,
+    committed: bool,
+    mapped: BTreeSet<usize>,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    next_base: u64,
+    next_handle: u64,
+    regions: HashMap<u64, SimRegion>,
+    counters: SimCounters,
+}
+
+/// A simulated device.
+#[derive(Debug)]
+pub struct SimBackend {
+    total: usize,
+    granularity: usize,
+    page_mapping: bool,
+    manual_events: bool,
+    state: Mutex<SimState>,
+    event_clock: Arc<AtomicU64>,
+    completed: Arc<AtomicU64>,
+}
+
+/// A simulated event: complete once the backend's completed clock reaches its sequence number.
+#[derive(Debug)]
+pub struct SimEvent {
+    seq: u64,
+    stream: StreamId,
+}
+
+impl SimEvent {
+    /// The stream it was recorded on.
+    pub fn stream(&self) -> StreamId {
+        self.stream
+    }
+}
+
+/// Default page size: NVIDIA's VMM granularity.
+pub const DEFAULT_GRANULARITY: usize = 2 << 20;
+
+impl SimBackend {
+    /// A device of `total` bytes with 2 MiB pages and page mapping.
+    pub fn new(total: usize) -> SimBackend {
+        SimBackend {
+            total,
+            granularity: DEFAULT_GRANULARITY,
+            page_mapping: true,
+            manual_events: false,
+            state: Mutex::new(SimState {
+                next_base: 1 << 40,
+                next_handle: 1,
+                ..Default::default()
+            }),
+            event_clock: Arc::new(AtomicU64::new(0)),
+            completed: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Sets the page size (a power of two).
+    pub fn with_granularity(mut self, granularity: usize) -> SimBackend {
+        self.granularity = granularity;
+        self
+    }
+
+    /// Turns page mapping off: every region is committed when reserved.
+    pub fn without_page_mapping(mut self) -> SimBackend {
+        self.page_mapping = false;
+        self
+    }
+
+    /// Events complete only when [`SimBackend::complete_events`] is called (or when waited on).
+    pub fn with_manual_events(mut self) -> SimBackend {
+        self.manual_events = true;
+        self
+    }
+
+    /// Completes every event recorded so far.
+    pub fn complete_events(&self) {
+        self.completed
+            .store(self.event_clock.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// Counters of calls and bytes.
+    pub fn counters(&self) -> SimCounters {
+        self.state.lock().counters
+    }
+
+    /// Number of live regions.
+    pub fn live_regions(&self) -> usize {
+        self.state.lock().regions.len()
+    }
+
+    fn check_range(
+        &self,
+        region: &SimRegion,
+        offset: usize,
+        len: usize,
+        op: BackendOp,
+    ) -> Result<(), BackendError> {
+        let g = self.granularity;
+        if len == 0
+            || offset % g != 0
+            || len % g != 0
+            || offset.checked_add(len).is_none_or(|e| e > region.size)
+        {
+            return Err(BackendError::new(
+                op,
+                format!("range [{offset:#x}, +{len:#x}) is unaligned or outside the region"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn add_held(c: &mut SimCounters, bytes: usize) {
+    c.held += bytes;
+    c.peak_held = c.peak_held.max(c.held);
+}
+
+impl Backend for SimBackend {
+    type Event = SimEvent;
+
+    fn caps(&self) -> BackendCaps {
+        BackendCaps {
+            shared_storage: true,
+            unified_memory: false,
+            page_mapping: self.page_mapping,
+            granularity: self.granularity,
+            max_buffer_size: self.total,
+        }
+    }
+
+    fn reserve(&self, size: usize, storage: Storage, mapped: bool) -> Result<Region, BackendError> {
+        let g = self.granularity;
+        if size == 0 || size % g != 0 {
+            return Err(BackendError::new(
+                BackendOp::Reserve,
+                format!("size {size} is not a multiple of {g}"),
+            ));
+        }
+        if !mapped && (!self.page_mapping || storage == Storage::Shared) {
+            return Err(BackendError::new(
+                BackendOp::Reserve,
+                "address-only reservation needs page mapping of private storage",
+            ));
+        }
+        let mut st = self.state.lock();
+        if mapped && st.counters.held + size > self.total {
+            return Err(BackendError::out_of_memory(
+                BackendOp::Reserve,
+                format!(
+                    "device of {} bytes has {} free, {size} asked",
+                    self.total,
+                    self.total - st.counters.held
+                ),
+            ));
+        }
+        let base = st.next_base;
+        // One unused page between regions, so that an overrun never lands in a neighbour.
+        st.next_base += (size + g) as u64;
+        let handle = st.next_handle;
+        st.next_handle += 1;
+        st.regions.insert(
+            handle,
+            SimRegion {
+                size,
+                committed: mapped,
+                mapped: BTreeSet::new(),
+            },
+        );
+        st.counters.reserves += 1;
+        if mapped {
+            add_held(&mut st.counters, size);
+        }
+        let host_base = (storage == Storage::Shared).then_some(base);
+        Ok(Region {
+            base,
+            size,
+            host_base,
+            handle,
+        })
+    }
+
+    fn release(&self, region: &Region) -> Result<(), BackendError> {
+        let mut st = self.state.lock();
+        let r = st.regions.remove(&region.handle).ok_or_else(|| {
+            BackendError::new(
+                BackendOp::Release,
+                format!("unknown region at {:#x}", region.base),
+            )
+        })?;
+        let held = if r.committed {
+            r.size
+        } else {
+            r.mapped.len() * self.granularity
+        };
+        st.counters.held -= held;
+        st.counters.releases += 1;
+        Ok(())
+    }
+
+    fn map(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
+        let g = self.granularity;
+        let mut st = self.state.lock();
+        let free = self.total - st.counters.held;
+        let r = st
+            .regions
+            .get(&region.handle)
+            .ok_or_else(|| BackendError::new(BackendOp::Map, "unknown region"))?;
+        if r.committed {
+            return Err(BackendError::new(
+                BackendOp::Map,
+                "region is committed, not page-mapped",
+            ));
+        }
+        self.check_range(r, offset, len, BackendOp::Map)?;
+        if (offset / g..(offset + len) / g).any(|p| r.mapped.contains(&p)) {
+            return Err(BackendError::new(
+                BackendOp::Map,
+                format!("page in [{offset:#x}, +{len:#x}) is already mapped"),
+            ));
+        }
+        if len > free {
+            return Err(BackendError::out_of_memory(
+                BackendOp::Map,
+                format!("{free} bytes free, {len} asked"),
+            ));
+        }
+        let r = st.regions.get_mut(&region.handle).expect("checked above");
+        r.mapped.extend(offset / g..(offset + len) / g);
+        st.counters.maps += 1;
+        add_held(&mut st.counters, len);
+        Ok(())
+    }
+
+    fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
+        let g = self.granularity;
+        let mut st = self.state.lock();
+        let r = st
+            .regions
+            .get(&region.handle)
+            .ok_or_else(|| BackendError::new(BackendOp::Unmap, "unknown region"))?;
+        self.check_range(r, offset, len, BackendOp::Unmap)?;
+        if !(offset / g..(offset + len) / g).all(|p| r.mapped.contains(&p)) {
+            return Err(BackendError::new(
+                BackendOp::Unmap,
+                format!("page in [{offset:#x}, +{len:#x}) is not mapped"),
+            ));
+        }
+        let r = st.regions.get_mut(&region.handle).expect("checked above");
+        for p in offset / g..(offset + len) / g {
+            r.mapped.remove(&p);
+        }
+        st.counters.unmaps += 1;
+        st.counters.held -= len;
+        Ok(())
+    }
+
+    fn record_event(&self, stream: StreamId) -> Result<SimEvent, BackendError> {
+        let seq = self.event_clock.fetch_add(1, Ordering::SeqCst) + 1;
+        if !self.manual_events {
+            self.completed.fetch_max(seq, Ordering::SeqCst);
+        }
+        self.state.lock().counters.events_recorded += 1;
+        Ok(SimEvent { seq, stream })
+    }
+
+    fn event_complete(&self, event: &SimEvent) -> Result<bool, BackendError> {
+        Ok(self.completed.load(Ordering::SeqCst) >= event.seq)
+    }
+
+    fn wait_event(&self, event: &SimEvent) -> Result<(), BackendError> {
+        // The simulated device finishes the work the moment someone waits for it.
+        self.completed.fetch_max(event.seq, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn memory_info(&self) -> MemoryInfo {
+        let held = self.state.lock().counters.held;
+        MemoryInfo {
+            total: self.total,
+            free: self.total - held,
+            recommended_max: self.total,
+        }
+    }
+
+    fn write(&self, region: &Region, offset: usize, bytes: &[u8]) -> Result<(), BackendError> {
+        if offset
+            .checked_add(bytes.len())
+            .is_none_or(|e| e > region.size)
+        {
+            return Err(BackendError::new(
+                BackendOp::Write,
+                "write outside the region",
+            ));
+        }
+        Ok(())
+    }
+}

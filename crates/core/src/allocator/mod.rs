@@ -1,0 +1,715 @@
+//! The allocator: the seed's whole interface over one device's engine.
+//!
+//! One engine per device holds every pool, heap and buffer under one lock. Front-ends
+//! ([`Allocator`]) are cheap handles on it that differ only in the storage they allocate —
+//! private or shared — exactly as the seed's two `IMPSAllocator` objects share one
+//! `MPSHeapAllocatorImpl`.
+//!
+//! Invariants: the lock is never held while callbacks run or while the engine waits for
+//! events of `wait_for_events`; every public method takes it at most once per step, so a
+//! callback may call any method. Unknown pointers give `None`/an error, never a panic.
+
+mod limits;
+mod policy;
+mod report;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::backend::{Backend, BackendCaps, Storage, StreamId};
+use crate::callbacks::{Callback, CallbackEvent, Notes, Registry};
+use crate::config::{Config, debug};
+use crate::error::{Error, OutOfMemory, Result};
+use crate::format::format_size;
+use crate::pool::{ALIGN, PoolKind};
+use crate::stats::{Stats, Usage};
+
+pub use limits::{DEFAULT_HIGH, DEFAULT_LOW_DISCRETE, DEFAULT_LOW_UNIFIED, MAX_RATIO};
+pub use policy::MPS_REUSE_SLACK;
+pub use report::{BlockInfo, BlockState, HeapReport, PoolReport, Report, SegmentInfo};
+
+use limits::Limits;
+use policy::Phase;
+use state::{BufState, State};
+
+/// A buffer handed out by the allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    /// Device address (the key for every other call).
+    pub ptr: u64,
+    /// Rounded size: the bytes the buffer really occupies.
+    pub size: usize,
+    /// What the caller asked for.
+    pub requested: usize,
+    /// Unique id, increasing, never reused, starting at 1.
+    pub id: u64,
+    /// Where it lives.
+    pub storage: Storage,
+    /// Host address, for shared buffers.
+    pub host_ptr: Option<u64>,
+}
+
+pub(crate) struct Engine<B: Backend> {
+    backend: B,
+    caps: BackendCaps,
+    state: Mutex<State<B>>,
+    callbacks: Registry,
+}
+
+/// A front-end on one device's engine: allocates private or shared buffers; every other
+/// method sees the whole engine.
+pub struct Allocator<B: Backend> {
+    engine: Arc<Engine<B>>,
+    storage: Storage,
+}
+
+impl<B: Backend> Clone for Allocator<B> {
+    fn clone(&self) -> Self {
+        Allocator {
+            engine: self.engine.clone(),
+            storage: self.storage,
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Allocator<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Allocator")
+            .field("storage", &self.storage)
+            .field("usage", &self.usage())
+            .finish()
+    }
+}
+
+fn round_up(size: usize) -> Option<usize> {
+    size.checked_add(ALIGN - 1).map(|s| s / ALIGN * ALIGN)
+}
+
+impl<B: Backend> Allocator<B> {
+    /// An engine over `backend`; returns its private front-end.
+    pub fn new(backend: B, config: Config) -> Result<Self> {
+        let caps = backend.caps();
+        let info = backend.memory_info();
+        let limits = Limits::new(
+            info.recommended_max,
+            caps.unified_memory,
+            config.low_watermark_ratio,
+            config.high_watermark_ratio,
+        )?;
+        if caps.granularity == 0 || !caps.granularity.is_power_of_two() {
+            return Err(Error::Unsupported(format!(
+                "backend granularity {} is not a power of two",
+                caps.granularity
+            )));
+        }
+        let debug_mask = config.debug;
+        let state = State::new(caps, config, limits, info.total);
+        let engine = Arc::new(Engine {
+            backend,
+            caps,
+            state: Mutex::new(state),
+            callbacks: Registry::default(),
+        });
+        let allocator = Allocator {
+            engine,
+            storage: Storage::Private,
+        };
+        if debug_mask != 0 {
+            tracing::info!(
+                target: "bufferheap",
+                "Initializing heap allocator on {} device memory of size {} ({} policy)",
+                if caps.unified_memory { "unified" } else { "discrete" },
+                format_size(info.recommended_max),
+                allocator.engine.state.lock().policy
+            );
+            if debug_mask & debug::PROFILING != 0 {
+                allocator.log_limits();
+            }
+        }
+        Ok(allocator)
+    }
+
+    /// The shared (host-visible) front-end of the same engine; `None` where the backend has no
+    /// shared storage.
+    pub fn shared(&self) -> Option<Allocator<B>> {
+        self.engine.caps.shared_storage.then(|| Allocator {
+            engine: self.engine.clone(),
+            storage: Storage::Shared,
+        })
+    }
+
+    /// The private front-end of the same engine.
+    pub fn private(&self) -> Allocator<B> {
+        Allocator {
+            engine: self.engine.clone(),
+            storage: Storage::Private,
+        }
+    }
+
+    /// The storage this front-end allocates.
+    pub fn storage(&self) -> Storage {
+        self.storage
+    }
+
+    /// The backend under the engine.
+    pub fn backend(&self) -> &B {
+        &self.engine.backend
+    }
+
+    /// The backend's capabilities.
+    pub fn caps(&self) -> BackendCaps {
+        self.engine.caps
+    }
+
+    fn fire(&self, notes: Notes) {
+        if !notes.events.is_empty() {
+            self.engine.callbacks.fire(&notes.events);
+        }
+    }
+
+    // ---- allocation ----------------------------------------------------------------------
+
+    /// Allocates `size` bytes on the default stream. 0 bytes: no allocation, `Ok(None)`.
+    pub fn alloc(&self, size: usize) -> Result<Option<Buffer>> {
+        self.alloc_on(size, 0)
+    }
+
+    /// Allocates `size` bytes for use on `stream`. A buffer freed on a stream is reused at once
+    /// by that stream; other streams get it only after the events recorded for it complete.
+    pub fn alloc_on(&self, size: usize, stream: StreamId) -> Result<Option<Buffer>> {
+        self.alloc_inner(size, stream, false)
+    }
+
+    fn alloc_inner(&self, size: usize, stream: StreamId, scalar: bool) -> Result<Option<Buffer>> {
+        if size == 0 {
+            return Ok(None);
+        }
+        let max = self.engine.caps.max_buffer_size;
+        let aligned = match round_up(size) {
+            Some(a) if size < max => a,
+            _ => {
+                return Err(Error::InvalidSize {
+                    requested: size,
+                    max,
+                });
+            }
+        };
+        let backend = &self.engine.backend;
+        let mut notes = Notes::new(self.engine.callbacks.active());
+        let storage = if scalar {
+            Storage::Shared
+        } else {
+            self.storage
+        };
+        for phase in [
+            Phase::Normal,
+            Phase::AfterCallbacks,
+            Phase::ReleasePool,
+            Phase::ReleaseAll,
+        ] {
+            let result = {
+                let mut st = self.engine.state.lock();
+                let kind = st.select_kind(size, aligned, storage, scalar);
+                let p = st.pool_for(kind, stream);
+                if phase == Phase::Normal {
+                    st.shortfall = None;
+                } else if phase == Phase::AfterCallbacks {
+                    st.stats.num_alloc_retries += 1;
+                }
+                match st.alloc_step(backend, p, aligned, size, phase, &mut notes) {
+                    Ok(Some(slot)) => Ok(Some(self.describe(&st, slot))),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            };
+            match result {
+                Ok(Some(buffer)) => {
+                    self.fire(notes);
+                    return Ok(Some(buffer));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.fire(notes);
+                    return Err(e);
+                }
+            }
+            if phase == Phase::Normal {
+                // Callbacks may free memory: run them now, outside the lock.
+                notes.push(0, CallbackEvent::AllocationFailed);
+                let fired =
+                    std::mem::replace(&mut notes, Notes::new(self.engine.callbacks.active()));
+                self.fire(fired);
+            }
+        }
+        let oom = {
+            let mut st = self.engine.state.lock();
+            st.stats.num_ooms += 1;
+            self.out_of_memory(&mut st, aligned, storage)
+        };
+        self.fire(notes);
+        Err(Error::OutOfMemory(Box::new(oom)))
+    }
+
+    fn out_of_memory(&self, st: &mut State<B>, aligned: usize, storage: Storage) -> OutOfMemory {
+        let info = self.engine.backend.memory_info();
+        let reserved = st.reserved_total();
+        let oom = OutOfMemory {
+            allocator_reserved: reserved,
+            allocator_in_use: st.stats.allocated_bytes[0].current as usize,
+            other_allocations: info.driver_allocated().saturating_sub(reserved),
+            max_allowed: (st.limits.high_limit != usize::MAX).then_some(st.limits.high_limit),
+            requested: aligned,
+            storage,
+            device_free: info.free,
+            device_total: info.total,
+            cause: st
+                .shortfall
+                .clone()
+                .unwrap_or(crate::error::OomCause::Backend("no memory left".into())),
+        };
+        tracing::warn!(target: "bufferheap", "{oom}");
+        oom
+    }
+
+    fn describe(&self, st: &State<B>, slot: u32) -> Buffer {
+        let rec = &st.records[slot as usize];
+        let (region, offset) = st.region_of(slot);
+        let storage = st.pools[rec.pool as usize].kind.storage();
+        Buffer {
+            ptr: rec.ptr,
+            size: rec.size,
+            requested: rec.requested,
+            id: rec.id,
+            storage,
+            host_ptr: region.host_base.map(|h| h + offset as u64),
+        }
+    }
+
+    /// Frees a buffer: it goes back to its pool's cache, or waits there for its events.
+    pub fn free(&self, ptr: u64) -> Result<()> {
+        let mut notes = Notes::new(self.engine.callbacks.active());
+        let result = {
+            let mut st = self.engine.state.lock();
+            match st.slot_of(ptr) {
+                None => Err(Error::UnknownPointer(ptr)),
+                Some(slot) if st.records[slot as usize].state != BufState::InUse => {
+                    Err(Error::DoubleFree(ptr))
+                }
+                Some(slot) => st
+                    .retire(&self.engine.backend, slot, &mut notes)
+                    .map(|_| ()),
+            }
+        };
+        self.fire(notes);
+        result
+    }
+
+    /// Allocates a shared scalar buffer holding `bytes` (the seed's
+    /// `allocScalarBufferWithValue`). It is reused only after the device consumed it: an event
+    /// is recorded on its stream when it is freed.
+    pub fn alloc_scalar(&self, bytes: &[u8]) -> Result<Option<Buffer>> {
+        if !self.engine.caps.shared_storage {
+            return Err(Error::Unsupported(
+                "scalar buffers need shared storage, which this backend lacks".into(),
+            ));
+        }
+        let Some(buffer) = self.alloc_inner(bytes.len(), 0, true)? else {
+            return Ok(None);
+        };
+        let region = {
+            let st = self.engine.state.lock();
+            st.slot_of(buffer.ptr).map(|slot| {
+                let (region, offset) = st.region_of(slot);
+                (region.clone(), offset)
+            })
+        };
+        if let Some((region, offset)) = region
+            && let Err(e) = self.engine.backend.write(&region, offset, bytes)
+        {
+            let _ = self.free(buffer.ptr);
+            return Err(e.into());
+        }
+        Ok(Some(buffer))
+    }
+
+    // ---- cache control -------------------------------------------------------------------
+
+    /// Waits for pending events, then releases every cached buffer and every heap (and idle
+    /// page) left empty back to the backend.
+    pub fn empty_cache(&self) -> Result<()> {
+        let mut notes = Notes::new(self.engine.callbacks.active());
+        let result = {
+            let mut st = self.engine.state.lock();
+            let backend = &self.engine.backend;
+            st.wait_all_pending(backend, &mut notes);
+            let mut result = Ok(());
+            for q in 0..st.pools.len() as u32 {
+                let r = match st.policy {
+                    crate::Policy::Mps => st.mps_release_pool(backend, q, &mut notes),
+                    crate::Policy::Default => st.release_cached_in(backend, q, true, &mut notes),
+                };
+                if r.is_err() && result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        };
+        self.fire(notes);
+        result
+    }
+
+    /// Returns buffers whose guarding events have completed to their pools.
+    pub fn free_inactive_buffers(&self) {
+        let mut notes = Notes::new(self.engine.callbacks.active());
+        self.engine
+            .state
+            .lock()
+            .poll_pending(&self.engine.backend, &mut notes);
+        self.fire(notes);
+    }
+
+    // ---- per-buffer queries --------------------------------------------------------------
+
+    fn with_record<T>(&self, ptr: u64, f: impl FnOnce(&State<B>, u32) -> T) -> Option<T> {
+        let st = self.engine.state.lock();
+        st.slot_of(ptr).map(|slot| f(&st, slot))
+    }
+
+    /// What the caller asked for (not the rounded size), of a known buffer.
+    pub fn requested_size(&self, ptr: u64) -> Option<usize> {
+        self.with_record(ptr, |st, s| st.records[s as usize].requested)
+    }
+
+    /// The rounded size of a known buffer.
+    pub fn buffer_size(&self, ptr: u64) -> Option<usize> {
+        self.with_record(ptr, |st, s| st.records[s as usize].size)
+    }
+
+    /// The shape stored with a buffer (empty if none was set); cleared when it is freed.
+    pub fn shape(&self, ptr: u64) -> Option<Vec<i64>> {
+        self.with_record(ptr, |st, s| st.records[s as usize].shape.clone())
+    }
+
+    /// Stores a shape with a buffer in use.
+    pub fn set_shape(&self, ptr: u64, shape: &[i64]) -> Result<()> {
+        let mut st = self.engine.state.lock();
+        let slot = st.slot_of(ptr).ok_or(Error::UnknownPointer(ptr))?;
+        st.records[slot as usize].shape = shape.to_vec();
+        Ok(())
+    }
+
+    /// The buffer's unique id.
+    pub fn buffer_id(&self, ptr: u64) -> Option<u64> {
+        self.with_record(ptr, |st, s| st.records[s as usize].id)
+    }
+
+    /// True if the buffer is known and lives in shared storage.
+    pub fn is_shared(&self, ptr: u64) -> bool {
+        self.with_record(ptr, |st, s| {
+            st.pools[st.records[s as usize].pool as usize]
+                .kind
+                .storage()
+                == Storage::Shared
+        })
+        .unwrap_or(false)
+    }
+
+    /// True if the backend has host-visible storage.
+    pub fn shared_storage_supported(&self) -> bool {
+        self.engine.caps.shared_storage
+    }
+
+    /// The host address of a shared buffer and the number of its uses still in flight
+    /// (events not yet complete). `None` for unknown or private buffers.
+    pub fn shared_host_ptr(&self, ptr: u64) -> Option<(u64, u32)> {
+        let st = self.engine.state.lock();
+        let slot = st.slot_of(ptr)?;
+        let (region, offset) = st.region_of(slot);
+        let host = region.host_base? + offset as u64;
+        let backend = &self.engine.backend;
+        let in_flight = st.records[slot as usize]
+            .events
+            .iter()
+            .filter(|e| !matches!(backend.event_complete(e), Ok(true)))
+            .count();
+        Some((host, in_flight as u32))
+    }
+
+    /// The heap a pointer lies in: (heap base, heap size). Any address inside a buffer works.
+    pub fn base_allocation(&self, ptr: u64) -> Option<(u64, usize)> {
+        let st = self.engine.state.lock();
+        st.pools
+            .iter()
+            .flat_map(|p| p.heaps.iter().flatten())
+            .find_map(|h| {
+                let r = &h.region;
+                (ptr >= r.base && ptr < r.base + r.size as u64).then_some((r.base, r.size))
+            })
+    }
+
+    // ---- events ----------------------------------------------------------------------------
+
+    /// Records an event on `stream` for each known buffer; the buffer is not reused until the
+    /// event completes. Returns true if any event was recorded.
+    pub fn record_events(&self, ptrs: &[u64], stream: StreamId) -> Result<bool> {
+        let mut st = self.engine.state.lock();
+        let backend = &self.engine.backend;
+        let mut recorded = false;
+        for &ptr in ptrs {
+            let Some(slot) = st.slot_of(ptr) else {
+                continue;
+            };
+            let event = backend.record_event(stream)?;
+            let rec = &mut st.records[slot as usize];
+            rec.events
+                .retain(|e| !matches!(backend.event_complete(e), Ok(true)));
+            rec.events.push(Arc::new(event));
+            recorded = true;
+        }
+        Ok(recorded)
+    }
+
+    /// Blocks until the events recorded for these buffers complete. Returns true if it really
+    /// waited and the buffers are now idle.
+    pub fn wait_for_events(&self, ptrs: &[u64]) -> Result<bool> {
+        let backend = &self.engine.backend;
+        let events: Vec<_> = {
+            let st = self.engine.state.lock();
+            ptrs.iter()
+                .filter_map(|&p| st.slot_of(p))
+                .flat_map(|slot| {
+                    st.records[slot as usize]
+                        .events
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let mut waited = false;
+        for e in &events {
+            if !backend.event_complete(e)? {
+                backend.wait_event(e)?;
+                waited = true;
+            }
+        }
+        if waited {
+            self.free_inactive_buffers();
+        }
+        Ok(waited)
+    }
+
+    /// Marks a buffer as used by another stream (PyTorch's `record_stream`): when it is freed,
+    /// an event is recorded on that stream and the buffer waits for it before reuse.
+    pub fn record_stream(&self, ptr: u64, stream: StreamId) -> Result<()> {
+        let mut st = self.engine.state.lock();
+        let slot = st.slot_of(ptr).ok_or(Error::UnknownPointer(ptr))?;
+        let rec = &mut st.records[slot as usize];
+        if rec.state != BufState::InUse {
+            return Err(Error::DoubleFree(ptr));
+        }
+        if stream != rec.stream && !rec.streams.contains(&stream) {
+            rec.streams.push(stream);
+        }
+        Ok(())
+    }
+
+    // ---- callbacks ---------------------------------------------------------------------------
+
+    /// Registers a callback under `name` (replacing one of the same name; returns true then).
+    pub fn register_callback(
+        &self,
+        name: &str,
+        callback: impl Fn(u64, CallbackEvent) + Send + Sync + 'static,
+    ) -> bool {
+        let callback: Callback = Arc::new(callback);
+        self.engine.callbacks.register(name, callback)
+    }
+
+    /// Removes the callback called `name`; returns true if there was one.
+    pub fn unregister_callback(&self, name: &str) -> bool {
+        self.engine.callbacks.unregister(name)
+    }
+
+    /// Names of the registered callbacks.
+    pub fn callback_names(&self) -> Vec<String> {
+        self.engine.callbacks.names()
+    }
+
+    // ---- watermarks --------------------------------------------------------------------------
+
+    /// Sets the low watermark ratio (0 disables; at most the high ratio).
+    pub fn set_low_watermark_ratio(&self, ratio: f64) -> Result<()> {
+        self.engine.state.lock().limits.set_low(ratio)?;
+        self.log_limits();
+        Ok(())
+    }
+
+    /// Sets the high watermark ratio (0 disables; at most 2.0; not below the low ratio).
+    pub fn set_high_watermark_ratio(&self, ratio: f64) -> Result<()> {
+        self.engine.state.lock().limits.set_high(ratio)?;
+        self.log_limits();
+        Ok(())
+    }
+
+    /// Sets both ratios at once, validated together.
+    pub fn set_watermark_ratios(&self, low: f64, high: f64) -> Result<()> {
+        self.engine.state.lock().limits.set_both(low, high)?;
+        self.log_limits();
+        Ok(())
+    }
+
+    /// (low, high) ratios.
+    pub fn watermark_ratios(&self) -> (f64, f64) {
+        let st = self.engine.state.lock();
+        (st.limits.low_ratio, st.limits.high_ratio)
+    }
+
+    fn log_limits(&self) {
+        let st = self.engine.state.lock();
+        if st.debug & debug::PROFILING != 0 {
+            let show = |l: usize| {
+                if l == usize::MAX {
+                    "unlimited".to_string()
+                } else {
+                    format_size(l)
+                }
+            };
+            tracing::info!(
+                target: "bufferheap",
+                "High watermark memory allocation limit: {}; low watermark limit: {}",
+                show(st.limits.high_limit),
+                show(st.limits.low_limit)
+            );
+        }
+    }
+
+    /// MiB of headroom below the low limit; `usize::MAX` when the low watermark is disabled.
+    pub fn low_watermark_value(&self) -> usize {
+        let st = self.engine.state.lock();
+        if st.limits.low_ratio == 0.0 {
+            return usize::MAX;
+        }
+        let driver = self.engine.backend.memory_info().driver_allocated();
+        st.limits.low_limit.saturating_sub(driver) / (1 << 20)
+    }
+
+    /// Low limit in bytes; `usize::MAX` when disabled.
+    pub fn low_watermark_limit(&self) -> usize {
+        self.engine.state.lock().limits.low_limit
+    }
+
+    /// High limit in bytes; `usize::MAX` when disabled.
+    pub fn high_watermark_limit(&self) -> usize {
+        self.engine.state.lock().limits.high_limit
+    }
+
+    // ---- figures ---------------------------------------------------------------------------
+
+    /// Bytes held from the backend (in use + cached; mapped bytes on page-mapped heaps).
+    pub fn total_allocated(&self) -> usize {
+        self.engine.state.lock().reserved_total()
+    }
+
+    /// Bytes of buffers in use (rounded sizes).
+    pub fn current_allocated(&self) -> usize {
+        self.engine.state.lock().stats.allocated_bytes[0].current as usize
+    }
+
+    /// What the driver says the process holds.
+    pub fn driver_allocated(&self) -> usize {
+        self.engine.backend.memory_info().driver_allocated()
+    }
+
+    /// The device's recommended working set.
+    pub fn recommended_max_memory(&self) -> usize {
+        self.engine.state.lock().limits.recommended
+    }
+
+    /// The cheap figures.
+    pub fn usage(&self) -> Usage {
+        let st = self.engine.state.lock();
+        let s = &st.stats;
+        Usage {
+            allocated: s.allocated_bytes[0].current as usize,
+            requested: s.requested_bytes[0].current as usize,
+            reserved: s.reserved_bytes[0].current as usize,
+            active: s.active_bytes[0].current as usize,
+            cached: s.cached_bytes[0].current as usize,
+            buffers: s.allocation[0].current as usize,
+            heaps: s.segment[0].current as usize,
+        }
+    }
+
+    /// Every counter.
+    pub fn stats(&self) -> Stats {
+        self.engine.state.lock().stats.clone()
+    }
+
+    /// Resets every peak counter to its current value.
+    pub fn reset_peak(&self) {
+        self.engine.state.lock().stats.reset_peak();
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> crate::Policy {
+        self.engine.state.lock().policy
+    }
+
+    /// Pool kinds in use, for reports.
+    pub fn pool_kinds() -> [PoolKind; 5] {
+        PoolKind::ALL
+    }
+}
+
+/// Formats a byte count like the seed (`formatSize`).
+impl<B: Backend> Allocator<B> {
+    pub fn format_size(&self, size: usize) -> String {
+        format_size(size)
+    }
+}
+
+impl<B: Backend> Drop for Engine<B> {
+    fn drop(&mut self) {
+        let st = self.state.get_mut();
+        report::report_leaks(st);
+        report::release_everything(st, &self.backend);
+    }
+}
+
+/// Allocators of several devices: `allocator(device, shared)` as the seed's
+/// `getIMPSAllocator`.
+#[derive(Debug)]
+pub struct Devices<B: Backend> {
+    allocators: Vec<Allocator<B>>,
+}
+
+impl<B: Backend> Devices<B> {
+    /// One engine per backend (one backend per device, in device order).
+    pub fn new(backends: Vec<B>, config: &Config) -> Result<Self> {
+        let allocators = backends
+            .into_iter()
+            .map(|b| Allocator::new(b, config.clone()))
+            .collect::<Result<_>>()?;
+        Ok(Devices { allocators })
+    }
+
+    /// Private front-end of `device`, or its shared front-end with `shared` (`None` where the
+    /// backend has no shared storage or the device does not exist).
+    pub fn allocator(&self, device: usize, shared: bool) -> Option<Allocator<B>> {
+        let a = self.allocators.get(device)?;
+        if shared { a.shared() } else { Some(a.clone()) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.allocators.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.allocators.is_empty()
+    }
+}

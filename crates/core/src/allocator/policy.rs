@@ -1,0 +1,515 @@
+//! The two placement policies and the fallback chain's steps.
+//!
+//! `mps` reproduces the seed: whole-buffer reuse with up to 32 MiB of slack, heaps of
+//! 8 MiB / 32 MiB / XLarge / dedicated size, garbage collection of older-than-average cached
+//! buffers over the low watermark. `default` is ours: exact-size reuse of cached buffers, then
+//! best fit in heap space with coalescing, and — on a backend that maps pages — one large
+//! address range per pool whose pages are mapped only where buffers need them (see
+//! `grow_paged`). Both run the same chain when memory is short: callbacks, trim, release all
+//! cached memory, retry.
+//!
+//! Every step returns `Ok(Some(slot))` when it placed or recycled a buffer, `Ok(None)` when it
+//! found no memory (the state's `shortfall` says why), and `Err` only for backend failures
+//! that more memory would not cure.
+
+use crate::backend::Backend;
+use crate::callbacks::Notes;
+use crate::config::{Policy, debug};
+use crate::error::Result;
+use crate::format::format_size;
+
+use super::state::{BufState, State};
+
+const MIB: usize = 1 << 20;
+/// The seed's slack: a cached buffer up to this much larger than asked is reused whole.
+pub const MPS_REUSE_SLACK: usize = 32 * MIB;
+/// Candidates examined when looking for mapped space; bounded so a lookup stays cheap.
+const FIT_CANDIDATES: usize = 64;
+
+/// Steps of an allocation, in the order the fallback chain takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Cache, then heap space, then growth.
+    Normal,
+    /// After the AllocationFailed callbacks ran: look again.
+    AfterCallbacks,
+    /// Trim cached memory of the request's kind, then grow.
+    ReleasePool,
+    /// Wait for every pending event, release all cached memory, then grow.
+    ReleaseAll,
+}
+
+impl<B: Backend> State<B> {
+    /// One step of an allocation of `size` (rounded) bytes from pool `p`.
+    pub fn alloc_step(
+        &mut self,
+        backend: &B,
+        p: u32,
+        size: usize,
+        requested: usize,
+        phase: Phase,
+        notes: &mut Notes,
+    ) -> Result<Option<u32>> {
+        match self.policy {
+            Policy::Default => self.default_step(backend, p, size, requested, phase, notes),
+            Policy::Mps => self.mps_step(backend, p, size, requested, phase, notes),
+        }
+    }
+
+    // ---- default policy ------------------------------------------------------------------
+
+    fn default_step(
+        &mut self,
+        backend: &B,
+        p: u32,
+        size: usize,
+        requested: usize,
+        phase: Phase,
+        notes: &mut Notes,
+    ) -> Result<Option<u32>> {
+        match phase {
+            Phase::Normal | Phase::AfterCallbacks => {}
+            Phase::ReleasePool => {
+                let storage = self.pools[p as usize].kind.storage();
+                for q in 0..self.pools.len() as u32 {
+                    if self.pools[q as usize].kind.storage() == storage {
+                        self.release_cached_in(backend, q, false, notes)?;
+                    }
+                }
+            }
+            Phase::ReleaseAll => {
+                self.wait_all_pending(backend, notes);
+                for q in 0..self.pools.len() as u32 {
+                    self.release_cached_in(backend, q, false, notes)?;
+                }
+            }
+        }
+        if phase != Phase::Normal {
+            self.poll_pending(backend, notes);
+        }
+        if let Some(slot) = self.pools[p as usize].cache.take_exact(size) {
+            self.recycle(slot, requested, notes);
+            return Ok(Some(slot));
+        }
+        // Space already backed by memory: free heap space, then space held by cached buffers.
+        if let Some(slot) = self.place_mapped(p, size, requested, notes) {
+            return Ok(Some(slot));
+        }
+        if self.pools[p as usize].cache.len() > 0 {
+            self.dissolve_cache(p);
+            if let Some(slot) = self.place_mapped(p, size, requested, notes) {
+                self.trim_hysteresis(backend, p, notes)?;
+                return Ok(Some(slot));
+            }
+        }
+        // Over the low watermark, growing is the last resort: give back idle memory first.
+        if self.limits.low_limit != usize::MAX
+            && self.driver_estimate() + size > self.limits.low_limit
+        {
+            self.garbage_collect_default(backend, notes)?;
+            if let Some(slot) = self.place_mapped(p, size, requested, notes) {
+                return Ok(Some(slot));
+            }
+        }
+        let paged = self.caps.page_mapping
+            && self.pools[p as usize].kind.storage() == crate::Storage::Private;
+        let slot = if paged {
+            self.grow_paged(backend, p, size, requested, notes)?
+        } else {
+            self.grow_heap(backend, p, size, requested, notes)?
+        };
+        if slot.is_some() && paged {
+            self.trim_hysteresis(backend, p, notes)?;
+        }
+        Ok(slot)
+    }
+
+    /// Places in heap space that needs no new memory.
+    fn place_mapped(
+        &mut self,
+        p: u32,
+        size: usize,
+        requested: usize,
+        notes: &mut Notes,
+    ) -> Option<u32> {
+        let (h, off) = self.pools[p as usize].best_fit(size, true)?;
+        Some(self.place(p, h, off, size, requested, notes))
+    }
+
+    /// Page-mapped growth: the free range needing the fewest new pages gets them mapped, in
+    /// runs of at least `map_chunk` bytes; a new address range only when none fits.
+    fn grow_paged(
+        &mut self,
+        backend: &B,
+        p: u32,
+        size: usize,
+        requested: usize,
+        notes: &mut Notes,
+    ) -> Result<Option<u32>> {
+        let g = self.caps.granularity;
+        let fit = match self.pools[p as usize].least_unmapped_fit(size, FIT_CANDIDATES) {
+            Some((h, off, _)) => (h, off),
+            None => {
+                let span = self.total_memory.max(size).div_ceil(g) * g;
+                let Some(h) = self.new_heap(backend, p, span, true, true)? else {
+                    return Ok(None);
+                };
+                (h, 0)
+            }
+        };
+        let (h, off) = fit;
+        let chunk_pages = self.config.map_chunk.div_ceil(g).max(1);
+        let pages = self.pools[p as usize]
+            .heap(h)
+            .pages
+            .as_ref()
+            .expect("paged heap");
+        let mut runs = pages.unmapped_runs(off, size, chunk_pages);
+        let mut need: usize = runs.iter().map(|r| r.1 * g).sum();
+        if !self.within_high(need) {
+            // Without the chunk extension the request may still fit under the limit.
+            runs = pages_of(self, p, h).unmapped_runs(off, size, 1);
+            need = runs.iter().map(|r| r.1 * g).sum();
+            if !self.within_high(need) {
+                return Ok(None);
+            }
+            self.shortfall = None;
+        }
+        if need > 0 {
+            self.refresh_external(backend);
+        }
+        for run in runs {
+            if !self.map_run(backend, p, h, run)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(self.place(p, h, off, size, requested, notes)))
+    }
+
+    /// Growth by a new committed heap, sized like PyTorch's native segments: 2 MiB for small
+    /// requests, 20 MiB below 10 MiB, else the request rounded to 2 MiB.
+    fn grow_heap(
+        &mut self,
+        backend: &B,
+        p: u32,
+        size: usize,
+        requested: usize,
+        notes: &mut Notes,
+    ) -> Result<Option<u32>> {
+        let kind = self.pools[p as usize].kind;
+        let (heap_size, split) = if kind.is_small() {
+            (2 * MIB, true)
+        } else if size < 10 * MIB {
+            (20 * MIB, true)
+        } else {
+            (size.div_ceil(2 * MIB) * 2 * MIB, false)
+        };
+        self.refresh_external(backend);
+        let Some(h) = self.new_heap(backend, p, heap_size, split, false)? else {
+            return Ok(None);
+        };
+        Ok(Some(self.place(p, h, 0, size, requested, notes)))
+    }
+
+    /// Keeps idle mapped pages of a page-mapped pool under the hysteresis budget.
+    pub fn trim_hysteresis(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
+        if !self.caps.page_mapping {
+            return Ok(());
+        }
+        let pool = &self.pools[p as usize];
+        let keep = ((pool.reserved as f64 * self.config.idle_page_fraction) as usize)
+            .max(2 * self.config.map_chunk);
+        if pool.idle_mapped_bytes() > keep {
+            self.trim_idle_pages(backend, p, keep, notes)?;
+        }
+        Ok(())
+    }
+
+    /// Over the low watermark: every cached buffer dissolved, every idle page unmapped,
+    /// every empty committed heap released.
+    fn garbage_collect_default(&mut self, backend: &B, notes: &mut Notes) -> Result<()> {
+        let before = self.reserved_total();
+        for q in 0..self.pools.len() as u32 {
+            self.release_cached_in(backend, q, false, notes)?;
+        }
+        let reclaimed = before - self.reserved_total();
+        if reclaimed > 0 {
+            self.stats.num_gc_passes += 1;
+        }
+        if self.debug & debug::RELEASES != 0 {
+            tracing::info!(target: "bufferheap", "Garbage collected {} over the low watermark", format_size(reclaimed));
+        }
+        Ok(())
+    }
+
+    /// Dissolves pool `q`'s cached buffers, unmaps its idle pages and releases its empty
+    /// heaps (page-mapped address ranges too with `paged_too`).
+    pub fn release_cached_in(
+        &mut self,
+        backend: &B,
+        q: u32,
+        paged_too: bool,
+        notes: &mut Notes,
+    ) -> Result<()> {
+        self.dissolve_cache(q);
+        self.trim_idle_pages(backend, q, 0, notes)?;
+        self.release_empty_heaps(backend, q, paged_too, notes)
+    }
+
+    // ---- mps policy ----------------------------------------------------------------------
+
+    fn mps_step(
+        &mut self,
+        backend: &B,
+        p: u32,
+        size: usize,
+        requested: usize,
+        phase: Phase,
+        notes: &mut Notes,
+    ) -> Result<Option<u32>> {
+        let kind = self.pools[p as usize].kind;
+        let mut pressure = !kind.is_small() && self.low_watermark_value() == 0;
+        match phase {
+            Phase::Normal => {
+                if let Some(slot) =
+                    self.mps_get_free_buffer(p, size, requested, &mut pressure, notes)
+                {
+                    return Ok(Some(slot));
+                }
+                if pressure && size < self.pools[p as usize].cache.bytes() {
+                    self.mps_garbage_collect(backend, p, notes)?;
+                }
+                self.mps_alloc_buffer(backend, p, size, requested, pressure, notes)
+            }
+            Phase::AfterCallbacks => {
+                self.poll_pending(backend, notes);
+                Ok(self.mps_get_free_buffer(p, size, requested, &mut pressure, notes))
+            }
+            Phase::ReleasePool => {
+                self.mps_release_available(backend, p, size, notes)?;
+                self.mps_alloc_buffer(backend, p, size, requested, pressure, notes)
+            }
+            Phase::ReleaseAll => {
+                self.wait_all_pending(backend, notes);
+                for q in 0..self.pools.len() as u32 {
+                    self.mps_release_pool(backend, q, notes)?;
+                }
+                self.mps_alloc_buffer(backend, p, size, requested, pressure, notes)
+            }
+        }
+    }
+
+    /// MiB of headroom below the low limit (`usize::MAX` when disabled).
+    pub fn low_watermark_value(&self) -> usize {
+        if self.limits.low_ratio == 0.0 {
+            return usize::MAX;
+        }
+        self.limits.low_limit.saturating_sub(self.driver_estimate()) / MIB
+    }
+
+    /// The seed's `get_free_buffer`.
+    fn mps_get_free_buffer(
+        &mut self,
+        p: u32,
+        size: usize,
+        requested: usize,
+        pressure: &mut bool,
+        notes: &mut Notes,
+    ) -> Option<u32> {
+        if !self.within_high(size) {
+            return None;
+        }
+        let pool = &mut self.pools[p as usize];
+        if self.limits.low_ratio > 0.0 && !pool.kind.is_small() {
+            pool.clock += 1;
+        }
+        let found = pool.cache.smallest_at_least(size)?;
+        if found <= size + MPS_REUSE_SLACK {
+            let slot = pool.cache.take_exact(found)?;
+            self.recycle(slot, requested, notes);
+            return Some(slot);
+        }
+        // Oversize: let a heap with room serve the request, else give the block's space back
+        // to its heap so the next step can place there.
+        if pool.largest_free() >= size {
+            return None;
+        }
+        let slot = pool.cache.take_exact(found)?;
+        self.dissolve(slot);
+        *pressure = false;
+        None
+    }
+
+    /// The seed's `alloc_buffer`: best fit in the pool's heaps, else a new heap.
+    fn mps_alloc_buffer(
+        &mut self,
+        backend: &B,
+        p: u32,
+        size: usize,
+        requested: usize,
+        pressure: bool,
+        notes: &mut Notes,
+    ) -> Result<Option<u32>> {
+        if !self.within_high(size) {
+            return Ok(None);
+        }
+        if let Some((h, off)) = self.pools[p as usize].best_fit(size, false) {
+            return Ok(Some(self.place(p, h, off, size, requested, notes)));
+        }
+        let (heap_size, split) = self.mps_heap_size(size, pressure);
+        self.refresh_external(backend);
+        let Some(h) = self.new_heap(backend, p, heap_size, split, false)? else {
+            return Ok(None);
+        };
+        Ok(Some(self.place(p, h, 0, size, requested, notes)))
+    }
+
+    /// The seed's heap sizes.
+    pub fn mps_heap_size(&self, size: usize, pressure: bool) -> (usize, bool) {
+        let xlarge = if self.caps.unified_memory {
+            1024 * MIB
+        } else {
+            128 * MIB
+        };
+        if size <= MIB {
+            (8 * MIB, true)
+        } else if size < 10 * MIB {
+            (32 * MIB, true)
+        } else if size < xlarge / 2 && !pressure {
+            (xlarge, true)
+        } else {
+            (size.div_ceil(2 * MIB) * 2 * MIB, false)
+        }
+    }
+
+    /// Releases one cached buffer: its space goes back to the heap, and the heap to the
+    /// backend if it is left empty and `remove_empty_heap` is set.
+    fn mps_release_buffer(
+        &mut self,
+        backend: &B,
+        slot: u32,
+        remove_empty_heap: bool,
+        notes: &mut Notes,
+    ) -> Result<usize> {
+        let size = self.records[slot as usize].size;
+        let (p, h) = self.dissolve(slot);
+        if remove_empty_heap && self.pools[p as usize].heap(h).n_buffers == 0 {
+            self.release_heap(backend, p, h, notes)?;
+        }
+        Ok(size)
+    }
+
+    /// The seed's `release_available_cached_buffers`: the smallest cached buffer that covers
+    /// the request, or else the largest ones until the request is covered.
+    fn mps_release_available(
+        &mut self,
+        backend: &B,
+        p: u32,
+        size: usize,
+        notes: &mut Notes,
+    ) -> Result<bool> {
+        let pool = &mut self.pools[p as usize];
+        if pool.cache.len() == 0 {
+            return Ok(false);
+        }
+        if let Some(found) = pool.cache.smallest_at_least(size)
+            && let Some(slot) = pool.cache.take_exact(found)
+        {
+            self.mps_release_buffer(backend, slot, true, notes)?;
+            return Ok(true);
+        }
+        let mut entries = self.pools[p as usize].cache.entries();
+        let mut released = 0;
+        while released < size {
+            let Some((s, slot)) = entries.pop() else {
+                break;
+            };
+            self.pools[p as usize].cache.remove(s, slot);
+            released += self.mps_release_buffer(backend, slot, true, notes)?;
+        }
+        Ok(released >= size)
+    }
+
+    /// Releases every cached buffer of pool `q` and every heap left empty (including heaps
+    /// emptied earlier by garbage collection, which the seed never releases).
+    pub fn mps_release_pool(&mut self, backend: &B, q: u32, notes: &mut Notes) -> Result<()> {
+        let entries = self.pools[q as usize].cache.drain();
+        if !entries.is_empty() && self.debug & debug::RELEASES != 0 {
+            let bytes: usize = entries.iter().map(|e| e.0).sum();
+            tracing::info!(
+                target: "bufferheap",
+                "Releasing {} buffers from {} pool (total size: {})",
+                entries.len(), self.pools[q as usize].kind.name(), format_size(bytes)
+            );
+        }
+        for (_, slot) in entries {
+            self.mps_release_buffer(backend, slot, true, notes)?;
+        }
+        self.release_empty_heaps(backend, q, true, notes)
+    }
+
+    /// The seed's garbage collection: over the low limit, release cached buffers at least as
+    /// old as the average, smallest first, in passes, until the excess is reclaimed.
+    fn mps_garbage_collect(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
+        let driver = self.driver_estimate();
+        if driver < self.limits.low_limit {
+            return Ok(());
+        }
+        let target = driver - self.limits.low_limit;
+        let clock = self.pools[p as usize].clock;
+        let mut candidates: Vec<(usize, u32, u64)> = self.pools[p as usize]
+            .cache
+            .entries()
+            .into_iter()
+            .map(|(size, slot)| (size, slot, clock - self.records[slot as usize].cached_at))
+            .collect();
+        let mut total_age: u64 = candidates.iter().map(|c| c.2).sum();
+        let mut n = candidates.len() as u64;
+        let mut reclaimed = 0;
+        let mut count = 0;
+        while reclaimed < target && n > 0 {
+            let threshold = total_age / n;
+            let mut freed_in_pass = 0;
+            let mut i = 0;
+            while i < candidates.len() && reclaimed < target {
+                let (size, slot, age) = candidates[i];
+                if age >= threshold && self.records[slot as usize].state == BufState::Cached {
+                    self.pools[p as usize].cache.remove(size, slot);
+                    let split = self.pools[p as usize]
+                        .heap(self.records[slot as usize].heap)
+                        .split;
+                    reclaimed += self.mps_release_buffer(backend, slot, !split, notes)?;
+                    total_age -= age;
+                    n -= 1;
+                    freed_in_pass += 1;
+                    candidates.remove(i);
+                    continue;
+                }
+                i += 1;
+            }
+            count += freed_in_pass;
+            if freed_in_pass == 0 {
+                break;
+            }
+        }
+        if count > 0 {
+            self.stats.num_gc_passes += 1;
+        }
+        if self.debug & debug::RELEASES != 0 {
+            tracing::info!(
+                target: "bufferheap",
+                "Garbage collected {} buffers from {} pool (total reclaimed: {})",
+                count, self.pools[p as usize].kind.name(), format_size(reclaimed)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn pages_of<B: Backend>(state: &State<B>, p: u32, h: u32) -> &crate::pages::Pages {
+    state.pools[p as usize]
+        .heap(h)
+        .pages
+        .as_ref()
+        .expect("paged heap")
+}

@@ -1,0 +1,341 @@
+//! Expensive reports: per-pool and per-heap figures, PyTorch-shaped segment snapshots, and
+//! the leak report at drop.
+//!
+//! Invariants: reports are built under the lock from the same state the counters describe,
+//! so their totals agree with [`crate::Usage`]; nothing here changes the state except
+//! [`release_everything`], which runs only when the engine is dropped.
+
+use std::fmt;
+
+use crate::backend::{Backend, StreamId};
+use crate::callbacks::Notes;
+use crate::format::format_size;
+use crate::pool::PoolKind;
+use crate::stats::Usage;
+
+use super::state::{BufState, State};
+use super::{Allocator, Engine};
+
+/// One heap.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeapReport {
+    pub id: u64,
+    pub base: u64,
+    pub size: usize,
+    pub reserved: usize,
+    pub buffers: u32,
+    pub largest_free: usize,
+    pub split: bool,
+    pub page_mapped: bool,
+}
+
+/// One pool.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolReport {
+    pub kind: PoolKind,
+    pub stream: StreamId,
+    pub reserved: usize,
+    pub placed: usize,
+    pub cached_buffers: usize,
+    pub cached_bytes: usize,
+    pub idle_mapped_bytes: usize,
+    pub free_ranges: usize,
+    pub largest_free: usize,
+    pub heaps: Vec<HeapReport>,
+}
+
+/// The expensive report: every pool and heap.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub policy: crate::Policy,
+    pub usage: Usage,
+    pub pending_buffers: usize,
+    pub low_watermark_limit: usize,
+    pub high_watermark_limit: usize,
+    pub pools: Vec<PoolReport>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let u = &self.usage;
+        let limit = |l: usize| {
+            if l == usize::MAX {
+                "unlimited".to_string()
+            } else {
+                format_size(l)
+            }
+        };
+        writeln!(f, "bufferheap ({} policy)", self.policy)?;
+        writeln!(
+            f,
+            "  in use: {} in {} buffers (requested {}); cached: {}; reserved: {} in {} heaps",
+            format_size(u.allocated),
+            u.buffers,
+            format_size(u.requested),
+            format_size(u.cached),
+            format_size(u.reserved),
+            u.heaps
+        )?;
+        if u.reserved > 0 {
+            writeln!(
+                f,
+                "  efficiency (in use / reserved): {:.1}%",
+                100.0 * u.allocated as f64 / u.reserved as f64
+            )?;
+        }
+        writeln!(
+            f,
+            "  watermarks: low {}, high {}; buffers waiting on events: {}",
+            limit(self.low_watermark_limit),
+            limit(self.high_watermark_limit),
+            self.pending_buffers
+        )?;
+        for p in self.pools.iter().filter(|p| !p.heaps.is_empty()) {
+            writeln!(
+                f,
+                "  {} pool (stream {:#x}): reserved {}, placed {}, cached {} in {} buffers, idle pages {}, {} free ranges (largest {})",
+                p.kind.name(),
+                p.stream,
+                format_size(p.reserved),
+                format_size(p.placed),
+                format_size(p.cached_bytes),
+                p.cached_buffers,
+                format_size(p.idle_mapped_bytes),
+                p.free_ranges,
+                format_size(p.largest_free)
+            )?;
+            for h in &p.heaps {
+                writeln!(
+                    f,
+                    "    heap {} at {:#x}: size {}, reserved {}, {} buffers, largest free {}{}",
+                    h.id,
+                    h.base,
+                    format_size(h.size),
+                    format_size(h.reserved),
+                    h.buffers,
+                    format_size(h.largest_free),
+                    if h.page_mapped {
+                        ", page-mapped"
+                    } else if h.split {
+                        ""
+                    } else {
+                        ", dedicated"
+                    }
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// State of a block in a segment snapshot (PyTorch's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockState {
+    ActiveAllocated,
+    ActivePendingFree,
+    Inactive,
+}
+
+/// A block of a segment snapshot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BlockInfo {
+    pub address: u64,
+    pub size: usize,
+    pub requested_size: usize,
+    pub state: BlockState,
+}
+
+/// A heap as a PyTorch snapshot segment.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SegmentInfo {
+    pub address: u64,
+    pub total_size: usize,
+    pub allocated_size: usize,
+    pub active_size: usize,
+    pub requested_size: usize,
+    pub stream: StreamId,
+    pub segment_type: &'static str,
+    pub is_expandable: bool,
+    pub blocks: Vec<BlockInfo>,
+}
+
+impl<B: Backend> Allocator<B> {
+    /// Every pool and heap, with fragmentation figures. Takes the lock for a while.
+    pub fn report(&self) -> Report {
+        let st = self.engine.state.lock();
+        let pools = st
+            .pools
+            .iter()
+            .map(|p| PoolReport {
+                kind: p.kind,
+                stream: p.stream,
+                reserved: p.reserved,
+                placed: p.placed,
+                cached_buffers: p.cache.len(),
+                cached_bytes: p.cache.bytes(),
+                idle_mapped_bytes: p.idle_mapped_bytes(),
+                free_ranges: p.free_ranges(),
+                largest_free: p.largest_free(),
+                heaps: p
+                    .heaps
+                    .iter()
+                    .flatten()
+                    .map(|h| HeapReport {
+                        id: h.id,
+                        base: h.region.base,
+                        size: h.region.size,
+                        reserved: h.reserved_bytes(),
+                        buffers: h.n_buffers,
+                        largest_free: h.largest_free(),
+                        split: h.split,
+                        page_mapped: h.pages.is_some(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        drop(st);
+        let st = self.engine.state.lock();
+        Report {
+            policy: st.policy,
+            usage: Usage {
+                allocated: st.stats.allocated_bytes[0].current as usize,
+                requested: st.stats.requested_bytes[0].current as usize,
+                reserved: st.stats.reserved_bytes[0].current as usize,
+                active: st.stats.active_bytes[0].current as usize,
+                cached: st.stats.cached_bytes[0].current as usize,
+                buffers: st.stats.allocation[0].current as usize,
+                heaps: st.stats.segment[0].current as usize,
+            },
+            pending_buffers: st.pending.len(),
+            low_watermark_limit: st.limits.low_limit,
+            high_watermark_limit: st.limits.high_limit,
+            pools,
+        }
+    }
+
+    /// Heaps as PyTorch snapshot segments, with their blocks (buffers and free ranges) in
+    /// address order. A page-mapped heap is reported up to its last mapped page.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let st = self.engine.state.lock();
+        let mut by_heap: std::collections::HashMap<(u32, u32), Vec<BlockInfo>> = Default::default();
+        for rec in st.records.iter().filter(|r| r.state != BufState::Vacant) {
+            let state = match rec.state {
+                BufState::InUse => BlockState::ActiveAllocated,
+                BufState::Pending => BlockState::ActivePendingFree,
+                _ => BlockState::Inactive,
+            };
+            let requested_size = if rec.state == BufState::InUse {
+                rec.requested
+            } else {
+                0
+            };
+            by_heap
+                .entry((rec.pool, rec.heap))
+                .or_default()
+                .push(BlockInfo {
+                    address: rec.ptr,
+                    size: rec.size,
+                    requested_size,
+                    state,
+                });
+        }
+        let mut out = Vec::new();
+        for (p, pool) in st.pools.iter().enumerate() {
+            for h in pool.heap_slots() {
+                let heap = pool.heap(h);
+                let mut blocks = by_heap.remove(&(p as u32, h)).unwrap_or_default();
+                let extent = match &heap.pages {
+                    Some(_) => blocks
+                        .iter()
+                        .map(|b| (b.address - heap.region.base) as usize + b.size)
+                        .max()
+                        .unwrap_or(0),
+                    None => heap.region.size,
+                };
+                for (&off, &len) in &heap.free {
+                    if off < extent {
+                        let len = len.min(extent - off);
+                        blocks.push(BlockInfo {
+                            address: heap.region.base + off as u64,
+                            size: len,
+                            requested_size: 0,
+                            state: BlockState::Inactive,
+                        });
+                    }
+                }
+                blocks.sort_by_key(|b| b.address);
+                let sum = |f: &dyn Fn(&BlockInfo) -> bool| {
+                    blocks.iter().filter(|b| f(b)).map(|b| b.size).sum()
+                };
+                out.push(SegmentInfo {
+                    address: heap.region.base,
+                    total_size: extent,
+                    allocated_size: sum(&|b| b.state == BlockState::ActiveAllocated),
+                    active_size: sum(&|b| b.state != BlockState::Inactive),
+                    requested_size: blocks.iter().map(|b| b.requested_size).sum(),
+                    stream: pool.stream,
+                    segment_type: if pool.kind.is_small() {
+                        "small"
+                    } else {
+                        "large"
+                    },
+                    is_expandable: heap.pages.is_some(),
+                    blocks,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Logs the buffers still in use when the engine goes away.
+pub(super) fn report_leaks<B: Backend>(st: &State<B>) {
+    let live: Vec<_> = st
+        .records
+        .iter()
+        .filter(|r| r.state == BufState::InUse)
+        .collect();
+    if live.is_empty() {
+        return;
+    }
+    let bytes: usize = live.iter().map(|r| r.size).sum();
+    tracing::warn!(
+        target: "bufferheap",
+        "bufferheap dropped with {} buffers still in use ({}); their memory is released now",
+        live.len(),
+        format_size(bytes)
+    );
+    for r in live.iter().take(16) {
+        tracing::warn!(
+            target: "bufferheap",
+            "  leaked buffer id {} at {:#x}: {} (requested {})",
+            r.id,
+            r.ptr,
+            format_size(r.size),
+            format_size(r.requested)
+        );
+    }
+}
+
+/// Gives every heap back to the backend (engine drop).
+pub(super) fn release_everything<B: Backend>(st: &mut State<B>, backend: &B) {
+    let mut notes = Notes::new(false);
+    for p in 0..st.pools.len() {
+        let heaps: Vec<u32> = st.pools[p].heap_slots().collect();
+        for h in heaps {
+            let region = st.pools[p].heap(h).region.clone();
+            if let Err(e) = backend.release(&region) {
+                tracing::warn!(target: "bufferheap", "releasing heap at {:#x} failed: {e}", region.base);
+            }
+        }
+        st.pools[p].heaps.clear();
+    }
+    let _ = &mut notes;
+}
+
+impl<B: Backend> std::fmt::Debug for Engine<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine").field("caps", &self.caps).finish()
+    }
+}

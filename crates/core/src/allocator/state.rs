@@ -1,0 +1,669 @@
+//! The engine's state under the allocator's lock, and the primitive moves on it.
+//!
+//! A buffer record lives in a slab; `by_ptr` maps every address handed out to its slot for as
+//! long as the buffer is placed (in use, cached or pending), like the seed's
+//! `m_allocated_buffers`. A record moves `InUse -> Cached` (or `InUse -> Pending -> Cached`
+//! when events guard its reuse), `Cached -> InUse` when recycled, and `Cached -> Vacant` when
+//! dissolved back into its heap's free space.
+//!
+//! Invariants (checked by the property tests against a shadow model):
+//! - placed buffers never overlap and lie inside their heap; `ptr = heap.base + offset`;
+//! - `stats.allocated_bytes.all.current` = sum of sizes of `InUse` records; `active_bytes` =
+//!   `InUse` + `Pending`; `cached_bytes` = `Cached`; `reserved_bytes` = sum of heaps'
+//!   reserved bytes (mapped bytes on page-mapped heaps);
+//! - a `Cached` record is in its pool's cache exactly once; a `Pending` record is in
+//!   `pending` exactly once.
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+
+use crate::backend::{Backend, BackendCaps, Region, Storage, StreamId};
+use crate::callbacks::{CallbackEvent, Notes};
+use crate::config::{Config, Policy, debug};
+use crate::error::{Error, OomCause, Result};
+use crate::format::format_size;
+use crate::pages::{PageRun, Pages};
+use crate::pool::{ALIGN, Pool, PoolKind};
+use crate::stats::Stats;
+
+use super::limits::Limits;
+
+/// A fast hasher for addresses (multiply-shift; addresses are already well spread).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+pub(crate) type AddrMap<V> = HashMap<u64, V, BuildHasherDefault<AddrHasher>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BufState {
+    Vacant,
+    InUse,
+    Cached,
+    Pending,
+}
+
+#[derive(Debug)]
+pub(crate) struct Record<E> {
+    pub ptr: u64,
+    pub size: usize,
+    pub requested: usize,
+    pub pool: u32,
+    pub heap: u32,
+    pub offset: usize,
+    pub id: u64,
+    pub state: BufState,
+    pub shape: Vec<i64>,
+    pub stream: StreamId,
+    /// Other streams that use the buffer (`record_stream`); events are recorded on them at free.
+    pub streams: Vec<StreamId>,
+    /// Events that must complete before the buffer may be reused.
+    pub events: Vec<Arc<E>>,
+    /// The pool's clock when the buffer was cached (its age is measured from here).
+    pub cached_at: u64,
+    pub use_count: u32,
+}
+
+/// Why a step could not find memory; the last one becomes the out-of-memory cause.
+pub(crate) type Shortfall = OomCause;
+
+pub(crate) struct State<B: Backend> {
+    pub policy: Policy,
+    pub caps: BackendCaps,
+    pub debug: u32,
+    pub config: Config,
+    pub pools: Vec<Pool>,
+    pool_index: HashMap<(PoolKind, StreamId), u32>,
+    pub records: Vec<Record<B::Event>>,
+    free_slots: Vec<u32>,
+    pub by_ptr: AddrMap<u32>,
+    pub pending: Vec<u32>,
+    pub stats: Stats,
+    pub limits: Limits,
+    /// Driver-reported memory in use that is not ours, sampled on slow paths.
+    pub external: usize,
+    pub total_memory: usize,
+    pub shortfall: Option<Shortfall>,
+    next_buffer_id: u64,
+    next_heap_id: u64,
+}
+
+impl<B: Backend> std::fmt::Debug for State<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("policy", &self.policy)
+            .field("pools", &self.pools.len())
+            .field("buffers", &self.by_ptr.len())
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl<B: Backend> State<B> {
+    pub fn new(caps: BackendCaps, config: Config, limits: Limits, total_memory: usize) -> Self {
+        let pools = PoolKind::ALL.iter().map(|&k| Pool::new(k, 0)).collect();
+        State {
+            policy: config.policy,
+            caps,
+            debug: config.debug,
+            config,
+            pools,
+            pool_index: HashMap::new(),
+            records: Vec::new(),
+            free_slots: Vec::new(),
+            by_ptr: AddrMap::default(),
+            pending: Vec::new(),
+            stats: Stats::default(),
+            limits,
+            external: 0,
+            total_memory,
+            shortfall: None,
+            next_buffer_id: 1,
+            next_heap_id: 1,
+        }
+    }
+
+    /// The pool for `kind` on `stream`, created on first use.
+    #[inline]
+    pub fn pool_for(&mut self, kind: PoolKind, stream: StreamId) -> u32 {
+        if stream == 0 {
+            return PoolKind::ALL.iter().position(|&k| k == kind).unwrap_or(0) as u32;
+        }
+        if let Some(&p) = self.pool_index.get(&(kind, stream)) {
+            return p;
+        }
+        self.pools.push(Pool::new(kind, stream));
+        let p = (self.pools.len() - 1) as u32;
+        self.pool_index.insert((kind, stream), p);
+        p
+    }
+
+    /// The seed's pool selection (with its unified-memory rule for tiny tensors under `mps`).
+    pub fn select_kind(
+        &self,
+        requested: usize,
+        aligned: usize,
+        storage: Storage,
+        scalar: bool,
+    ) -> PoolKind {
+        if scalar {
+            return PoolKind::Scalar;
+        }
+        if self.policy == Policy::Mps
+            && requested <= 8
+            && self.caps.unified_memory
+            && self.caps.shared_storage
+        {
+            return PoolKind::SharedSmall;
+        }
+        let small = aligned <= crate::cache::SMALL_LIMIT;
+        match (storage, small) {
+            (Storage::Private, true) => PoolKind::PrivateSmall,
+            (Storage::Private, false) => PoolKind::PrivateLarge,
+            (Storage::Shared, true) => PoolKind::SharedSmall,
+            (Storage::Shared, false) => PoolKind::SharedLarge,
+        }
+    }
+
+    pub fn reserved_total(&self) -> usize {
+        self.stats.reserved_bytes[0].current as usize
+    }
+
+    /// Our estimate of what the driver holds for the process: our heaps plus others' memory.
+    pub fn driver_estimate(&self) -> usize {
+        self.reserved_total() + self.external
+    }
+
+    /// True if `extra` more bytes keep the process under the high watermark.
+    pub fn within_high(&mut self, extra: usize) -> bool {
+        if self.limits.high_limit == usize::MAX
+            || self.driver_estimate() + extra <= self.limits.high_limit
+        {
+            return true;
+        }
+        self.shortfall = Some(OomCause::HighWatermark);
+        false
+    }
+
+    pub fn refresh_external(&mut self, backend: &B) {
+        let info = backend.memory_info();
+        self.external = info
+            .driver_allocated()
+            .saturating_sub(self.reserved_total());
+    }
+
+    fn logs(&self, bit: u32, kind: PoolKind) -> bool {
+        self.debug & bit != 0 && !(self.debug & debug::LARGE_ONLY != 0 && kind.is_small())
+    }
+
+    // ---- records -------------------------------------------------------------------------
+
+    /// Hands out a cached record again.
+    #[inline]
+    pub fn recycle(&mut self, slot: u32, requested: usize, notes: &mut Notes) {
+        let rec = &mut self.records[slot as usize];
+        debug_assert_eq!(rec.state, BufState::Cached);
+        rec.state = BufState::InUse;
+        rec.requested = requested;
+        rec.use_count += 1;
+        let (size, ptr, pool) = (rec.size as u64, rec.ptr, rec.pool);
+        let kind = self.pools[pool as usize].kind;
+        let g = kind.stat_group();
+        let s = &mut self.stats;
+        for i in [0, g] {
+            s.cached_bytes[i].sub(size);
+            s.allocated_bytes[i].add(size);
+            s.active_bytes[i].add(size);
+            s.requested_bytes[i].add(requested as u64);
+            s.allocation[i].add(1);
+            s.active[i].add(1);
+        }
+        notes.push(ptr, CallbackEvent::Recycled);
+        if self.logs(debug::RECYCLES, kind) {
+            let rec = &self.records[slot as usize];
+            tracing::info!(
+                target: "bufferheap",
+                "Reusing {} buffer id {} of size {} at {:#x} (requested size: {}, use count: {})",
+                kind.name(), rec.id, format_size(rec.size), rec.ptr, format_size(requested), rec.use_count
+            );
+        }
+    }
+
+    /// Places a new buffer at `[off, off + size)` of heap `h` in pool `p`; the pages under it
+    /// must be mapped already.
+    pub fn place(
+        &mut self,
+        p: u32,
+        h: u32,
+        off: usize,
+        size: usize,
+        requested: usize,
+        notes: &mut Notes,
+    ) -> u32 {
+        let pool = &mut self.pools[p as usize];
+        pool.take(h, off, size);
+        let heap = pool.heap_mut(h);
+        if let Some(pages) = heap.pages.as_mut() {
+            pages.occupy(off, size);
+        }
+        let ptr = heap.region.base + off as u64;
+        let heap_id = heap.id;
+        let (kind, stream) = (pool.kind, pool.stream);
+        let id = self.next_buffer_id;
+        self.next_buffer_id += 1;
+        let rec = Record {
+            ptr,
+            size,
+            requested,
+            pool: p,
+            heap: h,
+            offset: off,
+            id,
+            state: BufState::InUse,
+            shape: Vec::new(),
+            stream,
+            streams: Vec::new(),
+            events: Vec::new(),
+            cached_at: 0,
+            use_count: 1,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.records[s as usize] = rec;
+                s
+            }
+            None => {
+                self.records.push(rec);
+                (self.records.len() - 1) as u32
+            }
+        };
+        self.by_ptr.insert(ptr, slot);
+        let g = kind.stat_group();
+        let s = &mut self.stats;
+        for i in [0, g] {
+            s.allocated_bytes[i].add(size as u64);
+            s.active_bytes[i].add(size as u64);
+            s.requested_bytes[i].add(requested as u64);
+            s.allocation[i].add(1);
+            s.active[i].add(1);
+        }
+        notes.push(ptr, CallbackEvent::Allocated);
+        if self.logs(debug::ALLOCATIONS, kind) {
+            tracing::info!(
+                target: "bufferheap",
+                "Allocated {} buffer id {} of size {} at {:#x} from heap {} (requested size: {}, reserved: {})",
+                kind.name(), id, format_size(size), ptr, heap_id, format_size(requested),
+                format_size(self.reserved_total())
+            );
+        }
+        slot
+    }
+
+    /// Takes a buffer out of use. Returns true if it went to the cache (false: it waits on
+    /// events in `pending`).
+    pub fn retire(&mut self, backend: &B, slot: u32, notes: &mut Notes) -> Result<bool> {
+        let rec = &mut self.records[slot as usize];
+        let (size, requested, pool) = (rec.size as u64, rec.requested as u64, rec.pool);
+        rec.shape = Vec::new();
+        let kind = self.pools[pool as usize].kind;
+        // Streams that used the buffer besides its own get an event now; a scalar buffer
+        // was written by the host, so it waits for the device to consume it.
+        let mut record_on = std::mem::take(&mut rec.streams);
+        if kind == PoolKind::Scalar {
+            record_on.push(rec.stream);
+        }
+        let mut event_error = None;
+        for stream in record_on {
+            match backend.record_event(stream) {
+                Ok(e) => self.records[slot as usize].events.push(Arc::new(e)),
+                Err(e) => event_error = Some(e),
+            }
+        }
+        let g = kind.stat_group();
+        let s = &mut self.stats;
+        for i in [0, g] {
+            s.allocated_bytes[i].sub(size);
+            s.requested_bytes[i].sub(requested);
+            s.allocation[i].sub(1);
+        }
+        let rec = &mut self.records[slot as usize];
+        rec.state = BufState::Pending;
+        let mut idle = true;
+        let mut query_error = None;
+        rec.events.retain(|e| match backend.event_complete(e) {
+            Ok(done) => {
+                idle &= done;
+                !done
+            }
+            Err(err) => {
+                query_error = Some(err);
+                idle = false;
+                true
+            }
+        });
+        if idle && event_error.is_none() {
+            self.cache(slot, notes);
+        } else {
+            self.pending.push(slot);
+        }
+        match event_error.or(query_error) {
+            // The buffer is safe in `pending` (it is never reused while an event is unknown);
+            // the error still reaches the caller.
+            Some(err) => Err(Error::Backend(err)),
+            None => Ok(idle),
+        }
+    }
+
+    /// Puts a `Pending` (or just retired) record into its pool's cache.
+    pub fn cache(&mut self, slot: u32, notes: &mut Notes) {
+        let rec = &mut self.records[slot as usize];
+        let pool = &mut self.pools[rec.pool as usize];
+        rec.state = BufState::Cached;
+        rec.cached_at = pool.clock;
+        pool.cache.push(rec.size, slot);
+        let (size, ptr) = (rec.size as u64, rec.ptr);
+        let g = pool.kind.stat_group();
+        let s = &mut self.stats;
+        for i in [0, g] {
+            s.active_bytes[i].sub(size);
+            s.active[i].sub(1);
+            s.cached_bytes[i].add(size);
+        }
+        notes.push(ptr, CallbackEvent::Freed);
+    }
+
+    /// Returns a cached buffer's space to its heap (the seed's `release_buffer`); the heap
+    /// itself stays. The caller has taken the slot out of the cache.
+    pub fn dissolve(&mut self, slot: u32) -> (u32, u32) {
+        let rec = &mut self.records[slot as usize];
+        debug_assert_eq!(rec.state, BufState::Cached);
+        rec.state = BufState::Vacant;
+        rec.events.clear();
+        let (p, h, off, size, ptr) = (rec.pool, rec.heap, rec.offset, rec.size, rec.ptr);
+        self.by_ptr.remove(&ptr);
+        self.free_slots.push(slot);
+        let pool = &mut self.pools[p as usize];
+        pool.give_back(h, off, size);
+        if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
+            pages.vacate(off, size);
+        }
+        let g = pool.kind.stat_group();
+        for i in [0, g] {
+            self.stats.cached_bytes[i].sub(size as u64);
+        }
+        if self.logs(debug::RELEASES, self.pools[p as usize].kind) {
+            tracing::info!(target: "bufferheap", "Released buffer at {:#x} of size {}", ptr, format_size(size));
+        }
+        (p, h)
+    }
+
+    /// Dissolves every cached buffer of pool `p`; returns the bytes dissolved.
+    pub fn dissolve_cache(&mut self, p: u32) -> usize {
+        let entries = self.pools[p as usize].cache.drain();
+        let bytes = entries.iter().map(|&(s, _)| s).sum();
+        for (_, slot) in entries {
+            self.dissolve(slot);
+        }
+        bytes
+    }
+
+    // ---- pending events ------------------------------------------------------------------
+
+    /// Moves pending buffers whose events have completed into their caches.
+    pub fn poll_pending(&mut self, backend: &B, notes: &mut Notes) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let slot = self.pending[i];
+            let rec = &mut self.records[slot as usize];
+            rec.events
+                .retain(|e| !matches!(backend.event_complete(e), Ok(true)));
+            if rec.events.is_empty() {
+                self.pending.swap_remove(i);
+                self.cache(slot, notes);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Waits for every pending buffer's events (the seed's full synchronisation), then
+    /// caches them. A wait that fails leaves its buffer pending.
+    pub fn wait_all_pending(&mut self, backend: &B, notes: &mut Notes) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.stats.num_sync_all_streams += 1;
+        for &slot in &self.pending {
+            let rec = &mut self.records[slot as usize];
+            rec.events.retain(|e| backend.wait_event(e).is_err());
+        }
+        self.poll_pending(backend, notes);
+    }
+
+    // ---- heaps and pages -----------------------------------------------------------------
+
+    /// Reserves a heap of `size` bytes for pool `p`. `Ok(None)` when the high watermark or
+    /// the backend's lack of memory refuses it (the shortfall says which).
+    pub fn new_heap(
+        &mut self,
+        backend: &B,
+        p: u32,
+        size: usize,
+        split: bool,
+        paged: bool,
+    ) -> Result<Option<u32>> {
+        let g = self.caps.granularity.max(ALIGN);
+        let size = size.div_ceil(g) * g;
+        if !paged && !self.within_high(size) {
+            return Ok(None);
+        }
+        let kind = self.pools[p as usize].kind;
+        let region = match backend.reserve(size, kind.storage(), !paged) {
+            Ok(r) => r,
+            Err(e) if e.out_of_memory => {
+                self.shortfall = Some(OomCause::Backend(e.message));
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let id = self.next_heap_id;
+        self.next_heap_id += 1;
+        let pages = paged.then(|| Pages::new(size, self.caps.granularity));
+        let pool = &mut self.pools[p as usize];
+        let h = pool.add_heap(id, region, split, pages);
+        let reserved = pool.heap(h).reserved_bytes() as u64;
+        let sg = kind.stat_group();
+        for i in [0, sg] {
+            self.stats.reserved_bytes[i].add(reserved);
+            self.stats.segment[i].add(1);
+        }
+        if !paged {
+            self.stats.num_device_alloc += 1;
+        }
+        if self.debug & debug::ALLOCATIONS != 0 {
+            tracing::info!(
+                target: "bufferheap",
+                "Allocated {} heap id {} of size {}{} (#heaps: {}, reserved: {})",
+                kind.name(), id, format_size(size), if paged { " (address space)" } else { "" },
+                self.pools[p as usize].heap_count(), format_size(self.reserved_total())
+            );
+        }
+        Ok(Some(h))
+    }
+
+    /// Gives an empty heap back to the backend.
+    pub fn release_heap(&mut self, backend: &B, p: u32, h: u32, notes: &mut Notes) -> Result<()> {
+        let heap = self.pools[p as usize].heap(h);
+        debug_assert_eq!(heap.n_buffers, 0);
+        let mapped_runs: Vec<PageRun> = heap
+            .pages
+            .as_ref()
+            .map(|pg| pg.idle_runs(usize::MAX))
+            .unwrap_or_default();
+        // Unmap first so that a failure leaves the accounting true.
+        for run in mapped_runs {
+            self.unmap_run(backend, p, h, run, notes)?;
+        }
+        let region = self.pools[p as usize].heap(h).region.clone();
+        backend.release(&region)?;
+        let heap = self.pools[p as usize].remove_heap(h);
+        let kind = self.pools[p as usize].kind;
+        let g = kind.stat_group();
+        for i in [0, g] {
+            self.stats.reserved_bytes[i].sub(heap.reserved_bytes() as u64);
+            self.stats.segment[i].sub(1);
+        }
+        if heap.pages.is_none() {
+            self.stats.num_device_free += 1;
+            notes.push(region.base, CallbackEvent::Released);
+        }
+        if self.debug & debug::RELEASES != 0 {
+            tracing::info!(
+                target: "bufferheap",
+                "Released {} heap id {} of size {} (reserved: {})",
+                kind.name(), heap.id, format_size(region.size), format_size(self.reserved_total())
+            );
+        }
+        Ok(())
+    }
+
+    /// Maps a run of pages of a page-mapped heap. `Ok(false)` when the backend is out of
+    /// memory (the shortfall says so).
+    pub fn map_run(&mut self, backend: &B, p: u32, h: u32, run: PageRun) -> Result<bool> {
+        let pool = &self.pools[p as usize];
+        let heap = pool.heap(h);
+        let g = heap
+            .pages
+            .as_ref()
+            .map_or(self.caps.granularity, |pg| pg.granularity);
+        match backend.map(&heap.region, run.0 * g, run.1 * g) {
+            Ok(()) => {}
+            Err(e) if e.out_of_memory => {
+                self.shortfall = Some(OomCause::Backend(e.message));
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let pool = &mut self.pools[p as usize];
+        if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
+            pages.mark_mapped(run);
+        }
+        let bytes = run.1 * g;
+        pool.reserved += bytes;
+        let sg = pool.kind.stat_group();
+        for i in [0, sg] {
+            self.stats.reserved_bytes[i].add(bytes as u64);
+        }
+        self.stats.num_map_calls += 1;
+        self.stats.num_device_alloc += 1;
+        Ok(true)
+    }
+
+    /// Unmaps a run of idle pages.
+    pub fn unmap_run(
+        &mut self,
+        backend: &B,
+        p: u32,
+        h: u32,
+        run: PageRun,
+        notes: &mut Notes,
+    ) -> Result<()> {
+        let pool = &self.pools[p as usize];
+        let heap = pool.heap(h);
+        let g = heap
+            .pages
+            .as_ref()
+            .map_or(self.caps.granularity, |pg| pg.granularity);
+        backend.unmap(&heap.region, run.0 * g, run.1 * g)?;
+        let addr = heap.region.base + (run.0 * g) as u64;
+        let pool = &mut self.pools[p as usize];
+        if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
+            pages.mark_unmapped(run);
+        }
+        let bytes = run.1 * g;
+        pool.reserved -= bytes;
+        let sg = pool.kind.stat_group();
+        for i in [0, sg] {
+            self.stats.reserved_bytes[i].sub(bytes as u64);
+        }
+        self.stats.num_unmap_calls += 1;
+        self.stats.num_device_free += 1;
+        notes.push(addr, CallbackEvent::Released);
+        Ok(())
+    }
+
+    /// Unmaps idle pages of pool `p` until at most `keep` idle bytes remain, highest
+    /// addresses first (placement prefers low addresses, so those are reused last).
+    pub fn trim_idle_pages(
+        &mut self,
+        backend: &B,
+        p: u32,
+        keep: usize,
+        notes: &mut Notes,
+    ) -> Result<usize> {
+        let mut idle = self.pools[p as usize].idle_mapped_bytes();
+        let mut unmapped = 0;
+        let heaps: Vec<u32> = self.pools[p as usize].heap_slots().collect();
+        for h in heaps.into_iter().rev() {
+            if idle <= keep {
+                break;
+            }
+            let Some(pages) = self.pools[p as usize].heap(h).pages.as_ref() else {
+                continue;
+            };
+            let g = pages.granularity;
+            let surplus_pages = (idle - keep).div_ceil(g);
+            for run in pages.idle_runs(surplus_pages) {
+                self.unmap_run(backend, p, h, run, notes)?;
+                idle -= run.1 * g;
+                unmapped += run.1 * g;
+            }
+        }
+        Ok(unmapped)
+    }
+
+    /// Releases every empty heap of pool `p` (with `paged_too`, page-mapped ones as well).
+    pub fn release_empty_heaps(
+        &mut self,
+        backend: &B,
+        p: u32,
+        paged_too: bool,
+        notes: &mut Notes,
+    ) -> Result<()> {
+        for h in self.pools[p as usize].empty_heaps() {
+            if paged_too || self.pools[p as usize].heap(h).pages.is_none() {
+                self.release_heap(backend, p, h, notes)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The storage kind of the region a record lives in, and the region itself.
+    pub fn region_of(&self, slot: u32) -> (&Region, usize) {
+        let rec = &self.records[slot as usize];
+        (
+            &self.pools[rec.pool as usize].heap(rec.heap).region,
+            rec.offset,
+        )
+    }
+
+    /// Looks up a placed buffer.
+    #[inline]
+    pub fn slot_of(&self, ptr: u64) -> Option<u32> {
+        self.by_ptr.get(&ptr).copied()
+    }
+}

@@ -1,0 +1,191 @@
+//! Configuration: the policy, the watermark ratios and the debug mask, from code or from the
+//! environment.
+//!
+//! Invariants: a `Config` that [`Config::from_env`] returns holds only values that parsed;
+//! a variable that is set but unparsable is an error naming the variable and the value (the
+//! seed silently reads it as 0, which disables the limit; we do not copy that). Ratios are
+//! validated again when the allocator applies them, against the backend's figures.
+
+use crate::error::{Error, Result};
+
+/// How heaps are sized and how cached memory is reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Ours: page-mapped heaps where the backend can map pages, best-fit placement with
+    /// coalescing, exact-size reuse of cached buffers, free pages returned under pressure.
+    #[default]
+    Default,
+    /// The seed's system as PyTorch ships it: 8 MiB / 32 MiB / XLarge / dedicated heaps and
+    /// whole-buffer reuse with up to 32 MiB of slack.
+    Mps,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "default" => Ok(Policy::Default),
+            "mps" => Ok(Policy::Mps),
+            other => Err(format!(
+                "unknown policy {other:?} (expected \"default\" or \"mps\")"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::Default => "default",
+            Policy::Mps => "mps",
+        })
+    }
+}
+
+/// Bits of the debug mask (`BUFFERHEAP_DEBUG`), the seed's verbosity levels.
+pub mod debug {
+    /// Watermark limits at start and on change; heap and pool summaries.
+    pub const PROFILING: u32 = 1;
+    /// Every new heap and every new buffer.
+    pub const ALLOCATIONS: u32 = 2;
+    /// Every reuse of a cached buffer.
+    pub const RECYCLES: u32 = 4;
+    /// Every release of memory, pool trims and garbage collection.
+    pub const RELEASES: u32 = 8;
+    /// Skip the per-buffer lines of the small pools.
+    pub const LARGE_ONLY: u32 = 16;
+}
+
+/// Allocator configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub policy: Policy,
+    /// Low watermark ratio; `None` = the seed's default (1.4 unified, 1.0 discrete).
+    pub low_watermark_ratio: Option<f64>,
+    /// High watermark ratio; `None` = the seed's default (1.7).
+    pub high_watermark_ratio: Option<f64>,
+    /// Debug mask, see [`debug`].
+    pub debug: u32,
+    /// Default policy on page-mapped heaps: how many bytes of mapped pages with no live
+    /// buffer on them are kept for reuse before the surplus is unmapped, as a fraction of the
+    /// bytes mapped. Hysteresis: keeps map/unmap calls rare while reserved stays close to live.
+    pub idle_page_fraction: f64,
+    /// Default policy on page-mapped heaps: pages are mapped in runs of at least this many
+    /// bytes (rounded to the backend's granularity) so that growth costs few map calls.
+    pub map_chunk: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            policy: Policy::Default,
+            low_watermark_ratio: None,
+            high_watermark_ratio: None,
+            debug: 0,
+            idle_page_fraction: 0.005,
+            map_chunk: 2 << 20,
+        }
+    }
+}
+
+/// The variables read by [`Config::from_env`], ours first, then the seed's spellings.
+pub const ENV_HIGH: [&str; 2] = [
+    "BUFFERHEAP_HIGH_WATERMARK_RATIO",
+    "PYTORCH_MPS_HIGH_WATERMARK_RATIO",
+];
+pub const ENV_LOW: [&str; 2] = [
+    "BUFFERHEAP_LOW_WATERMARK_RATIO",
+    "PYTORCH_MPS_LOW_WATERMARK_RATIO",
+];
+pub const ENV_DEBUG: [&str; 2] = ["BUFFERHEAP_DEBUG", "PYTORCH_DEBUG_MPS_ALLOCATOR"];
+pub const ENV_POLICY: &str = "BUFFERHEAP_POLICY";
+
+impl Config {
+    /// The default configuration overridden by the environment.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_env`], reading variables through `lookup` (for tests and for
+    /// embedders that keep their own settings).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut config = Config::default();
+        let first = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| lookup(n).map(|v| (n.to_string(), v)))
+        };
+        if let Some(value) = lookup(ENV_POLICY) {
+            config.policy = value.parse().map_err(|reason| Error::InvalidConfig {
+                variable: ENV_POLICY.into(),
+                value: value.clone(),
+                reason,
+            })?;
+        }
+        if let Some((var, value)) = first(&ENV_HIGH) {
+            config.high_watermark_ratio = Some(parse_ratio(&var, &value)?);
+        }
+        if let Some((var, value)) = first(&ENV_LOW) {
+            config.low_watermark_ratio = Some(parse_ratio(&var, &value)?);
+        }
+        if let Some((var, value)) = first(&ENV_DEBUG) {
+            config.debug = parse_mask(&var, &value)?;
+        }
+        Ok(config)
+    }
+
+    /// Sets one setting by name (the keys of the C ABI's `configure`): `policy`,
+    /// `low_watermark_ratio`, `high_watermark_ratio`, `debug`.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        match key {
+            "policy" => {
+                self.policy = value.parse().map_err(|reason| Error::InvalidConfig {
+                    variable: key.into(),
+                    value: value.into(),
+                    reason,
+                })?
+            }
+            "low_watermark_ratio" => self.low_watermark_ratio = Some(parse_ratio(key, value)?),
+            "high_watermark_ratio" => self.high_watermark_ratio = Some(parse_ratio(key, value)?),
+            "debug" => self.debug = parse_mask(key, value)?,
+            other => {
+                return Err(Error::InvalidConfig {
+                    variable: other.into(),
+                    value: value.into(),
+                    reason: "unknown setting (expected policy, low_watermark_ratio, \
+                             high_watermark_ratio or debug)"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_ratio(variable: &str, value: &str) -> Result<f64> {
+    let invalid = |reason: &str| Error::InvalidConfig {
+        variable: variable.into(),
+        value: value.into(),
+        reason: reason.into(),
+    };
+    let ratio: f64 = value.trim().parse().map_err(|_| invalid("not a number"))?;
+    if !ratio.is_finite() || ratio < 0.0 {
+        return Err(invalid("must be a finite number >= 0"));
+    }
+    Ok(ratio)
+}
+
+fn parse_mask(variable: &str, value: &str) -> Result<u32> {
+    let v = value.trim();
+    let parsed = if let Some(hex) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        u32::from_str_radix(hex, 16)
+    } else {
+        v.parse::<u32>()
+    };
+    parsed.map_err(|_| Error::InvalidConfig {
+        variable: variable.into(),
+        value: value.into(),
+        reason: "expected a bit mask such as 15 or 0x1f".into(),
+    })
+}

@@ -1,0 +1,175 @@
+//! Page table of a page-mapped heap: which pages are mapped and how many buffers touch each.
+//!
+//! Invariants: `live[p]` is the number of placed buffers (in use, cached or waiting on events)
+//! overlapping page `p`; a page with `live > 0` is mapped; `idle` holds exactly the mapped
+//! pages with `live == 0`; `mapped_pages` counts the mapped pages. Nothing here talks to a
+//! backend: callers map or unmap first and then record it here, so the table never claims a
+//! mapping that failed.
+
+use std::collections::BTreeSet;
+
+/// A run of pages: first page index and number of pages.
+pub(crate) type PageRun = (usize, usize);
+
+#[derive(Debug)]
+pub(crate) struct Pages {
+    pub granularity: usize,
+    live: Vec<u32>,
+    mapped: Vec<bool>,
+    idle: BTreeSet<usize>,
+    mapped_pages: usize,
+}
+
+impl Pages {
+    pub fn new(size: usize, granularity: usize) -> Pages {
+        let n = size / granularity;
+        Pages {
+            granularity,
+            live: vec![0; n],
+            mapped: vec![false; n],
+            idle: BTreeSet::new(),
+            mapped_pages: 0,
+        }
+    }
+
+    fn page_span(&self, offset: usize, len: usize) -> std::ops::Range<usize> {
+        offset / self.granularity..(offset + len).div_ceil(self.granularity)
+    }
+
+    pub fn mapped_bytes(&self) -> usize {
+        self.mapped_pages * self.granularity
+    }
+
+    pub fn idle_bytes(&self) -> usize {
+        self.idle.len() * self.granularity
+    }
+
+    /// Runs of unmapped pages under `[offset, offset + len)`, each extended forward over
+    /// unmapped pages that no buffer uses until it spans `min_pages` (so growth maps in
+    /// chunks), never beyond the heap.
+    pub fn unmapped_runs(&self, offset: usize, len: usize, min_pages: usize) -> Vec<PageRun> {
+        let span = self.page_span(offset, len);
+        let mut runs: Vec<PageRun> = Vec::new();
+        let mut p = span.start;
+        while p < span.end {
+            if self.mapped[p] {
+                p += 1;
+                continue;
+            }
+            let first = p;
+            while p < span.end && !self.mapped[p] {
+                p += 1;
+            }
+            runs.push((first, p - first));
+        }
+        if let Some(last) = runs.last_mut() {
+            let mut end = last.0 + last.1;
+            while end - last.0 < min_pages
+                && end < self.mapped.len()
+                && !self.mapped[end]
+                && self.live[end] == 0
+            {
+                end += 1;
+            }
+            last.1 = end - last.0;
+        }
+        runs
+    }
+
+    pub fn mark_mapped(&mut self, (first, n): PageRun) {
+        for p in first..first + n {
+            debug_assert!(!self.mapped[p]);
+            self.mapped[p] = true;
+            if self.live[p] == 0 {
+                self.idle.insert(p);
+            }
+        }
+        self.mapped_pages += n;
+    }
+
+    pub fn mark_unmapped(&mut self, (first, n): PageRun) {
+        for p in first..first + n {
+            debug_assert!(self.mapped[p] && self.live[p] == 0);
+            self.mapped[p] = false;
+            self.idle.remove(&p);
+        }
+        self.mapped_pages -= n;
+    }
+
+    /// Records a buffer on `[offset, offset + len)`; its pages must be mapped already.
+    pub fn occupy(&mut self, offset: usize, len: usize) {
+        for p in self.page_span(offset, len) {
+            debug_assert!(self.mapped[p]);
+            if self.live[p] == 0 {
+                self.idle.remove(&p);
+            }
+            self.live[p] += 1;
+        }
+    }
+
+    /// Records that a buffer left `[offset, offset + len)`.
+    pub fn vacate(&mut self, offset: usize, len: usize) {
+        for p in self.page_span(offset, len) {
+            self.live[p] -= 1;
+            if self.live[p] == 0 {
+                self.idle.insert(p);
+            }
+        }
+    }
+
+    /// Idle pages grouped in runs, highest addresses first, covering at most `max_pages`.
+    pub fn idle_runs(&self, max_pages: usize) -> Vec<PageRun> {
+        let mut runs: Vec<PageRun> = Vec::new();
+        let mut taken = 0;
+        for &p in self.idle.iter().rev() {
+            if taken == max_pages {
+                break;
+            }
+            match runs.last_mut() {
+                Some((first, n)) if *first == p + 1 => {
+                    *first = p;
+                    *n += 1;
+                }
+                _ => runs.push((p, 1)),
+            }
+            taken += 1;
+        }
+        runs
+    }
+
+    /// True if every page of `[offset, offset + len)` is mapped.
+    pub fn is_mapped(&self, offset: usize, len: usize) -> bool {
+        self.page_span(offset, len).all(|p| self.mapped[p])
+    }
+
+    /// Number of unmapped pages under `[offset, offset + len)`.
+    pub fn unmapped_pages(&self, offset: usize, len: usize) -> usize {
+        self.page_span(offset, len)
+            .filter(|&p| !self.mapped[p])
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_idle_pages() {
+        let g = 4096;
+        let mut pages = Pages::new(16 * g, g);
+        let runs = pages.unmapped_runs(g / 2, 2 * g, 4);
+        assert_eq!(runs, vec![(0, 4)]);
+        pages.mark_mapped(runs[0]);
+        pages.occupy(g / 2, 2 * g);
+        assert_eq!(pages.mapped_bytes(), 4 * g);
+        assert_eq!(pages.idle_bytes(), g);
+        assert!(pages.is_mapped(0, 3 * g));
+        pages.vacate(g / 2, 2 * g);
+        assert_eq!(pages.idle_bytes(), 4 * g);
+        assert_eq!(pages.idle_runs(usize::MAX), vec![(0, 4)]);
+        assert_eq!(pages.idle_runs(1), vec![(3, 1)]);
+        pages.mark_unmapped((0, 4));
+        assert_eq!(pages.mapped_bytes(), 0);
+    }
+}

@@ -1,0 +1,345 @@
+//! Pools and heaps: where buffers are placed.
+//!
+//! A pool serves one kind of request (private/shared x small/large, or scalars) on one stream.
+//! It owns heaps (regions from the backend) and places buffers in them by best fit with
+//! coalescing, keeping all metadata out of band.
+//!
+//! Invariants:
+//! - each heap's `free` map holds disjoint, non-adjacent ranges (neighbours are always merged);
+//!   ranges and offsets are multiples of [`ALIGN`];
+//! - the pool's `free_index` holds exactly one `(len, heap, offset)` entry per free range of
+//!   every heap of the pool, so a best-fit lookup across heaps is one B-tree search;
+//! - a heap's `n_buffers` counts the buffers placed in it (in use, cached or pending); a heap
+//!   with `n_buffers == 0` has one free range covering it all;
+//! - for page-mapped heaps, the page table records exactly the pages the backend has mapped,
+//!   and `reserved` (the pool's share of reserved bytes) counts mapped bytes; for other heaps
+//!   it counts their whole size.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::backend::{Region, Storage, StreamId};
+use crate::cache::BufferCache;
+use crate::pages::Pages;
+
+/// Alignment and rounding of every buffer.
+pub const ALIGN: usize = 512;
+
+/// The five kinds of pool of the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolKind {
+    PrivateSmall,
+    PrivateLarge,
+    SharedSmall,
+    SharedLarge,
+    Scalar,
+}
+
+impl PoolKind {
+    pub const ALL: [PoolKind; 5] = [
+        PoolKind::PrivateSmall,
+        PoolKind::PrivateLarge,
+        PoolKind::SharedSmall,
+        PoolKind::SharedLarge,
+        PoolKind::Scalar,
+    ];
+
+    pub fn storage(self) -> Storage {
+        match self {
+            PoolKind::PrivateSmall | PoolKind::PrivateLarge => Storage::Private,
+            _ => Storage::Shared,
+        }
+    }
+
+    pub fn is_small(self) -> bool {
+        matches!(
+            self,
+            PoolKind::PrivateSmall | PoolKind::SharedSmall | PoolKind::Scalar
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolKind::PrivateSmall => "small private",
+            PoolKind::PrivateLarge => "large private",
+            PoolKind::SharedSmall => "small shared",
+            PoolKind::SharedLarge => "large shared",
+            PoolKind::Scalar => "small shared scalar",
+        }
+    }
+
+    /// The `torch.cuda.memory_stats()` pool group this kind reports under.
+    pub fn stat_group(self) -> usize {
+        match self {
+            PoolKind::PrivateSmall | PoolKind::SharedSmall => 1,
+            PoolKind::PrivateLarge | PoolKind::SharedLarge => 2,
+            PoolKind::Scalar => 3,
+        }
+    }
+}
+
+/// One region from the backend, sub-allocated by the pool.
+#[derive(Debug)]
+pub(crate) struct Heap {
+    pub id: u64,
+    pub region: Region,
+    /// Holds many buffers (false: dedicated to one large buffer).
+    pub split: bool,
+    pub free: BTreeMap<usize, usize>,
+    pub n_buffers: u32,
+    pub pages: Option<Pages>,
+}
+
+impl Heap {
+    pub fn reserved_bytes(&self) -> usize {
+        match &self.pages {
+            Some(p) => p.mapped_bytes(),
+            None => self.region.size,
+        }
+    }
+
+    pub fn largest_free(&self) -> usize {
+        self.free.values().copied().max().unwrap_or(0)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Pool {
+    pub kind: PoolKind,
+    pub stream: StreamId,
+    pub heaps: Vec<Option<Heap>>,
+    free_heap_slots: Vec<u32>,
+    free_index: BTreeSet<(usize, u32, usize)>,
+    pub cache: BufferCache,
+    /// Allocation attempts on this pool: the clock that ages cached buffers for GC.
+    pub clock: u64,
+    /// Reserved bytes of this pool's heaps (mapped bytes for page-mapped heaps).
+    pub reserved: usize,
+    /// Bytes of buffers placed in this pool's heaps (in use, cached, pending).
+    pub placed: usize,
+}
+
+impl Pool {
+    pub fn new(kind: PoolKind, stream: StreamId) -> Pool {
+        Pool {
+            kind,
+            stream,
+            heaps: Vec::new(),
+            free_heap_slots: Vec::new(),
+            free_index: BTreeSet::new(),
+            cache: BufferCache::default(),
+            clock: 0,
+            reserved: 0,
+            placed: 0,
+        }
+    }
+
+    pub fn heap(&self, h: u32) -> &Heap {
+        self.heaps[h as usize].as_ref().expect("heap slot in use")
+    }
+
+    pub fn heap_mut(&mut self, h: u32) -> &mut Heap {
+        self.heaps[h as usize].as_mut().expect("heap slot in use")
+    }
+
+    pub fn heap_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.heaps
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_some())
+            .map(|(i, _)| i as u32)
+    }
+
+    pub fn heap_count(&self) -> usize {
+        self.heaps.len() - self.free_heap_slots.len()
+    }
+
+    /// Adds a heap whose whole range is free.
+    pub fn add_heap(&mut self, id: u64, region: Region, split: bool, pages: Option<Pages>) -> u32 {
+        let size = region.size;
+        let heap = Heap {
+            id,
+            region,
+            split,
+            free: BTreeMap::from([(0, size)]),
+            n_buffers: 0,
+            pages,
+        };
+        self.reserved += heap.reserved_bytes();
+        let slot = match self.free_heap_slots.pop() {
+            Some(s) => {
+                self.heaps[s as usize] = Some(heap);
+                s
+            }
+            None => {
+                self.heaps.push(Some(heap));
+                (self.heaps.len() - 1) as u32
+            }
+        };
+        self.free_index.insert((size, slot, 0));
+        slot
+    }
+
+    /// Removes a heap that holds no buffer and returns it.
+    pub fn remove_heap(&mut self, h: u32) -> Heap {
+        let heap = self.heaps[h as usize].take().expect("heap slot in use");
+        debug_assert_eq!(heap.n_buffers, 0);
+        for (&off, &len) in &heap.free {
+            self.free_index.remove(&(len, h, off));
+        }
+        self.reserved -= heap.reserved_bytes();
+        self.free_heap_slots.push(h);
+        heap
+    }
+
+    /// The best free range of at least `len` bytes: the smallest one; among equals, the
+    /// lowest heap slot and offset. With `mapped_only`, only ranges whose first `len` bytes
+    /// lie on mapped pages (or in heaps without a page table) qualify.
+    pub fn best_fit(&self, len: usize, mapped_only: bool) -> Option<(u32, usize)> {
+        if !mapped_only {
+            return self
+                .free_index
+                .range((len, 0, 0)..)
+                .next()
+                .map(|&(_, h, off)| (h, off));
+        }
+        // Mapped space lies in holes between buffers, which are few compared with the
+        // index; stop at the first range whose start is mapped.
+        self.free_index
+            .range((len, 0, 0)..)
+            .find_map(|&(_, h, off)| {
+                let heap = self.heap(h);
+                match &heap.pages {
+                    Some(p) if !p.is_mapped(off, len) => None,
+                    _ => Some((h, off)),
+                }
+            })
+    }
+
+    /// Among free ranges of at least `len`, the one needing the fewest unmapped pages at its
+    /// start (ties: smallest range), looking at no more than `limit` candidates.
+    pub fn least_unmapped_fit(&self, len: usize, limit: usize) -> Option<(u32, usize, usize)> {
+        let mut best: Option<(usize, u32, usize)> = None;
+        for &(_, h, off) in self.free_index.range((len, 0, 0)..).take(limit) {
+            let heap = self.heap(h);
+            let missing = heap
+                .pages
+                .as_ref()
+                .map_or(0, |p| p.unmapped_pages(off, len));
+            if best.is_none_or(|(m, _, _)| missing < m) {
+                best = Some((missing, h, off));
+                if missing == 0 {
+                    break;
+                }
+            }
+        }
+        best.map(|(m, h, off)| (h, off, m))
+    }
+
+    /// Takes `[off, off + len)` out of the free range starting at `off` in heap `h`.
+    pub fn take(&mut self, h: u32, off: usize, len: usize) {
+        let heap = self.heaps[h as usize].as_mut().expect("heap slot in use");
+        let range_len = heap
+            .free
+            .remove(&off)
+            .expect("placement at the start of a free range");
+        debug_assert!(range_len >= len);
+        self.free_index.remove(&(range_len, h, off));
+        if range_len > len {
+            heap.free.insert(off + len, range_len - len);
+            self.free_index.insert((range_len - len, h, off + len));
+        }
+        heap.n_buffers += 1;
+        self.placed += len;
+    }
+
+    /// Returns `[off, off + len)` of heap `h` to its free space, merging neighbours.
+    pub fn give_back(&mut self, h: u32, off: usize, len: usize) {
+        let heap = self.heaps[h as usize].as_mut().expect("heap slot in use");
+        let mut start = off;
+        let mut end = off + len;
+        if let Some((&prev_off, &prev_len)) = heap.free.range(..off).next_back()
+            && prev_off + prev_len == off
+        {
+            heap.free.remove(&prev_off);
+            self.free_index.remove(&(prev_len, h, prev_off));
+            start = prev_off;
+        }
+        if let Some(&next_len) = heap.free.get(&end) {
+            heap.free.remove(&end);
+            self.free_index.remove(&(next_len, h, end));
+            end += next_len;
+        }
+        heap.free.insert(start, end - start);
+        self.free_index.insert((end - start, h, start));
+        heap.n_buffers -= 1;
+        self.placed -= len;
+    }
+
+    /// Heaps holding no buffer.
+    pub fn empty_heaps(&self) -> Vec<u32> {
+        self.heap_slots()
+            .filter(|&h| self.heap(h).n_buffers == 0)
+            .collect()
+    }
+
+    /// The largest free range over all heaps.
+    pub fn largest_free(&self) -> usize {
+        self.free_index
+            .iter()
+            .next_back()
+            .map_or(0, |&(len, _, _)| len)
+    }
+
+    /// Mapped bytes with no buffer on them, over the page-mapped heaps.
+    pub fn idle_mapped_bytes(&self) -> usize {
+        self.heaps
+            .iter()
+            .flatten()
+            .filter_map(|h| h.pages.as_ref())
+            .map(Pages::idle_bytes)
+            .sum()
+    }
+
+    /// Number of free ranges (a fragmentation figure).
+    pub fn free_ranges(&self) -> usize {
+        self.free_index.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(size: usize) -> Region {
+        Region {
+            base: 1 << 20,
+            size,
+            host_base: None,
+            handle: 0,
+        }
+    }
+
+    #[test]
+    fn best_fit_and_coalescing() {
+        let mut pool = Pool::new(PoolKind::PrivateLarge, 0);
+        let h = pool.add_heap(1, region(8192), true, None);
+        pool.take(h, 0, 1024);
+        pool.take(h, 1024, 1024);
+        pool.take(h, 2048, 1024);
+        assert_eq!(pool.best_fit(512, false), Some((h, 3072)));
+        pool.give_back(h, 0, 1024);
+        assert_eq!(
+            pool.best_fit(512, false),
+            Some((h, 0)),
+            "smallest range wins"
+        );
+        pool.give_back(h, 2048, 1024);
+        pool.give_back(h, 1024, 1024);
+        assert_eq!(pool.heap(h).free.len(), 1, "all neighbours merged");
+        assert_eq!(pool.largest_free(), 8192);
+        assert_eq!(pool.empty_heaps(), vec![h]);
+        pool.remove_heap(h);
+        assert_eq!(pool.best_fit(512, false), None);
+    }
+}

@@ -1,0 +1,155 @@
+//! Statistics: cheap counters kept on every operation, and the names PyTorch users know.
+//!
+//! Invariants: every counter is updated in the same critical section as the state it
+//! describes, so a snapshot taken under the lock is consistent (the property tests compare
+//! them with a shadow model after every step). `current` never underflows; `peak` is the
+//! largest `current` since the last [`Stats::reset_peak`]; `allocated`/`freed` are cumulative.
+
+use std::collections::BTreeMap;
+
+/// One counter: current, peak, and cumulative increments and decrements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stat {
+    pub current: u64,
+    pub peak: u64,
+    pub allocated: u64,
+    pub freed: u64,
+}
+
+impl Stat {
+    #[inline]
+    pub fn add(&mut self, n: u64) {
+        self.current += n;
+        self.allocated += n;
+        if self.current > self.peak {
+            self.peak = self.current;
+        }
+    }
+
+    #[inline]
+    pub fn sub(&mut self, n: u64) {
+        debug_assert!(self.current >= n, "stat underflow");
+        self.current = self.current.saturating_sub(n);
+        self.freed += n;
+    }
+}
+
+/// Pool groups, as `torch.cuda.memory_stats()` names them (plus the scalar pool).
+pub const GROUPS: [&str; 4] = ["all", "small_pool", "large_pool", "scalar_pool"];
+
+/// A counter per pool group: index 0 is "all".
+pub type GroupStat = [Stat; 4];
+
+/// Every counter the allocator keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Rounded bytes of buffers in use.
+    pub allocated_bytes: GroupStat,
+    /// Bytes the backend holds for us (mapped bytes on page-mapped heaps).
+    pub reserved_bytes: GroupStat,
+    /// Rounded bytes of buffers in use or waiting on events before reuse.
+    pub active_bytes: GroupStat,
+    /// Bytes callers asked for, of buffers in use.
+    pub requested_bytes: GroupStat,
+    /// Bytes of cached buffers (freed, kept whole for reuse).
+    pub cached_bytes: GroupStat,
+    /// Buffers in use.
+    pub allocation: GroupStat,
+    /// Buffers in use or waiting on events.
+    pub active: GroupStat,
+    /// Heaps held.
+    pub segment: GroupStat,
+    /// Requests that needed the fallback chain.
+    pub num_alloc_retries: u64,
+    /// Requests that failed for lack of memory.
+    pub num_ooms: u64,
+    /// Backend calls that obtained memory (heap reservations that commit memory, page maps).
+    pub num_device_alloc: u64,
+    /// Backend calls that gave memory back (heap releases, page unmaps).
+    pub num_device_free: u64,
+    /// Page map calls.
+    pub num_map_calls: u64,
+    /// Page unmap calls.
+    pub num_unmap_calls: u64,
+    /// Times the engine waited on every pending event (a full synchronisation).
+    pub num_sync_all_streams: u64,
+    /// Garbage collection passes that released something.
+    pub num_gc_passes: u64,
+}
+
+impl Stats {
+    /// Resets every peak to its current value.
+    pub fn reset_peak(&mut self) {
+        for group in [
+            &mut self.allocated_bytes,
+            &mut self.reserved_bytes,
+            &mut self.active_bytes,
+            &mut self.requested_bytes,
+            &mut self.cached_bytes,
+            &mut self.allocation,
+            &mut self.active,
+            &mut self.segment,
+        ] {
+            for s in group.iter_mut() {
+                s.peak = s.current;
+            }
+        }
+    }
+
+    /// Flat map with `torch.cuda.memory_stats()` key names, e.g.
+    /// `"allocated_bytes.all.current"`, `"reserved_bytes.large_pool.peak"`, `"num_ooms"`.
+    pub fn to_map(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        let groups: [(&str, &GroupStat); 8] = [
+            ("allocated_bytes", &self.allocated_bytes),
+            ("reserved_bytes", &self.reserved_bytes),
+            ("active_bytes", &self.active_bytes),
+            ("requested_bytes", &self.requested_bytes),
+            ("inactive_split_bytes", &self.cached_bytes),
+            ("allocation", &self.allocation),
+            ("active", &self.active),
+            ("segment", &self.segment),
+        ];
+        for (name, stat) in groups {
+            for (g, group) in GROUPS.iter().enumerate() {
+                let s = &stat[g];
+                out.insert(format!("{name}.{group}.current"), s.current);
+                out.insert(format!("{name}.{group}.peak"), s.peak);
+                out.insert(format!("{name}.{group}.allocated"), s.allocated);
+                out.insert(format!("{name}.{group}.freed"), s.freed);
+            }
+        }
+        for (name, v) in [
+            ("num_alloc_retries", self.num_alloc_retries),
+            ("num_ooms", self.num_ooms),
+            ("num_device_alloc", self.num_device_alloc),
+            ("num_device_free", self.num_device_free),
+            ("num_map_calls", self.num_map_calls),
+            ("num_unmap_calls", self.num_unmap_calls),
+            ("num_sync_all_streams", self.num_sync_all_streams),
+            ("num_gc_passes", self.num_gc_passes),
+        ] {
+            out.insert(name.to_string(), v);
+        }
+        out
+    }
+}
+
+/// The cheap figures: a handful of integers, no allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// Rounded bytes of buffers in use.
+    pub allocated: usize,
+    /// Bytes caller asked for, of buffers in use.
+    pub requested: usize,
+    /// Bytes held from the backend.
+    pub reserved: usize,
+    /// Bytes of buffers in use or waiting on events.
+    pub active: usize,
+    /// Bytes of cached buffers.
+    pub cached: usize,
+    /// Buffers in use.
+    pub buffers: usize,
+    /// Heaps held.
+    pub heaps: usize,
+}
