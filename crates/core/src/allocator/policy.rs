@@ -358,9 +358,14 @@ impl<B: Backend> State<B> {
         }
         let (heap_size, split) = self.mps_heap_size(size, pressure);
         self.refresh_external(backend);
-        let Some(h) = self.new_heap(backend, p, heap_size, split, false)? else {
-            return Ok(None);
-        };
+        let mut heap = self.new_heap(backend, p, heap_size, split, false)?;
+        let dedicated = size.div_ceil(2 * MIB) * 2 * MIB;
+        if heap.is_none() && split && heap_size > dedicated {
+            // The seed gives up when its multi-buffer heap does not fit; a heap of the
+            // buffer's own size may still fit, and a request that fits is not refused.
+            heap = self.new_heap(backend, p, dedicated, false, false)?;
+        }
+        let Some(h) = heap else { return Ok(None) };
         Ok(Some(self.place(p, h, 0, size, requested, notes)))
     }
 

@@ -1,0 +1,407 @@
+//! Each method of the seed's interface, on the host and sim backends.
+
+use std::sync::{Arc, Mutex};
+
+use bufferheap_core::{
+    Allocator, Backend, CallbackEvent, Config, Error, Policy, Storage, format_size,
+};
+use bufferheap_host::HostBackend;
+use bufferheap_sim::SimBackend;
+
+const MIB: usize = 1 << 20;
+const GIB: usize = 1 << 30;
+
+fn sim(policy: Policy) -> Allocator<SimBackend> {
+    Allocator::new(
+        SimBackend::new(16 * GIB),
+        Config {
+            policy,
+            ..Config::default()
+        },
+    )
+    .unwrap()
+}
+
+fn both_policies() -> [Policy; 2] {
+    [Policy::Default, Policy::Mps]
+}
+
+#[test]
+fn zero_bytes_is_no_allocation() {
+    for policy in both_policies() {
+        let a = sim(policy);
+        assert_eq!(a.alloc(0).unwrap(), None);
+        assert_eq!(a.usage().buffers, 0);
+    }
+}
+
+#[test]
+fn alloc_free_and_reuse() {
+    for policy in both_policies() {
+        let a = sim(policy);
+        let b = a.alloc(1000).unwrap().unwrap();
+        assert_eq!(b.size, 1024);
+        assert_eq!(b.requested, 1000);
+        assert_eq!(b.ptr % 512, 0);
+        assert_eq!(a.requested_size(b.ptr), Some(1000));
+        assert_eq!(a.current_allocated(), 1024);
+        a.free(b.ptr).unwrap();
+        assert_eq!(a.current_allocated(), 0);
+        let c = a.alloc(1000).unwrap().unwrap();
+        assert_eq!(
+            c.ptr, b.ptr,
+            "{policy}: a cached buffer of the same size is reused"
+        );
+        assert_eq!(c.id, b.id, "{policy}: a recycled buffer keeps its id");
+        a.free(c.ptr).unwrap();
+    }
+}
+
+#[test]
+fn unknown_and_double_free_are_errors() {
+    let a = sim(Policy::Default);
+    assert_eq!(a.free(0xdead_beef), Err(Error::UnknownPointer(0xdead_beef)));
+    let b = a.alloc(4096).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    assert_eq!(a.free(b.ptr), Err(Error::DoubleFree(b.ptr)));
+    assert_eq!(a.requested_size(0x1234), None);
+    assert_eq!(a.shape(0x1234), None);
+    assert_eq!(a.buffer_id(0x1234), None);
+    assert!(!a.is_shared(0x1234));
+    assert_eq!(a.shared_host_ptr(0x1234), None);
+    assert!(a.set_shape(0x1234, &[1]).is_err());
+    assert!(a.record_stream(0x1234, 1).is_err());
+}
+
+#[test]
+fn buffer_ids_are_unique_increasing_from_one() {
+    let a = sim(Policy::Default);
+    let ids: Vec<u64> = (1..=5)
+        .map(|i| a.alloc(i * 4096).unwrap().unwrap().id)
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn shapes_are_kept_until_free() {
+    let a = sim(Policy::Default);
+    let b = a.alloc(4096).unwrap().unwrap();
+    assert_eq!(a.shape(b.ptr), Some(vec![]));
+    a.set_shape(b.ptr, &[2, 3, 4]).unwrap();
+    assert_eq!(a.shape(b.ptr), Some(vec![2, 3, 4]));
+    a.free(b.ptr).unwrap();
+    assert_eq!(a.shape(b.ptr), Some(vec![]), "freeing clears the shape");
+}
+
+#[test]
+fn shared_front_end_and_host_pointers() {
+    let a = sim(Policy::Default);
+    assert!(a.shared_storage_supported());
+    let shared = a.shared().unwrap();
+    assert_eq!(shared.storage(), Storage::Shared);
+    let s = shared.alloc(4096).unwrap().unwrap();
+    assert!(a.is_shared(s.ptr));
+    let (host, in_flight) = a.shared_host_ptr(s.ptr).unwrap();
+    assert_eq!(Some(host), s.host_ptr);
+    assert_eq!(in_flight, 0);
+    let p = a.alloc(4096).unwrap().unwrap();
+    assert!(!a.is_shared(p.ptr));
+    assert_eq!(
+        a.shared_host_ptr(p.ptr),
+        None,
+        "private buffers have no host pointer"
+    );
+}
+
+#[test]
+fn scalar_buffers_hold_their_value_and_wait_for_the_device() {
+    let backend = HostBackend::with_memory(GIB);
+    let a = Allocator::new(backend, Config::default()).unwrap();
+    let s = a.alloc_scalar(&42i64.to_le_bytes()).unwrap().unwrap();
+    assert!(a.is_shared(s.ptr));
+    assert_eq!(a.requested_size(s.ptr), Some(8));
+    a.free(s.ptr).unwrap();
+
+    let sim = SimBackend::new(GIB).with_manual_events();
+    let a = Allocator::new(sim, Config::default()).unwrap();
+    let s = a.alloc_scalar(&[1, 2, 3, 4]).unwrap().unwrap();
+    a.free(s.ptr).unwrap();
+    assert_eq!(
+        a.usage().active,
+        512,
+        "a freed scalar stays active until the device consumed it"
+    );
+    let t = a.alloc_scalar(&[5]).unwrap().unwrap();
+    assert_ne!(t.ptr, s.ptr, "not reused while its event is pending");
+    a.backend().complete_events();
+    a.free_inactive_buffers();
+    assert_eq!(a.usage().active, 512);
+    let u = a.alloc_scalar(&[6]).unwrap().unwrap();
+    assert_eq!(u.ptr, s.ptr, "reused once its event completed");
+}
+
+#[test]
+fn record_stream_guards_reuse_until_the_event_completes() {
+    for policy in both_policies() {
+        let a = Allocator::new(
+            SimBackend::new(GIB).with_manual_events(),
+            Config {
+                policy,
+                ..Config::default()
+            },
+        )
+        .unwrap();
+        let b = a.alloc_on(1 << 16, 7).unwrap().unwrap();
+        a.record_stream(b.ptr, 9).unwrap();
+        a.free(b.ptr).unwrap();
+        let c = a.alloc_on(1 << 16, 7).unwrap().unwrap();
+        assert_ne!(c.ptr, b.ptr, "{policy}: still in use by stream 9");
+        a.backend().complete_events();
+        a.free_inactive_buffers();
+        let d = a.alloc_on(1 << 16, 7).unwrap().unwrap();
+        assert_eq!(d.ptr, b.ptr, "{policy}: reusable after the event");
+    }
+}
+
+#[test]
+fn record_and_wait_for_events() {
+    let a = Allocator::new(SimBackend::new(GIB).with_manual_events(), Config::default()).unwrap();
+    let shared = a.shared().unwrap();
+    let b = shared.alloc(4096).unwrap().unwrap();
+    assert!(
+        !a.wait_for_events(&[b.ptr]).unwrap(),
+        "nothing recorded: no wait"
+    );
+    assert!(a.record_events(&[b.ptr, 0x1], 3).unwrap());
+    assert_eq!(a.shared_host_ptr(b.ptr).unwrap().1, 1, "one use in flight");
+    assert!(a.wait_for_events(&[b.ptr]).unwrap());
+    assert_eq!(a.shared_host_ptr(b.ptr).unwrap().1, 0);
+    assert!(
+        !a.record_events(&[0x1], 3).unwrap(),
+        "unknown pointers are skipped"
+    );
+}
+
+#[test]
+fn format_size_like_the_seed() {
+    assert_eq!(format_size(512), "512 bytes");
+    assert_eq!(format_size(1536), "1.50 KiB");
+    assert_eq!(format_size(3 * MIB), "3.00 MiB");
+    assert_eq!(format_size(2 * GIB), "2.00 GiB");
+}
+
+#[test]
+fn figures_and_empty_cache() {
+    for policy in both_policies() {
+        let a = sim(policy);
+        let bufs: Vec<_> = [4096, 2 * MIB, 40 * MIB]
+            .iter()
+            .map(|&s| a.alloc(s).unwrap().unwrap())
+            .collect();
+        assert_eq!(a.current_allocated(), 4096 + 2 * MIB + 40 * MIB);
+        assert!(a.total_allocated() >= a.current_allocated());
+        assert_eq!(
+            a.driver_allocated(),
+            a.total_allocated(),
+            "{policy}: sim driver = ours"
+        );
+        assert_eq!(a.recommended_max_memory(), 16 * GIB);
+        for b in &bufs {
+            a.free(b.ptr).unwrap();
+        }
+        assert!(a.usage().cached > 0);
+        a.empty_cache().unwrap();
+        let u = a.usage();
+        assert_eq!(
+            (u.cached, u.reserved, u.heaps),
+            (0, 0, 0),
+            "{policy}: {u:?}"
+        );
+        assert_eq!(a.backend().counters().held, 0);
+        assert_eq!(
+            a.requested_size(bufs[0].ptr),
+            None,
+            "released buffers are unknown"
+        );
+    }
+}
+
+#[test]
+fn devices_accessor() {
+    let devices = bufferheap_core::Devices::new(
+        vec![SimBackend::new(GIB), SimBackend::new(GIB)],
+        &Config::default(),
+    )
+    .unwrap();
+    assert_eq!(devices.len(), 2);
+    assert!(devices.allocator(1, true).is_some());
+    assert!(devices.allocator(2, false).is_none());
+}
+
+#[test]
+fn all_five_callback_events_fire_outside_the_lock() {
+    for policy in both_policies() {
+        let a = Allocator::new(
+            SimBackend::new(64 * MIB),
+            Config {
+                policy,
+                high_watermark_ratio: Some(0.0),
+                ..Config::default()
+            },
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let inner = a.clone();
+        a.register_callback("log", move |ptr, event| {
+            // Calling back into the allocator must not deadlock.
+            let _ = inner.usage();
+            log.lock().unwrap().push((ptr, event));
+        });
+        let b = a.alloc(MIB + 1).unwrap().unwrap();
+        a.free(b.ptr).unwrap();
+        let c = a.alloc(MIB + 1).unwrap().unwrap();
+        a.free(c.ptr).unwrap();
+        a.empty_cache().unwrap();
+        let hog = a.alloc(40 * MIB).unwrap().unwrap();
+        assert!(a.alloc(40 * MIB).is_err());
+        a.free(hog.ptr).unwrap();
+        let events: Vec<CallbackEvent> = seen.lock().unwrap().iter().map(|e| e.1).collect();
+        for expected in [
+            CallbackEvent::Allocated,
+            CallbackEvent::Freed,
+            CallbackEvent::Recycled,
+            CallbackEvent::Released,
+            CallbackEvent::AllocationFailed,
+        ] {
+            assert!(
+                events.contains(&expected),
+                "{policy}: {expected:?} missing from {events:?}"
+            );
+        }
+        assert!(a.unregister_callback("log"));
+        assert!(!a.unregister_callback("log"));
+        let n = seen.lock().unwrap().len();
+        let d = a.alloc(4096).unwrap().unwrap();
+        a.free(d.ptr).unwrap();
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            n,
+            "unregistered callbacks do not fire"
+        );
+    }
+}
+
+#[test]
+fn allocation_failed_callback_can_free_memory() {
+    let a = Allocator::new(
+        SimBackend::new(64 * MIB),
+        Config {
+            high_watermark_ratio: Some(0.0),
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let hog = a.alloc(48 * MIB).unwrap().unwrap();
+    let inner = a.clone();
+    let released = Arc::new(Mutex::new(false));
+    let flag = released.clone();
+    a.register_callback("trim", move |_, event| {
+        if event == CallbackEvent::AllocationFailed && !*flag.lock().unwrap() {
+            *flag.lock().unwrap() = true;
+            inner.free(hog.ptr).unwrap();
+        }
+    });
+    let b = a.alloc(40 * MIB).unwrap();
+    assert!(
+        b.is_some(),
+        "the callback freed room and the retry succeeded"
+    );
+    assert!(*released.lock().unwrap());
+    assert_eq!(a.stats().num_alloc_retries, 1);
+}
+
+#[test]
+fn out_of_memory_error_reads_like_the_seed() {
+    let a = sim(Policy::Mps);
+    a.set_watermark_ratios(0.0, 0.01).unwrap();
+    let err = a.alloc(512 * MIB).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("bufferheap out of memory (allocated: "),
+        "{text}"
+    );
+    assert!(text.contains("other allocations: "), "{text}");
+    assert!(text.contains("max allowed: 163.84 MiB"), "{text}");
+    assert!(
+        text.contains("Tried to allocate 512.00 MiB on private pool"),
+        "{text}"
+    );
+    assert!(
+        text.contains("BUFFERHEAP_HIGH_WATERMARK_RATIO=0.0"),
+        "{text}"
+    );
+    match err {
+        Error::OutOfMemory(oom) => {
+            assert_eq!(oom.requested, 512 * MIB);
+            assert_eq!(oom.max_allowed, Some((0.01 * (16 * GIB) as f64) as usize));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(a.stats().num_ooms, 1);
+
+    // The device itself is full: the message says so, without the watermark hint.
+    let small = Allocator::new(
+        SimBackend::new(64 * MIB),
+        Config {
+            high_watermark_ratio: Some(0.0),
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let _hog = small.alloc(40 * MIB).unwrap().unwrap();
+    let text = small.alloc(40 * MIB).unwrap_err().to_string();
+    assert!(text.contains("The device itself has no room"), "{text}");
+    assert!(!text.contains("max allowed"), "{text}");
+}
+
+#[test]
+fn oversized_requests_are_rejected() {
+    let a = sim(Policy::Default);
+    match a.alloc(usize::MAX) {
+        Err(Error::InvalidSize { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        a.alloc(17 * GIB)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid buffer size")
+    );
+}
+
+#[test]
+fn allocator_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Allocator<SimBackend>>();
+    check::<Allocator<HostBackend>>();
+}
+
+#[test]
+fn host_backend_end_to_end() {
+    let a = Allocator::new(HostBackend::with_memory(4 * GIB), Config::default()).unwrap();
+    let bufs: Vec<_> = (0..64)
+        .map(|i| a.alloc(1000 + i * 37_000).unwrap().unwrap())
+        .collect();
+    for w in bufs.windows(2) {
+        assert!(w[0].ptr + w[0].size as u64 <= w[1].ptr || w[1].ptr + w[1].size as u64 <= w[0].ptr);
+    }
+    for b in bufs {
+        a.free(b.ptr).unwrap();
+    }
+    a.empty_cache().unwrap();
+    assert_eq!(a.backend().held(), 0);
+    assert_eq!(a.backend().live_regions(), 0);
+}
+
+fn _generic<B: Backend>(_: &Allocator<B>) {}
