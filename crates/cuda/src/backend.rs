@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use bufferheap_core::{
     Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
@@ -27,7 +27,11 @@ use parking_lot::Mutex;
 
 use crate::driver::{self, PrimaryContext, call, driver_error};
 use crate::events::{CudaEvent, EventPool};
-use crate::vmm::{PageDriver, PageTable, PartialUnmap};
+use crate::memory::{
+    Counters, DevicePages, alloc_aligned, allocation_prop, attribute, device_name, host_alloc,
+    host_free, mem_get_info, plain_alloc, plain_free,
+};
+use crate::vmm::{PageTable, PartialUnmap};
 
 /// Page size used when the device has no VMM support (then only for alignment of regions).
 const FALLBACK_GRANULARITY: usize = 2 << 20;
@@ -103,15 +107,6 @@ struct Entry {
 struct Table {
     next_token: u64,
     entries: HashMap<u64, Entry>,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    create: AtomicU64,
-    map: AtomicU64,
-    unmap: AtomicU64,
-    release: AtomicU64,
-    sync: AtomicU64,
 }
 
 /// The [`Backend`] of one CUDA device: device memory through the driver API, VMM page-mapped
@@ -587,88 +582,6 @@ impl Backend for CudaBackend {
     }
 }
 
-/// `cuMemCreate`/`cuMemMap`/`cuMemSetAccess`/`cuMemUnmap`/`cuMemRelease` at offsets of one
-/// page-mapped region.
-struct DevicePages<'a> {
-    base: u64,
-    device: sys::CUdevice,
-    counters: &'a Counters,
-    sync: bool,
-}
-
-impl PageDriver for DevicePages<'_> {
-    fn create(&mut self, len: usize) -> Result<u64, BackendError> {
-        let prop = allocation_prop(self.device);
-        let mut handle: sys::CUmemGenericAllocationHandle = 0;
-        call(BackendOp::Map, "cuMemCreate", || {
-            // SAFETY: `handle` is a valid out-pointer; `prop` is fully initialised; `len` is a
-            // multiple of the granularity (the page table checks ranges).
-            unsafe { sys::cuMemCreate(&mut handle, len, &prop, 0) }
-        })?;
-        self.counters.create.fetch_add(1, Relaxed);
-        Ok(handle)
-    }
-
-    /// Maps the handle and grants this device read/write access. Peers are not granted access:
-    /// a kernel on another device cannot read these pages directly (copies through the driver
-    /// still work).
-    fn map(&mut self, offset: usize, len: usize, handle: u64) -> Result<(), BackendError> {
-        let ptr = self.base + offset as u64;
-        call(BackendOp::Map, "cuMemMap", || {
-            // SAFETY: `[ptr, ptr + len)` lies inside this region's reservation and is unmapped
-            // (the page table maps only its gaps); `handle` is a live allocation of exactly
-            // `len` bytes, mapped whole (offset 0).
-            unsafe { sys::cuMemMap(ptr, len, 0, handle, 0) }
-        })?;
-        self.counters.map.fetch_add(1, Relaxed);
-        let desc = sys::CUmemAccessDesc {
-            location: device_location(self.device),
-            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
-        let access = call(BackendOp::Map, "cuMemSetAccess", || {
-            // SAFETY: `[ptr, ptr + len)` was just mapped; `desc` is one initialised descriptor.
-            unsafe { sys::cuMemSetAccess(ptr, len, &desc, 1) }
-        });
-        if let Err(err) = access {
-            self.unmap(offset, len)?;
-            return Err(err);
-        }
-        Ok(())
-    }
-
-    fn unmap(&mut self, offset: usize, len: usize) -> Result<(), BackendError> {
-        let ptr = self.base + offset as u64;
-        call(BackendOp::Unmap, "cuMemUnmap", || {
-            // SAFETY: `[ptr, ptr + len)` is exactly one earlier `cuMemMap` of this region.
-            unsafe { sys::cuMemUnmap(ptr, len) }
-        })?;
-        self.counters.unmap.fetch_add(1, Relaxed);
-        Ok(())
-    }
-
-    fn release(&mut self, handle: u64) -> Result<(), BackendError> {
-        call(BackendOp::Unmap, "cuMemRelease", || {
-            // SAFETY: `handle` came from `cuMemCreate`, is no longer mapped, and is released
-            // once (the page table forgets it).
-            unsafe { sys::cuMemRelease(handle) }
-        })?;
-        self.counters.release.fetch_add(1, Relaxed);
-        Ok(())
-    }
-
-    fn quiesce(&mut self) -> Result<(), BackendError> {
-        if !self.sync {
-            return Ok(());
-        }
-        call(BackendOp::Unmap, "cuCtxSynchronize", || {
-            // SAFETY: takes no arguments; the backend's context is current.
-            unsafe { sys::cuCtxSynchronize() }
-        })?;
-        self.counters.sync.fetch_add(1, Relaxed);
-        Ok(())
-    }
-}
-
 // --- helpers -------------------------------------------------------------------------------
 
 fn lookup<'t>(table: &'t Table, region: &Region, op: BackendOp) -> Result<&'t Entry, BackendError> {
@@ -725,130 +638,4 @@ fn check_span(entry: &Entry, offset: usize, len: usize, op: BackendOp) -> Result
         ));
     }
     Ok(())
-}
-
-fn device_location(device: sys::CUdevice) -> sys::CUmemLocation {
-    sys::CUmemLocation {
-        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-        id: device,
-    }
-}
-
-/// Pinned device memory on `device`, no exportable handle.
-fn allocation_prop(device: sys::CUdevice) -> sys::CUmemAllocationProp {
-    sys::CUmemAllocationProp {
-        type_: sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
-        requestedHandleTypes: sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE,
-        location: device_location(device),
-        win32HandleMetaData: std::ptr::null_mut(),
-        allocFlags: sys::CUmemAllocationProp_st__bindgen_ty_1 {
-            compressionType: 0,
-            gpuDirectRDMACapable: 0,
-            usage: 0,
-            reserved: [0; 4],
-        },
-    }
-}
-
-fn attribute(device: sys::CUdevice, attr: sys::CUdevice_attribute) -> Result<i32, BackendError> {
-    let mut value = 0;
-    call(BackendOp::Init, "cuDeviceGetAttribute", || {
-        // SAFETY: `value` is a valid out-pointer; `device` came from `cuDeviceGet`.
-        unsafe { sys::cuDeviceGetAttribute(&mut value, attr, device) }
-    })?;
-    Ok(value)
-}
-
-fn device_name(device: sys::CUdevice) -> Result<String, BackendError> {
-    let mut buf = [0u8; 256];
-    call(BackendOp::Init, "cuDeviceGetName", || {
-        // SAFETY: the driver writes at most `buf.len()` bytes, NUL-terminated, into `buf`.
-        unsafe { sys::cuDeviceGetName(buf.as_mut_ptr().cast(), buf.len() as i32, device) }
-    })?;
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
-}
-
-/// `(free, total)` of the current context's device.
-fn mem_get_info(op: BackendOp) -> Result<(usize, usize), BackendError> {
-    let (mut free, mut total) = (0usize, 0usize);
-    call(op, "cuMemGetInfo", || {
-        // SAFETY: both are valid out-pointers; the caller made a context current.
-        unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }
-    })?;
-    Ok((free, total))
-}
-
-/// One allocation attempt: `(pointer to free, device address, host address)`.
-type Alloc = (u64, u64, Option<u64>);
-
-/// Allocates `size` bytes whose device address is aligned to `g`. Tries the exact size first
-/// (unless `slack_first`); an allocation that comes back less aligned is freed and made again
-/// `g` bytes larger, then aligned inside. Returns the pointer to free, the aligned device
-/// address, and `(aligned host address, whether slack was needed)`.
-fn alloc_aligned(
-    size: usize,
-    g: usize,
-    slack_first: bool,
-    alloc: impl Fn(usize) -> Result<Alloc, BackendError>,
-    free: impl Fn(u64) -> Result<(), BackendError>,
-) -> Result<(u64, u64, (u64, bool)), BackendError> {
-    if !slack_first {
-        let (raw, dev, host) = alloc(size)?;
-        if dev % g as u64 == 0 {
-            return Ok((raw, dev, (host.unwrap_or(0), false)));
-        }
-        free(raw)?;
-    }
-    let padded = size.checked_add(g).ok_or_else(|| {
-        BackendError::new(BackendOp::Reserve, format!("{size} bytes is too large"))
-    })?;
-    let (raw, dev, host) = alloc(padded)?;
-    let delta = dev.next_multiple_of(g as u64) - dev;
-    Ok((raw, dev + delta, (host.map_or(0, |h| h + delta), true)))
-}
-
-fn plain_alloc(size: usize) -> Result<Alloc, BackendError> {
-    let mut ptr: sys::CUdeviceptr = 0;
-    call(BackendOp::Reserve, "cuMemAlloc", || {
-        // SAFETY: `ptr` is a valid out-pointer; the caller made the context current.
-        unsafe { sys::cuMemAlloc_v2(&mut ptr, size) }
-    })?;
-    Ok((ptr, ptr, None))
-}
-
-fn plain_free(ptr: u64, op: BackendOp) -> Result<(), BackendError> {
-    call(op, "cuMemFree", || {
-        // SAFETY: `ptr` came from `cuMemAlloc_v2` and is freed once (its entry goes with it).
-        unsafe { sys::cuMemFree_v2(ptr) }
-    })
-}
-
-fn host_alloc(size: usize) -> Result<Alloc, BackendError> {
-    let mut host: *mut c_void = std::ptr::null_mut();
-    let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
-    call(BackendOp::Reserve, "cuMemHostAlloc", || {
-        // SAFETY: `host` is a valid out-pointer; the flags are valid; the context is current.
-        unsafe { sys::cuMemHostAlloc(&mut host, size, flags) }
-    })?;
-    let raw = host as usize as u64;
-    let mut dev: sys::CUdeviceptr = 0;
-    let mapped = call(BackendOp::Reserve, "cuMemHostGetDevicePointer", || {
-        // SAFETY: `host` is a live allocation made with `CU_MEMHOSTALLOC_DEVICEMAP`; `dev` is
-        // a valid out-pointer; flags must be 0.
-        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host, 0) }
-    });
-    if let Err(err) = mapped {
-        let _ = host_free(raw, BackendOp::Reserve);
-        return Err(err);
-    }
-    Ok((raw, dev, Some(raw)))
-}
-
-fn host_free(raw: u64, op: BackendOp) -> Result<(), BackendError> {
-    let host = raw as usize as *mut c_void;
-    call(op, "cuMemFreeHost", || {
-        // SAFETY: `host` came from `cuMemHostAlloc` and is freed once (its entry goes with it).
-        unsafe { sys::cuMemFreeHost(host) }
-    })
 }

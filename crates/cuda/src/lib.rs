@@ -38,7 +38,7 @@
 //! rest of it keep their bytes; [`DriverStats::held_bytes`] shows what is held that way.
 //! [`PartialUnmap::Recreate`] instead gives the rest new allocations at once, which loses their
 //! contents: use it only with an engine that guarantees the rest of such a range is free too.
-//! The `vmm` module docs state the contract in full.
+//! [`PartialUnmap`] states the contract in full.
 //!
 //! VMM pages are made accessible to this device only; a kernel on a peer device cannot access
 //! them directly, even with peer access enabled.
@@ -46,6 +46,7 @@
 mod backend;
 mod driver;
 mod events;
+mod memory;
 mod vmm;
 
 pub use backend::{CudaBackend, CudaOptions, DriverStats};

@@ -19,31 +19,37 @@
 //! - a physical mapping that still has logical pages is never torn down in a way that loses
 //!   their contents, unless the backend was built with [`PartialUnmap::Recreate`].
 //!
-//! # The partial-unmap contract
-//!
-//! When `unmap` covers only part of a physical allocation, the rest of that allocation may hold
-//! live buffers: the engine unmaps ranges that hold no live data, but the pages just outside
-//! the range are usually outside it precisely because a live buffer sits there. What happens to
-//! the part that stays is chosen by [`PartialUnmap`]:
-//! - [`PartialUnmap::Defer`] (the default): the allocation stays mapped whole; the unmapped pages
-//!   are *held* (still backed, no longer the engine's) until the last logical page of the
-//!   allocation is unmapped, and only then is the allocation unmapped and released. Contents of
-//!   the pages that stay are preserved. Mapping held pages again costs no driver call. The cost:
-//!   device memory comes back later than the engine asked ([`PageTable::held_bytes`] shows how
-//!   much).
-//! - [`PartialUnmap::Recreate`]: the parts that stay get new physical allocations: new handles
-//!   are created first (if the device is out of memory, the allocation is deferred as above),
-//!   then the old mapping is unmapped and released and the new handles are mapped in its place.
-//!   **The contents of the pages that stay are lost**, so this is only correct for an engine that
-//!   guarantees that whenever it unmaps part of a range it mapped with one call, the rest of that
-//!   range holds no live data either.
+//! What happens to a physical allocation that `unmap` covers only in part is the contract
+//! documented on [`PartialUnmap`].
 
 use std::collections::BTreeMap;
 
 use bufferheap_core::{BackendError, BackendOp};
 
-/// What [`unmap`](bufferheap_core::Backend::unmap) does with a physical allocation the range
-/// covers only in part. See the module docs of `vmm` for the whole contract.
+/// What [`unmap`](bufferheap_core::Backend::unmap) does with a physical allocation that the
+/// range covers only in part: the partial-unmap contract.
+///
+/// CUDA unmaps a physical allocation only whole, and the engine maps a run of pages with one
+/// `map` call (one allocation, since per-allocation cost dominates). When a later `unmap`
+/// covers only part of such a run, the rest of it may hold live buffers: the engine unmaps
+/// ranges that hold no live data, but the pages just outside the range are usually outside it
+/// precisely because a live buffer sits there.
+///
+/// - [`PartialUnmap::Defer`] (the default): the allocation stays mapped whole. The unmapped
+///   pages are *held* (still backed, no longer the engine's: `write`/`read` refuse them) until
+///   the last page of the allocation is unmapped; then the allocation is unmapped and released.
+///   The contents of the pages that stay are preserved. Mapping held pages again costs no
+///   driver call. The cost: device memory comes back later than the engine asked;
+///   `DriverStats::held_bytes` says how much is held.
+/// - [`PartialUnmap::Recreate`]: the parts that stay get new physical allocations at once: new
+///   handles are created first (if the device is out of memory, the allocation is deferred as
+///   above), then the old mapping is unmapped and released and the new handles are mapped in its
+///   place. **The contents of the pages that stay are lost**, so this is correct only for an
+///   engine that guarantees: whenever it unmaps part of a range it mapped with one call, the
+///   rest of that range holds no live data either (and no queued device work uses it).
+///
+/// Either way, a range spanning several earlier `map` calls unmaps and releases every
+/// allocation it covers whole, and treats the ones at its ends as above.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PartialUnmap {
     /// Keep the allocation mapped (contents preserved) until all its pages are unmapped.

@@ -246,6 +246,7 @@ fn shared_region_is_one_memory_for_host_and_device() {
     let r = b.reserve(size, Storage::Shared, false).unwrap();
     let host = r.host_base.expect("shared regions have a host address");
     assert_eq!(r.base % g as u64, 0);
+    println!("shared region: device {:#x}, host {host:#x}", r.base);
 
     // Written through the host address (by `write`), read through the device address.
     let data = pattern(11, 4096);
@@ -456,5 +457,35 @@ fn every_device() {
     }
     for (b, r) in backends.iter().zip(&regions) {
         b.release(r).unwrap();
+    }
+}
+
+/// Prints what one map and one unmap cost through the backend (driver calls included), for
+/// the record; asserts nothing about speed.
+#[test]
+fn map_unmap_cost() {
+    let Some((_lock, b)) = gpu() else { return };
+    let g = b.caps().granularity;
+    for pages in [1usize, 10] {
+        let len = pages * g;
+        let r = b.reserve(len, Storage::Private, false).unwrap();
+        let (mut map_us, mut unmap_us) = (Vec::new(), Vec::new());
+        for _ in 0..50 {
+            let t = Instant::now();
+            b.map(&r, 0, len).unwrap();
+            map_us.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = Instant::now();
+            b.unmap(&r, 0, len).unwrap();
+            unmap_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        b.release(&r).unwrap();
+        map_us.sort_by(f64::total_cmp);
+        unmap_us.sort_by(f64::total_cmp);
+        println!(
+            "{} MiB as one handle: map {:.1} us, unmap {:.1} us (medians of 50, sync included)",
+            len >> 20,
+            map_us[25],
+            unmap_us[25]
+        );
     }
 }
