@@ -25,7 +25,7 @@ use bufferheap_core::{
 use cudarc::driver::sys::{self, CUresult};
 use parking_lot::Mutex;
 
-use crate::driver::{self, PrimaryContext, call, driver_error};
+use crate::driver::{self, PrimaryContext, call, driver_error, status_of};
 use crate::events::{CudaEvent, EventPool};
 use crate::memory::{
     Counters, DevicePages, alloc_aligned, allocation_prop, attribute, device_name, host_alloc,
@@ -281,7 +281,8 @@ impl CudaBackend {
 
     /// Copies `out.len()` bytes at `offset` of `region` to the host with `cuMemcpyDtoH`,
     /// through the region's *device* address (also for shared regions). For page-mapped
-    /// regions the bytes must lie in mapped pages.
+    /// regions the bytes must lie in mapped pages. Errors carry [`BackendOp::Write`] (the
+    /// trait's operations have no read).
     pub fn read(&self, region: &Region, offset: usize, out: &mut [u8]) -> Result<(), BackendError> {
         let op = BackendOp::Write;
         let table = self.table.lock();
@@ -510,11 +511,9 @@ impl Backend for CudaBackend {
         let op = BackendOp::QueryEvent;
         let _guard = self.ctx.enter(op)?;
         let raw = event.as_raw();
-        let mut status = CUresult::CUDA_SUCCESS;
-        call(op, "cuEventQuery", || {
+        let status = status_of(op, "cuEventQuery", || {
             // SAFETY: `raw` is a live event owned by `event`, borrowed for this call.
-            status = unsafe { sys::cuEventQuery(raw) };
-            CUresult::CUDA_SUCCESS
+            unsafe { sys::cuEventQuery(raw) }
         })?;
         match status {
             CUresult::CUDA_SUCCESS => Ok(true),

@@ -26,17 +26,29 @@ pub(crate) fn call(
     what: &'static str,
     f: impl FnOnce() -> CUresult,
 ) -> Result<(), BackendError> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(CUresult::CUDA_SUCCESS) => Ok(()),
-        Ok(status) => Err(driver_error(op, what, status)),
-        Err(payload) => Err(BackendError::new(
+    match status_of(op, what, f)? {
+        CUresult::CUDA_SUCCESS => Ok(()),
+        status => Err(driver_error(op, what, status)),
+    }
+}
+
+/// Like [`call`], but hands back the driver's status for the caller to judge (for functions
+/// where a status other than success is an answer, such as `cuEventQuery`). Errs only when the
+/// driver could not be called at all.
+pub(crate) fn status_of(
+    op: BackendOp,
+    what: &'static str,
+    f: impl FnOnce() -> CUresult,
+) -> Result<CUresult, BackendError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        BackendError::new(
             op,
             format!(
                 "{what}: the CUDA driver could not be used: {}",
                 panic_text(&payload)
             ),
-        )),
-    }
+        )
+    })
 }
 
 /// The one place a driver status becomes a [`BackendError`]: the operation, the driver
@@ -112,13 +124,14 @@ pub fn device_count() -> Result<usize, BackendError> {
     if !driver_present() {
         return Ok(0);
     }
-    match call(BackendOp::Init, "cuInit", || {
+    let status = status_of(BackendOp::Init, "cuInit", || {
         // SAFETY: `cuInit(0)` takes no pointers.
         unsafe { sys::cuInit(0) }
-    }) {
-        Ok(()) => {}
-        Err(e) if e.message.contains("CUDA_ERROR_NO_DEVICE") => return Ok(0),
-        Err(e) => return Err(e),
+    })?;
+    match status {
+        CUresult::CUDA_SUCCESS => {}
+        CUresult::CUDA_ERROR_NO_DEVICE => return Ok(0),
+        other => return Err(driver_error(BackendOp::Init, "cuInit", other)),
     }
     let mut count: std::ffi::c_int = 0;
     call(BackendOp::Init, "cuDeviceGetCount", || {

@@ -489,3 +489,67 @@ fn map_unmap_cost() {
         );
     }
 }
+
+/// Random map/unmap sequences on the device, in both partial-unmap modes: the driver accepts
+/// every call the page table makes, and with `Defer` every mapped page keeps its bytes.
+#[test]
+fn random_map_unmap_sequences() {
+    const N: usize = 32;
+    const PROBE: usize = 4096;
+    for mode in [PartialUnmap::Defer, PartialUnmap::Recreate] {
+        let options = CudaOptions {
+            partial_unmap: mode,
+            ..CudaOptions::default()
+        };
+        let Some((_lock, b)) = gpu_with(options) else {
+            return;
+        };
+        let g = b.caps().granularity;
+        let r = b.reserve(N * g, Storage::Private, false).unwrap();
+        let mut live = [None::<u8>; N];
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut probe = vec![0u8; PROBE];
+        for step in 0..300u32 {
+            let a = (next() % N as u64) as usize;
+            let n = 1 + (next() % (N - a).min(8) as u64) as usize;
+            if live[a..a + n].iter().all(Option::is_none) {
+                b.map(&r, a * g, n * g).unwrap();
+                for (p, slot) in live.iter_mut().enumerate().skip(a).take(n) {
+                    let v = (step as u8).wrapping_add(p as u8);
+                    b.write(&r, p * g, &[v; PROBE]).unwrap();
+                    *slot = Some(v);
+                }
+            } else if live[a..a + n].iter().all(Option::is_some) {
+                b.unmap(&r, a * g, n * g).unwrap();
+                live[a..a + n].fill(None);
+            }
+            for (p, v) in live.iter().enumerate() {
+                match v {
+                    Some(v) => {
+                        b.read(&r, p * g, &mut probe).unwrap();
+                        if mode == PartialUnmap::Defer {
+                            assert!(probe.iter().all(|x| x == v), "step {step} page {p}");
+                        }
+                    }
+                    None => assert!(b.read(&r, p * g, &mut probe).is_err()),
+                }
+            }
+            let s = b.stats();
+            let n_live = live.iter().filter(|v| v.is_some()).count();
+            assert_eq!(s.mapped_bytes, n_live * g);
+        }
+        let s = b.stats();
+        println!(
+            "{mode:?}: {} creates, {} unmaps, {} bytes held at the end",
+            s.mem_create, s.mem_unmap, s.held_bytes
+        );
+        b.release(&r).unwrap();
+        assert_eq!(b.stats().mem_create, b.stats().mem_release);
+    }
+}
