@@ -140,7 +140,7 @@ impl BackendError {
 pub trait Backend: Send + Sync + 'static {
     /// A marker recorded on a stream; complete once the work queued before it has finished.
     /// Dropping it gives it back to the backend.
-    type Event: Send + 'static;
+    type Event: Send + Sync + 'static;
 
     /// What this backend supports; must not change.
     fn caps(&self) -> BackendCaps;

@@ -330,7 +330,12 @@ impl<B: Backend> State<B> {
         for stream in record_on {
             match backend.record_event(stream) {
                 Ok(e) => self.records[slot as usize].events.push(Arc::new(e)),
-                Err(e) => event_error = Some(e),
+                Err(e) => {
+                    // Without its event the buffer cannot be reused safely: it stays pending
+                    // and the event is recorded again when pending buffers are polled.
+                    self.records[slot as usize].streams.push(stream);
+                    event_error = Some(e);
+                }
             }
         }
         let g = kind.stat_group();
@@ -429,9 +434,16 @@ impl<B: Backend> State<B> {
         while i < self.pending.len() {
             let slot = self.pending[i];
             let rec = &mut self.records[slot as usize];
-            rec.events
-                .retain(|e| !matches!(backend.event_complete(e), Ok(true)));
-            if rec.events.is_empty() {
+            let events = &mut rec.events;
+            rec.streams.retain(|&stream| match backend.record_event(stream) {
+                Ok(e) => {
+                    events.push(Arc::new(e));
+                    false
+                }
+                Err(_) => true,
+            });
+            events.retain(|e| !matches!(backend.event_complete(e), Ok(true)));
+            if rec.events.is_empty() && rec.streams.is_empty() {
                 self.pending.swap_remove(i);
                 self.cache(slot, notes);
             } else {
@@ -449,7 +461,15 @@ impl<B: Backend> State<B> {
         self.stats.num_sync_all_streams += 1;
         for &slot in &self.pending {
             let rec = &mut self.records[slot as usize];
-            rec.events.retain(|e| backend.wait_event(e).is_err());
+            let events = &mut rec.events;
+            rec.streams.retain(|&stream| match backend.record_event(stream) {
+                Ok(e) => {
+                    events.push(Arc::new(e));
+                    false
+                }
+                Err(_) => true,
+            });
+            events.retain(|e| backend.wait_event(e).is_err());
         }
         self.poll_pending(backend, notes);
     }
