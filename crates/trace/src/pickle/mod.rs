@@ -468,6 +468,7 @@ impl<'a> Vm<'a> {
             };
             return Err(self.corrupt(reason));
         };
+        rec.entries.reserve(items.len() / 2);
         let mut failed = None;
         for pair in items.chunks_exact_mut(2) {
             let k = std::mem::replace(&mut pair[0], Value::None);
