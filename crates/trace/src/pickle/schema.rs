@@ -139,17 +139,15 @@ fn take_list(rec: &mut Record, key: Name, want: ListShape) -> Res<Option<ListAcc
         return Ok(None);
     };
     let here = Seg::Key(key.as_str());
+    let expected = match want {
+        ListShape::Events => "a list of trace events",
+        ListShape::Blocks => "a list of blocks",
+        ListShape::Segments => "a list of segments",
+        _ => "a list of per-device lists of trace events",
+    };
     let acc = match v {
         Value::List(acc) => *acc,
-        other => {
-            let expected = match want {
-                ListShape::Events => "a list of trace events",
-                ListShape::Blocks => "a list of blocks",
-                ListShape::Segments => "a list of segments",
-                _ => "a list of per-device lists of trace events",
-            };
-            return Err(PendingError::shape(expected, Found::of(&other).to_string()).at(here));
-        }
+        other => return Err(PendingError::shape(expected, Found::of(&other).to_string()).at(here)),
     };
     match acc.shape() {
         ListShape::Empty => Ok(Some(acc)),
@@ -159,11 +157,9 @@ fn take_list(rec: &mut Record, key: Name, want: ListShape) -> Res<Option<ListAcc
             .at(here)),
         _ => match acc {
             ListAcc::Broken { err, .. } => Err(err.at(here)),
-            other => Err(PendingError::shape(
-                format!("a list of items that are each {}", want.item_words()),
-                Found::List(other.shape()).to_string(),
-            )
-            .at(here)),
+            other => {
+                Err(PendingError::shape(expected, Found::List(other.shape()).to_string()).at(here))
+            }
         },
     }
 }
