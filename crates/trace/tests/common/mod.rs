@@ -33,6 +33,9 @@ pub fn raw_pickle(name: &str) -> Vec<u8> {
     out
 }
 
+/// Writes one value.
+pub type Writer<'a> = Box<dyn Fn(&mut Pickler) + 'a>;
+
 /// Writes pickle opcodes the way CPython's pickler does for plain data.
 #[derive(Default)]
 pub struct Pickler {
@@ -169,7 +172,7 @@ impl Pickler {
     }
 
     /// A dict of `entries`, each written by its closure, batched like CPython (1000 per batch).
-    pub fn dict(&mut self, entries: Vec<(&str, Box<dyn Fn(&mut Pickler) + '_>)>) -> &mut Self {
+    pub fn dict(&mut self, entries: Vec<(&str, Writer<'_>)>) -> &mut Self {
         self.empty_dict();
         match entries.len() {
             0 => {}
@@ -218,7 +221,7 @@ impl Pickler {
     }
 }
 
-fn bx<'a>(f: impl Fn(&mut Pickler) + 'a) -> Box<dyn Fn(&mut Pickler) + 'a> {
+fn bx<'a>(f: impl Fn(&mut Pickler) + 'a) -> Writer<'a> {
     Box::new(f)
 }
 
