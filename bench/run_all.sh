@@ -13,6 +13,11 @@
 #        MICRO_STEPS  steps per microbenchmark pass (default 200000)
 #        TIMEOUT    seconds per process (default 900)
 # A failed or timed-out process adds an {"error": ...} line and the rest go on.
+# On an H100 the whole set takes about 5 minutes; `workloads` and `micro` split it.
+# To try the harness without the real library, build the C stand-in used by the tests:
+#   gcc -shared -fPIC -O2 -DWITH_CUDA -o /tmp/libfake.so python/tests/fake_ffi.c -lpthread -ldl -lm
+#   BUFFERHEAP_LIB=/tmp/libfake.so bash bench/run_all.sh
+# (it caches by power-of-two size and ignores record_stream: its figures mean nothing).
 set -u
 cd "$(dirname "$0")/.."
 what=${1:-all}
