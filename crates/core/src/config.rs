@@ -74,6 +74,9 @@ pub struct Config {
     /// Default policy on page-mapped heaps: pages are mapped in runs of at least this many
     /// bytes (rounded to the backend's granularity) so that growth costs few map calls.
     pub map_chunk: usize,
+    /// Default policy on page-mapped heaps: an idle page is given back only after this many
+    /// allocations without a buffer on it.
+    pub min_idle_age: u64,
 }
 
 impl Default for Config {
@@ -85,6 +88,7 @@ impl Default for Config {
             debug: 0,
             idle_page_fraction: 0.005,
             map_chunk: 2 << 20,
+            min_idle_age: 0,
         }
     }
 }

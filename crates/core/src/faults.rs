@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::backend::{Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId};
+use crate::backend::{
+    Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
+};
 
 /// When an operation fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,7 +60,11 @@ impl<B: Backend> FaultyBackend<B> {
     pub fn new(inner: B, seed: u64) -> Self {
         FaultyBackend {
             inner,
-            plan: Mutex::new(Plan { faults: [Fault::Never; 7], calls: [0; 7], rng: seed | 1 }),
+            plan: Mutex::new(Plan {
+                faults: [Fault::Never; 7],
+                calls: [0; 7],
+                rng: seed | 1,
+            }),
             injected: AtomicU64::new(0),
         }
     }

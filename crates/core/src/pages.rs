@@ -17,6 +17,8 @@ pub(crate) struct Pages {
     live: Vec<u32>,
     mapped: Vec<bool>,
     idle: BTreeSet<usize>,
+    /// For idle pages: the allocation clock when they became idle.
+    idle_since: Vec<u64>,
     mapped_pages: usize,
 }
 
@@ -28,6 +30,7 @@ impl Pages {
             live: vec![0; n],
             mapped: vec![false; n],
             idle: BTreeSet::new(),
+            idle_since: vec![0; n],
             mapped_pages: 0,
         }
     }
@@ -76,12 +79,13 @@ impl Pages {
         runs
     }
 
-    pub fn mark_mapped(&mut self, (first, n): PageRun) {
+    pub fn mark_mapped(&mut self, (first, n): PageRun, now: u64) {
         for p in first..first + n {
             debug_assert!(!self.mapped[p]);
             self.mapped[p] = true;
             if self.live[p] == 0 {
                 self.idle.insert(p);
+                self.idle_since[p] = now;
             }
         }
         self.mapped_pages += n;
@@ -108,11 +112,12 @@ impl Pages {
     }
 
     /// Records that a buffer left `[offset, offset + len)`.
-    pub fn vacate(&mut self, offset: usize, len: usize) {
+    pub fn vacate(&mut self, offset: usize, len: usize, now: u64) {
         for p in self.page_span(offset, len) {
             self.live[p] -= 1;
             if self.live[p] == 0 {
                 self.idle.insert(p);
+                self.idle_since[p] = now;
             }
         }
     }
@@ -133,6 +138,40 @@ impl Pages {
                 _ => runs.push((p, 1)),
             }
             taken += 1;
+        }
+        runs
+    }
+
+    /// Idle pages to give back: at most `max_pages`, those idle the longest first (a page
+    /// idle since before the last peak is the one least likely to be needed again), only pages
+    /// idle for at least `min_age` ticks of `now`, never pages of `[keep_offset, +keep_len)`;
+    /// grouped into runs so that neighbours go back in one call.
+    pub fn surplus_runs(
+        &self,
+        max_pages: usize,
+        keep_offset: usize,
+        keep_len: usize,
+        now: u64,
+        min_age: u64,
+    ) -> Vec<PageRun> {
+        let keep = self.page_span(keep_offset, keep_len);
+        let mut candidates: Vec<usize> = self
+            .idle
+            .iter()
+            .copied()
+            .filter(|p| !keep.contains(p) && now.saturating_sub(self.idle_since[*p]) >= min_age)
+            .collect();
+        if candidates.len() > max_pages {
+            candidates.sort_by_key(|&p| (self.idle_since[p], std::cmp::Reverse(p)));
+            candidates.truncate(max_pages);
+            candidates.sort_unstable();
+        }
+        let mut runs: Vec<PageRun> = Vec::new();
+        for p in candidates {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == p => *n += 1,
+                _ => runs.push((p, 1)),
+            }
         }
         runs
     }
@@ -160,12 +199,12 @@ mod tests {
         let mut pages = Pages::new(16 * g, g);
         let runs = pages.unmapped_runs(g / 2, 2 * g, 4);
         assert_eq!(runs, vec![(0, 4)]);
-        pages.mark_mapped(runs[0]);
+        pages.mark_mapped(runs[0], 0);
         pages.occupy(g / 2, 2 * g);
         assert_eq!(pages.mapped_bytes(), 4 * g);
         assert_eq!(pages.idle_bytes(), g);
         assert!(pages.is_mapped(0, 3 * g));
-        pages.vacate(g / 2, 2 * g);
+        pages.vacate(g / 2, 2 * g, 1);
         assert_eq!(pages.idle_bytes(), 4 * g);
         assert_eq!(pages.idle_runs(usize::MAX), vec![(0, 4)]);
         assert_eq!(pages.idle_runs(1), vec![(3, 1)]);

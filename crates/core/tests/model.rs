@@ -14,7 +14,11 @@ const MIB: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Alloc { size: usize, stream: u8, shared: bool },
+    Alloc {
+        size: usize,
+        stream: u8,
+        shared: bool,
+    },
     Free(usize),
     Scalar(u8),
     RecordStream(usize, u8),
@@ -58,25 +62,46 @@ struct Live {
 }
 
 fn pick(live: &BTreeMap<u64, Live>, i: usize) -> Option<u64> {
-    if live.is_empty() { None } else { live.keys().nth(i % live.len()).copied() }
+    if live.is_empty() {
+        None
+    } else {
+        live.keys().nth(i % live.len()).copied()
+    }
 }
 
-fn check<B: bufferheap_core::Backend>(a: &Allocator<B>, live: &BTreeMap<u64, Live>, held: usize) -> Result<(), TestCaseError> {
+fn check<B: bufferheap_core::Backend>(
+    a: &Allocator<B>,
+    live: &BTreeMap<u64, Live>,
+    held: usize,
+) -> Result<(), TestCaseError> {
     let mut prev_end = 0u64;
     for (&ptr, l) in live {
         prop_assert!(ptr >= prev_end, "buffers overlap at {ptr:#x}");
         prop_assert_eq!(ptr % 512, 0);
         let (base, size) = a.base_allocation(ptr).expect("every buffer lies in a heap");
-        prop_assert!(base <= ptr && ptr + l.size as u64 <= base + size as u64, "buffer outside its heap");
+        prop_assert!(
+            base <= ptr && ptr + l.size as u64 <= base + size as u64,
+            "buffer outside its heap"
+        );
         prev_end = ptr + l.size as u64;
     }
     let u = a.usage();
     prop_assert_eq!(u.allocated, live.values().map(|l| l.size).sum::<usize>());
-    prop_assert_eq!(u.requested, live.values().map(|l| l.requested).sum::<usize>());
+    prop_assert_eq!(
+        u.requested,
+        live.values().map(|l| l.requested).sum::<usize>()
+    );
     prop_assert_eq!(u.buffers, live.len());
     prop_assert!(u.active >= u.allocated);
-    prop_assert!(u.active + u.cached <= u.reserved, "placed bytes beyond reserved: {u:?}");
-    prop_assert_eq!(u.reserved, held, "engine and backend disagree on reserved bytes");
+    prop_assert!(
+        u.active + u.cached <= u.reserved,
+        "placed bytes beyond reserved: {u:?}"
+    );
+    prop_assert_eq!(
+        u.reserved,
+        held,
+        "engine and backend disagree on reserved bytes"
+    );
     let stats = a.stats();
     prop_assert_eq!(stats.allocated_bytes[0].current as usize, u.allocated);
     prop_assert!(stats.allocated_bytes[0].peak >= stats.allocated_bytes[0].current);
@@ -91,12 +116,23 @@ fn run(policy: Policy, ops: Vec<Op>, faults: bool) -> Result<(), TestCaseError> 
         backend.set(BackendOp::Map, Fault::OneIn(5));
         backend.set(BackendOp::RecordEvent, Fault::OneIn(7));
     }
-    let a = Allocator::new(backend, Config { policy, ..Config::default() }).unwrap();
+    let a = Allocator::new(
+        backend,
+        Config {
+            policy,
+            ..Config::default()
+        },
+    )
+    .unwrap();
     let shared = a.shared().unwrap();
     let mut live: BTreeMap<u64, Live> = BTreeMap::new();
     for op in ops {
         match op {
-            Op::Alloc { size, stream, shared: s } => {
+            Op::Alloc {
+                size,
+                stream,
+                shared: s,
+            } => {
                 let front = if s { &shared } else { &a };
                 match front.alloc_on(size, stream as u64) {
                     Ok(Some(b)) => {
@@ -108,7 +144,13 @@ fn run(policy: Policy, ops: Vec<Op>, faults: bool) -> Result<(), TestCaseError> 
                             prop_assert!(b.size >= rounded && b.size <= rounded + 32 * MIB);
                         }
                         prop_assert_eq!(b.requested, size);
-                        live.insert(b.ptr, Live { size: b.size, requested: size });
+                        live.insert(
+                            b.ptr,
+                            Live {
+                                size: b.size,
+                                requested: size,
+                            },
+                        );
                     }
                     Ok(None) => prop_assert!(false, "non-zero size gave no buffer"),
                     Err(Error::OutOfMemory(_)) => {}
@@ -117,7 +159,13 @@ fn run(policy: Policy, ops: Vec<Op>, faults: bool) -> Result<(), TestCaseError> 
             }
             Op::Scalar(n) => match a.alloc_scalar(&vec![1u8; n as usize]) {
                 Ok(Some(b)) => {
-                    live.insert(b.ptr, Live { size: b.size, requested: n as usize });
+                    live.insert(
+                        b.ptr,
+                        Live {
+                            size: b.size,
+                            requested: n as usize,
+                        },
+                    );
                 }
                 Ok(None) => prop_assert!(false),
                 Err(Error::OutOfMemory(_)) => {}
@@ -165,7 +213,9 @@ fn run(policy: Policy, ops: Vec<Op>, faults: bool) -> Result<(), TestCaseError> 
                 let (low, high) = (l as f64 * 0.5, h as f64 * 0.5);
                 match a.set_watermark_ratios(low, high) {
                     Ok(()) => prop_assert_eq!(a.watermark_ratios(), (low, high)),
-                    Err(Error::InvalidWatermark { .. }) => prop_assert!(high > 0.0 && low > high || high > 2.0 || low > 2.0),
+                    Err(Error::InvalidWatermark { .. }) => {
+                        prop_assert!(high > 0.0 && low > high || high > 2.0 || low > 2.0)
+                    }
                     Err(e) => prop_assert!(false, "{e}"),
                 }
             }

@@ -43,6 +43,7 @@ struct HostState {
 pub struct HostBackend {
     total: usize,
     granularity: usize,
+    unified: bool,
     state: Mutex<HostState>,
 }
 
@@ -91,11 +92,20 @@ impl HostBackend {
         HostBackend {
             total,
             granularity: DEFAULT_GRANULARITY,
+            unified: true,
             state: Mutex::new(HostState {
                 next_handle: 1,
                 ..Default::default()
             }),
         }
+    }
+
+    /// Reports itself as a discrete device (recommended working set = total, the seed's
+    /// discrete heap sizes and watermark defaults), so that a replay of a GPU trace on host
+    /// memory takes the same decisions as on the simulated device.
+    pub fn discrete(mut self) -> HostBackend {
+        self.unified = false;
+        self
     }
 
     /// Bytes held now (committed regions plus mapped pages).
@@ -151,7 +161,7 @@ impl Backend for HostBackend {
     fn caps(&self) -> BackendCaps {
         BackendCaps {
             shared_storage: true,
-            unified_memory: true,
+            unified_memory: self.unified,
             page_mapping: true,
             granularity: self.granularity,
             max_buffer_size: self.total,
@@ -324,7 +334,11 @@ impl Backend for HostBackend {
         MemoryInfo {
             total: self.total,
             free: self.total.saturating_sub(held),
-            recommended_max: self.total / 4 * 3,
+            recommended_max: if self.unified {
+                self.total / 4 * 3
+            } else {
+                self.total
+            },
         }
     }
 

@@ -91,16 +91,11 @@ impl<B: Backend> State<B> {
             self.recycle(slot, requested, notes);
             return Ok(Some(slot));
         }
-        // Space already backed by memory: free heap space, then space held by cached buffers.
+        // A miss: cached buffers go back to heap space first, so placement sees every free
+        // byte coalesced (a cached buffer left in place would split the space around it).
+        self.dissolve_cache(p);
         if let Some(slot) = self.place_mapped(p, size, requested, notes) {
             return Ok(Some(slot));
-        }
-        if self.pools[p as usize].cache.len() > 0 {
-            self.dissolve_cache(p);
-            if let Some(slot) = self.place_mapped(p, size, requested, notes) {
-                self.trim_hysteresis(backend, p, notes)?;
-                return Ok(Some(slot));
-            }
         }
         // Over the low watermark, growing is the last resort: give back idle memory first.
         if self.limits.low_limit != usize::MAX
@@ -113,15 +108,11 @@ impl<B: Backend> State<B> {
         }
         let paged = self.caps.page_mapping
             && self.pools[p as usize].kind.storage() == crate::Storage::Private;
-        let slot = if paged {
-            self.grow_paged(backend, p, size, requested, notes)?
+        if paged {
+            self.grow_paged(backend, p, size, requested, notes)
         } else {
-            self.grow_heap(backend, p, size, requested, notes)?
-        };
-        if slot.is_some() && paged {
-            self.trim_hysteresis(backend, p, notes)?;
+            self.grow_heap(backend, p, size, requested, notes)
         }
-        Ok(slot)
     }
 
     /// Places in heap space that needs no new memory.
@@ -166,6 +157,23 @@ impl<B: Backend> State<B> {
             .expect("paged heap");
         let mut runs = pages.unmapped_runs(off, size, chunk_pages);
         let mut need: usize = runs.iter().map(|r| r.1 * g).sum();
+        if need > 0 {
+            // Growing is the moment to give back idle pages elsewhere: reserved bytes stay
+            // flat while the layout shifts, and nothing is unmapped while memory falls.
+            let pool = &self.pools[p as usize];
+            let keep = (pool.reserved as f64 * self.config.idle_page_fraction) as usize;
+            let idle = pool.idle_mapped_bytes();
+            if idle > keep {
+                let (now, min_age) = (self.clock(), self.config.min_idle_age);
+                let surplus =
+                    pages_of(self, p, h).surplus_runs((idle - keep) / g, off, size, now, min_age);
+                for run in surplus {
+                    self.unmap_run(backend, p, h, run, notes)?;
+                }
+            }
+            runs = pages_of(self, p, h).unmapped_runs(off, size, chunk_pages);
+            need = runs.iter().map(|r| r.1 * g).sum();
+        }
         if !self.within_high(need) {
             // Without the chunk extension the request may still fit under the limit.
             runs = pages_of(self, p, h).unmapped_runs(off, size, 1);
@@ -209,20 +217,6 @@ impl<B: Backend> State<B> {
             return Ok(None);
         };
         Ok(Some(self.place(p, h, 0, size, requested, notes)))
-    }
-
-    /// Keeps idle mapped pages of a page-mapped pool under the hysteresis budget.
-    pub fn trim_hysteresis(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
-        if !self.caps.page_mapping {
-            return Ok(());
-        }
-        let pool = &self.pools[p as usize];
-        let keep = ((pool.reserved as f64 * self.config.idle_page_fraction) as usize)
-            .max(2 * self.config.map_chunk);
-        if pool.idle_mapped_bytes() > keep {
-            self.trim_idle_pages(backend, p, keep, notes)?;
-        }
-        Ok(())
     }
 
     /// Over the low watermark: every cached buffer dissolved, every idle page unmapped,

@@ -179,6 +179,11 @@ impl<B: Backend> State<B> {
         }
     }
 
+    /// A clock that ticks once per allocation: ages idle pages.
+    pub fn clock(&self) -> u64 {
+        self.stats.allocation[0].allocated
+    }
+
     pub fn reserved_total(&self) -> usize {
         self.stats.reserved_bytes[0].current as usize
     }
@@ -401,10 +406,11 @@ impl<B: Backend> State<B> {
         let (p, h, off, size, ptr) = (rec.pool, rec.heap, rec.offset, rec.size, rec.ptr);
         self.by_ptr.remove(&ptr);
         self.free_slots.push(slot);
+        let clock = self.clock();
         let pool = &mut self.pools[p as usize];
         pool.give_back(h, off, size);
         if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
-            pages.vacate(off, size);
+            pages.vacate(off, size, clock);
         }
         let g = pool.kind.stat_group();
         for i in [0, g] {
@@ -435,13 +441,14 @@ impl<B: Backend> State<B> {
             let slot = self.pending[i];
             let rec = &mut self.records[slot as usize];
             let events = &mut rec.events;
-            rec.streams.retain(|&stream| match backend.record_event(stream) {
-                Ok(e) => {
-                    events.push(Arc::new(e));
-                    false
-                }
-                Err(_) => true,
-            });
+            rec.streams
+                .retain(|&stream| match backend.record_event(stream) {
+                    Ok(e) => {
+                        events.push(Arc::new(e));
+                        false
+                    }
+                    Err(_) => true,
+                });
             events.retain(|e| !matches!(backend.event_complete(e), Ok(true)));
             if rec.events.is_empty() && rec.streams.is_empty() {
                 self.pending.swap_remove(i);
@@ -462,13 +469,14 @@ impl<B: Backend> State<B> {
         for &slot in &self.pending {
             let rec = &mut self.records[slot as usize];
             let events = &mut rec.events;
-            rec.streams.retain(|&stream| match backend.record_event(stream) {
-                Ok(e) => {
-                    events.push(Arc::new(e));
-                    false
-                }
-                Err(_) => true,
-            });
+            rec.streams
+                .retain(|&stream| match backend.record_event(stream) {
+                    Ok(e) => {
+                        events.push(Arc::new(e));
+                        false
+                    }
+                    Err(_) => true,
+                });
             events.retain(|e| backend.wait_event(e).is_err());
         }
         self.poll_pending(backend, notes);
@@ -578,9 +586,10 @@ impl<B: Backend> State<B> {
             }
             Err(e) => return Err(e.into()),
         }
+        let clock = self.clock();
         let pool = &mut self.pools[p as usize];
         if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
-            pages.mark_mapped(run);
+            pages.mark_mapped(run, clock);
         }
         let bytes = run.1 * g;
         pool.reserved += bytes;
