@@ -181,8 +181,10 @@ def set_watermarks(low: float, high: float, device: Device = None) -> None:
 
 
 def _settings() -> Dict[str, Any]:
+    """What a snapshot's allocator_settings["bufferheap"] says: the applied settings, typed."""
     settings: Dict[str, Any] = {"backend": "bufferheap", "version": __version__}
-    settings.update(_applied or {})
+    for key, value in (_applied or {}).items():
+        settings[key] = float(value) if key.endswith("_ratio") else int(value) if key == "debug" else value
     return settings
 
 

@@ -141,7 +141,7 @@ def test_snapshot(fake_lib, tmp_path):
     assert actions[:2] == ["segment_alloc", "alloc"]
     assert "free_completed" in actions and actions[-1] == "oom"
     assert snap["allocator_settings"]["bufferheap"]["policy"] == "default"
-    assert snap["allocator_settings"]["bufferheap"]["high_watermark_ratio"] == "1.5"
+    assert snap["allocator_settings"]["bufferheap"]["high_watermark_ratio"] == 1.5
     # one device only
     assert bufferheap.snapshot(device=0)["segments"] == segs
     with pytest.raises(bufferheap.BufferheapError, match="invalid device"):
