@@ -241,14 +241,6 @@ fn run<B: Backend>(
     }
     peak_live = peak_live.max(live);
     peak_reserved = peak_reserved.max(a.total_allocated() as u64);
-    if std::env::var("BH_DEBUG_INITIAL").is_ok() {
-        let s = a.stats();
-        eprintln!(
-            "after initial blocks: maps {} reserved {}",
-            s.num_map_calls,
-            a.total_allocated()
-        );
-    }
 
     for (i, e) in events.iter().enumerate() {
         let fail = |source| ReplayError::Engine {
