@@ -412,10 +412,11 @@ fn positions(seed: u64, n: usize, below: usize) -> impl Iterator<Item = (usize, 
 }
 
 #[test]
-fn bit_flips_in_a_real_trace_never_panic() {
-    // Every byte of a prefix of the real trace, re-encoded small so that each decode is quick.
+fn bit_flips_at_every_byte_of_a_real_trace_prefix_never_panic() {
+    // The first events and segments of the real trace, re-encoded as Python does, so that
+    // every byte can be flipped and each decode stays quick.
     let snap = read_snapshot(&trace_path(RESNET)).unwrap();
-    let small = encode_snapshot(&snap, 4, 120, 1000);
+    let small = encode_snapshot(&snap, 3, 80, 1000);
     let mut errors = 0;
     for i in 0..small.len() {
         let mut b = small.clone();
@@ -427,17 +428,19 @@ fn bit_flips_in_a_real_trace_never_panic() {
         "{errors} of {} flips were caught",
         small.len()
     );
+}
 
-    // Single flips across the whole real pickles, decompressed and compressed.
+#[test]
+fn bit_flips_across_the_real_traces_never_panic() {
     for name in [RESNET, GPT2] {
         let raw = raw_pickle(name);
-        for (at, bit) in positions(7, 12, raw.len()) {
+        for (at, bit) in positions(7, 8, raw.len()) {
             let mut b = raw.clone();
             b[at] ^= bit;
             let _ = parse_snapshot(&b);
         }
         let gz = gz_bytes(name);
-        for (at, bit) in positions(11, 12, gz.len()) {
+        for (at, bit) in positions(11, 8, gz.len()) {
             let mut b = gz.clone();
             b[at] ^= bit;
             assert!(
