@@ -310,3 +310,34 @@ fn every_opcode_has_a_name() {
     assert_eq!(opcodes::name(0x95), "FRAME");
     assert_eq!(opcodes::name(0xff), opcodes::UNKNOWN);
 }
+
+#[test]
+fn random_opcode_programs_never_panic() {
+    // Short programs over the supported opcodes (plus a few refused ones), with random
+    // argument bytes: every outcome must be a value or an error.
+    const OPS: &[u8] = b"(.012JKMN]}aeuhjqrst)\x85\x86\x87\x88\x89\x8a\x8c\x8f\x90\x91\x94\x95Gdlc";
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..20_000 {
+        let len = (next() % 48) as usize;
+        let mut body = Vec::with_capacity(len + 1);
+        for _ in 0..len {
+            let r = next();
+            if r % 3 == 0 {
+                body.push((r >> 8) as u8 % 8);
+            } else {
+                body.push(OPS[(r >> 8) as usize % OPS.len()]);
+            }
+        }
+        body.push(b'.');
+        let _ = run(&body);
+        let mut bytes = vec![0x80, 4];
+        bytes.extend_from_slice(&body);
+        let _ = decode_snapshot(&bytes);
+    }
+}
