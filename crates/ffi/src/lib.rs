@@ -1,1 +1,42 @@
-//! C ABI of bufferheap: PyTorch's pluggable CUDA allocator entry points plus statistics and control
+//! C ABI of bufferheap: PyTorch's pluggable CUDA allocator entry points plus statistics and
+//! control. The library (`libbufferheap_ffi.so`) is what `bufferheap.torch.install()` hands
+//! to `torch.cuda.memory.CUDAPluggableAllocator`; `include/bufferheap.h` declares every
+//! function.
+//!
+//! | function | role |
+//! |---|---|
+//! | `bufferheap_malloc` / `bufferheap_free` | PyTorch's alloc and free |
+//! | `bufferheap_init`, `bufferheap_reset`, `bufferheap_set_memory_fraction`, `bufferheap_record_stream`, `bufferheap_base_alloc` | PyTorch's optional hooks |
+//! | `bufferheap_configure`, `bufferheap_initialized` | settings before the first allocation |
+//! | `bufferheap_stats_json`, `bufferheap_snapshot_json`, `bufferheap_string_free` | figures as JSON |
+//! | `bufferheap_empty_cache`, `bufferheap_reset_peak`, `bufferheap_set_watermarks` | control |
+//! | `bufferheap_last_error` | the calling thread's last error |
+//!
+//! The memory comes from the backend named by `BUFFERHEAP_BACKEND` (`cuda`, `host`, or unset:
+//! CUDA when a driver is present). The host backend pretends to have
+//! `BUFFERHEAP_HOST_DEVICES` devices (default 1) of `BUFFERHEAP_HOST_MEMORY` bytes each
+//! (default: the machine's RAM). Building with the `host-backend` feature makes host memory
+//! the default instead of CUDA.
+//!
+//! Invariants of the whole crate: no panic crosses the C ABI ([`error::guard`]); every
+//! failure leaves a message in the thread's last error, and failures the caller cannot see in
+//! a return value are also written to stderr; `unsafe` appears only where a pointer from C is
+//! read or written, each time with its `SAFETY` argument.
+//!
+//! PyTorch (2.11) does not check the pointer an allocator returns: a NULL from
+//! `bufferheap_malloc` gives a tensor with a null data pointer and no exception. So every
+//! NULL answer to a non-zero request is written to stderr with that warning; a caller that
+//! can check (the Python package) reads `bufferheap_last_error()`.
+
+mod backend;
+pub mod error;
+mod exports;
+mod json;
+mod registry;
+
+pub use backend::{
+    AnyBackend, AnyEvent, BackendChoice, BackendKind, ENV_BACKEND, ENV_HOST_DEVICES,
+    ENV_HOST_MEMORY, MAX_HOST_DEVICES,
+};
+pub use exports::*;
+pub use registry::{DeviceAllocator, select_backend};

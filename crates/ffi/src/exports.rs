@@ -1,0 +1,426 @@
+//! The exported C functions (declared in `include/bufferheap.h`).
+//!
+//! Invariants:
+//! - every function runs its body inside [`guard`]/[`status`]: no panic crosses the ABI;
+//! - functions returning `int` answer 0 on success and -1 on failure, with the reason in
+//!   `bufferheap_last_error()`; functions returning a pointer answer NULL on failure, likewise;
+//! - `void` functions, and `bufferheap_malloc` (whose NULL PyTorch does not check), also write
+//!   every failure to stderr, since their callers may never look at the last error;
+//! - a pointer is looked up in the allocator of the device it is given with first, then in
+//!   every other device's allocator: device addresses are unique in the process (one virtual
+//!   address space), so at most one allocator knows it;
+//! - `unsafe` is limited to the three functions that dereference pointers from C
+//!   (`bufferheap_configure`, `bufferheap_base_alloc`, `bufferheap_string_free`).
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::ptr::null_mut;
+
+use bufferheap_core::{Error, MAX_RATIO, StreamId};
+
+use crate::error::{
+    FfiError, FfiResult, eprint_lines, guard, last_error_ptr, report, set_last_error, status,
+};
+use crate::json;
+use crate::registry::{DeviceAllocator, Registry, System, registry};
+
+fn stream_id(stream: *mut c_void) -> StreamId {
+    stream as usize as StreamId
+}
+
+fn address(ptr: *mut c_void) -> u64 {
+    ptr as usize as u64
+}
+
+fn null_note(size: isize, device: c_int) -> String {
+    format!(
+        "bufferheap: returning NULL for {size} bytes on device {device}; if the caller is \
+         PyTorch, the tensor it builds on it is invalid (PyTorch does not check the pointer)"
+    )
+}
+
+/// Allocates `size` bytes on `device` for use on `stream`. NULL for size 0 (no allocation),
+/// and on failure: then the reason is the last error and is written to stderr.
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_malloc(
+    size: isize,
+    device: c_int,
+    stream: *mut c_void,
+) -> *mut c_void {
+    guard("bufferheap_malloc", null_mut(), || {
+        match malloc(size, device, stream_id(stream)) {
+            Ok(ptr) => ptr,
+            Err(e) => {
+                report(&e);
+                eprint_lines(&null_note(size, device));
+                null_mut()
+            }
+        }
+    })
+}
+
+fn malloc(size: isize, device: c_int, stream: StreamId) -> FfiResult<*mut c_void> {
+    if size < 0 {
+        return Err(FfiError::new(format!(
+            "bufferheap: negative size {size} requested on device {device}; nothing was allocated"
+        )));
+    }
+    if size == 0 {
+        return Ok(null_mut());
+    }
+    let reg = registry();
+    let sys = reg.system()?;
+    let d = sys.check_device(device)?;
+    let allocator = sys.get_or_create(reg, d)?;
+    match allocator.alloc_on(size as usize, stream) {
+        Ok(Some(buffer)) => Ok(buffer.ptr as usize as *mut c_void),
+        Ok(None) => Ok(null_mut()),
+        Err(Error::OutOfMemory(oom)) => Err(FfiError::new(format!("{oom} (device {d})"))),
+        Err(e) => Err(FfiError::new(format!(
+            "bufferheap: allocation of {size} bytes on device {d} failed: {e}"
+        ))),
+    }
+}
+
+/// Frees a pointer from `bufferheap_malloc`. NULL: nothing. A pointer bufferheap does not know
+/// (never allocated here, or freed already): a message on stderr, nothing else happens.
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_free(
+    ptr: *mut c_void,
+    size: isize,
+    device: c_int,
+    stream: *mut c_void,
+) {
+    let _ = stream;
+    guard("bufferheap_free", (), || {
+        if ptr.is_null() {
+            return;
+        }
+        if let Err(e) = free(address(ptr), size, device) {
+            report(&e);
+        }
+    })
+}
+
+/// The allocators to search for a pointer: `device`'s first, then the others.
+fn search_order(sys: &System, device: c_int) -> Vec<(usize, &DeviceAllocator)> {
+    let hint = usize::try_from(device).ok();
+    let mut all: Vec<_> = sys.all_existing().collect();
+    all.sort_by_key(|(d, _)| Some(*d) != hint);
+    all
+}
+
+fn free(ptr: u64, size: isize, device: c_int) -> FfiResult<()> {
+    let reg = registry();
+    let sys = reg.system()?;
+    for (d, allocator) in search_order(sys, device) {
+        match allocator.free(ptr) {
+            Ok(()) => {
+                if usize::try_from(device).ok() != Some(d) && reg.debug() != 0 {
+                    eprint_lines(&format!(
+                        "bufferheap: free of {ptr:#x} named device {device}, but the pointer \
+                         belongs to device {d}; freed there"
+                    ));
+                }
+                return Ok(());
+            }
+            Err(Error::UnknownPointer(_)) => continue,
+            Err(Error::DoubleFree(_)) => {
+                return Err(FfiError::new(format!(
+                    "bufferheap: free of pointer {ptr:#x} ignored: it was freed twice (device \
+                     {d} allocated it and it is free already)"
+                )));
+            }
+            Err(e) => {
+                return Err(FfiError::new(format!(
+                    "bufferheap: free of pointer {ptr:#x} on device {d} failed: {e}"
+                )));
+            }
+        }
+    }
+    Err(FfiError::new(format!(
+        "bufferheap: free of pointer {ptr:#x} ({size} bytes, device {device}) ignored: it was \
+         not allocated by bufferheap or was freed twice"
+    )))
+}
+
+/// PyTorch's `set_init_fn`: called once when CUDA starts. Freezes the configuration and starts
+/// the backend (allocators are still created per device on first use).
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_init(device_count: c_int) {
+    guard("bufferheap_init", (), || {
+        let reg = registry();
+        let started = reg
+            .freeze("bufferheap_init was called")
+            .and_then(|_| reg.system());
+        match started {
+            Ok(sys) if usize::try_from(device_count).ok() != Some(sys.count()) => {
+                eprint_lines(&format!(
+                    "bufferheap_init: the caller counts {device_count} devices, bufferheap sees \
+                     {} ({} backend)",
+                    sys.count(),
+                    sys.kind
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => report(&e),
+        }
+    })
+}
+
+/// PyTorch's `set_reset_fn` (`torch.cuda.empty_cache()`): empties the cache of every device.
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_reset() {
+    guard("bufferheap_reset", (), || {
+        if let Err(e) = empty_cache(-1) {
+            report(&e);
+        }
+    })
+}
+
+/// PyTorch's `set_memory_fraction_fn`: the high watermark ratio of `device` becomes
+/// `fraction` (the low one is lowered to it if above). 0 allows no memory, as in PyTorch.
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_set_memory_fraction(fraction: f64, device: c_int) {
+    guard("bufferheap_set_memory_fraction", (), || {
+        if let Err(e) = set_memory_fraction(fraction, device) {
+            report(&e);
+        }
+    })
+}
+
+fn set_memory_fraction(fraction: f64, device: c_int) -> FfiResult<()> {
+    if !fraction.is_finite() || !(0.0..=MAX_RATIO).contains(&fraction) {
+        return Err(FfiError::new(format!(
+            "bufferheap_set_memory_fraction: invalid fraction {fraction} for device {device}: \
+             must be between 0.0 and {MAX_RATIO}; the limit is unchanged"
+        )));
+    }
+    let reg = registry();
+    let sys = reg.system()?;
+    let allocator = sys.get_or_create(reg, sys.check_device(device)?)?;
+    // A ratio of 0 disables the limit; a fraction of 0 allows nothing.
+    let high = if fraction == 0.0 {
+        f64::MIN_POSITIVE
+    } else {
+        fraction
+    };
+    let (low, _) = allocator.watermark_ratios();
+    allocator
+        .set_watermark_ratios(low.min(high), high)
+        .map_err(|e| FfiError::new(format!("bufferheap_set_memory_fraction({fraction}): {e}")))
+}
+
+/// PyTorch's `set_record_stream_fn`: the buffer is used on `stream` too; when freed, it waits
+/// for that stream's work before reuse. NULL: nothing (empty tensors have no storage).
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_record_stream(ptr: *mut c_void, stream: *mut c_void) {
+    guard("bufferheap_record_stream", (), || {
+        if ptr.is_null() {
+            return;
+        }
+        if let Err(e) = record_stream(address(ptr), stream_id(stream)) {
+            report(&e);
+        }
+    })
+}
+
+fn record_stream(ptr: u64, stream: StreamId) -> FfiResult<()> {
+    let sys = registry().system()?;
+    for (d, allocator) in sys.all_existing() {
+        match allocator.record_stream(ptr, stream) {
+            Ok(()) => return Ok(()),
+            Err(Error::UnknownPointer(_)) => continue,
+            Err(Error::DoubleFree(_)) => {
+                return Err(FfiError::new(format!(
+                    "bufferheap: record_stream of pointer {ptr:#x} ignored: device {d}'s buffer \
+                     there is not in use (it was freed)"
+                )));
+            }
+            Err(e) => {
+                return Err(FfiError::new(format!(
+                    "bufferheap: record_stream of pointer {ptr:#x} on device {d} failed: {e}"
+                )));
+            }
+        }
+    }
+    Err(FfiError::new(format!(
+        "bufferheap: record_stream of pointer {ptr:#x} ignored: it was not allocated by \
+         bufferheap"
+    )))
+}
+
+/// PyTorch's `set_base_alloc_fn`: the base and size of the heap holding `ptr`. NULL (and a
+/// size of 0) for a pointer bufferheap does not know.
+///
+/// # Safety
+/// `size` is NULL or points to a writable `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bufferheap_base_alloc(ptr: *mut c_void, size: *mut usize) -> *mut c_void {
+    let (base, len) = guard(
+        "bufferheap_base_alloc",
+        (null_mut(), 0),
+        || match base_alloc(address(ptr)) {
+            Ok((base, len)) => (base as usize as *mut c_void, len),
+            Err(e) => {
+                report(&e);
+                (null_mut(), 0)
+            }
+        },
+    );
+    if !size.is_null() {
+        // SAFETY: the caller passes NULL (checked above) or a valid, writable `size_t`.
+        unsafe { size.write(len) };
+    }
+    base
+}
+
+fn base_alloc(ptr: u64) -> FfiResult<(u64, usize)> {
+    let sys = registry().system()?;
+    sys.all_existing()
+        .find_map(|(_, a)| a.base_allocation(ptr))
+        .ok_or_else(|| {
+            FfiError::new(format!(
+                "bufferheap_base_alloc: pointer {ptr:#x} does not lie in memory bufferheap holds"
+            ))
+        })
+}
+
+/// Changes one setting before the first allocation: `policy` (`default`, `mps`),
+/// `low_watermark_ratio`, `high_watermark_ratio`, `debug`. 0 or -1 with the last error.
+///
+/// # Safety
+/// `key` and `value` are NULL or NUL-terminated strings.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bufferheap_configure(key: *const c_char, value: *const c_char) -> c_int {
+    if key.is_null() || value.is_null() {
+        set_last_error("bufferheap_configure: key and value must not be NULL");
+        return -1;
+    }
+    // SAFETY: both are non-NULL (checked above) and the caller passes NUL-terminated strings
+    // that stay alive for the duration of the call; they are copied before it returns.
+    let (key, value) = unsafe { (CStr::from_ptr(key), CStr::from_ptr(value)) };
+    status("bufferheap_configure", || {
+        let (Ok(key), Ok(value)) = (key.to_str(), value.to_str()) else {
+            return Err(FfiError::new(
+                "bufferheap_configure: key and value must be UTF-8 text",
+            ));
+        };
+        registry().configure(key, value)
+    })
+}
+
+/// 1 once the configuration is frozen (`bufferheap_init` was called or an allocator exists).
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_initialized() -> c_int {
+    guard("bufferheap_initialized", 0, || {
+        c_int::from(registry().initialized())
+    })
+}
+
+fn into_c_string(result: FfiResult<String>) -> *mut c_char {
+    match result.and_then(|s| {
+        CString::new(s).map_err(|_| FfiError::new("bufferheap: answer holds a NUL byte"))
+    }) {
+        Ok(c) => c.into_raw(),
+        Err(e) => {
+            set_last_error(&e.message);
+            null_mut()
+        }
+    }
+}
+
+fn stats(reg: &Registry, device: c_int) -> FfiResult<String> {
+    let sys = reg.system()?;
+    json::stats_json(reg, sys, sys.check_device(device)?)
+}
+
+/// The statistics of `device` as a JSON object (free with `bufferheap_string_free`).
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_stats_json(device: c_int) -> *mut c_char {
+    guard("bufferheap_stats_json", null_mut(), || {
+        into_c_string(stats(registry(), device))
+    })
+}
+
+/// Segments of `device` (-1: every device) in PyTorch's snapshot shape, as JSON.
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_snapshot_json(device: c_int) -> *mut c_char {
+    guard("bufferheap_snapshot_json", null_mut(), || {
+        let reg = registry();
+        into_c_string(
+            reg.system()
+                .and_then(|sys| json::snapshot_json(reg, sys, device)),
+        )
+    })
+}
+
+/// Frees a string from `bufferheap_stats_json` / `bufferheap_snapshot_json`. NULL: nothing.
+///
+/// # Safety
+/// `s` is NULL or a string from this library not freed before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bufferheap_string_free(s: *mut c_char) {
+    if s.is_null() {
+        return;
+    }
+    // SAFETY: `s` came from `CString::into_raw` in this library (the caller's contract) and is
+    // freed exactly once, here.
+    drop(unsafe { CString::from_raw(s) });
+}
+
+fn empty_cache(device: c_int) -> FfiResult<()> {
+    let sys = registry().system()?;
+    let mut result = Ok(());
+    for d in sys.devices_of(device)? {
+        if let Some(a) = sys.existing(d)
+            && let Err(e) = a.empty_cache()
+            && result.is_ok()
+        {
+            result = Err(FfiError::new(format!(
+                "bufferheap: emptying the cache of device {d} failed: {e}"
+            )));
+        }
+    }
+    result
+}
+
+/// Releases every cached buffer of `device` (-1: every device) back to the device.
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_empty_cache(device: c_int) -> c_int {
+    status("bufferheap_empty_cache", || empty_cache(device))
+}
+
+/// Resets the peak counters of `device` (-1: every device) to their current values.
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_reset_peak(device: c_int) -> c_int {
+    status("bufferheap_reset_peak", || {
+        let sys = registry().system()?;
+        for d in sys.devices_of(device)? {
+            if let Some(a) = sys.existing(d) {
+                a.reset_peak();
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Sets the low and high watermark ratios of `device` (0 disables a limit).
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_set_watermarks(device: c_int, low: f64, high: f64) -> c_int {
+    status("bufferheap_set_watermarks", || {
+        let reg = registry();
+        let sys = reg.system()?;
+        let allocator = sys.get_or_create(reg, sys.check_device(device)?)?;
+        allocator.set_watermark_ratios(low, high).map_err(|e| {
+            FfiError::new(format!(
+                "bufferheap_set_watermarks({device}, {low}, {high}): {e}"
+            ))
+        })
+    })
+}
+
+/// The calling thread's last error; `""` if none. Valid until the thread's next failing call.
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_last_error() -> *const c_char {
+    guard("bufferheap_last_error", c"".as_ptr(), last_error_ptr)
+}
