@@ -67,16 +67,20 @@ pub struct Config {
     pub high_watermark_ratio: Option<f64>,
     /// Debug mask, see [`debug`].
     pub debug: u32,
-    /// Default policy on page-mapped heaps: how many bytes of mapped pages with no live
-    /// buffer on them are kept for reuse before the surplus is unmapped, as a fraction of the
-    /// bytes mapped. Hysteresis: keeps map/unmap calls rare while reserved stays close to live.
+    /// Default policy on page-mapped heaps: reserved bytes may exceed the most bytes ever
+    /// placed in a pool by this fraction before idle pages are given back (the budget). Below
+    /// the budget growth only maps; above it, the idle pages unused the longest are unmapped
+    /// first, down to the middle of the band. Larger: fewer map/unmap calls, more reserved.
     pub idle_page_fraction: f64,
-    /// Default policy on page-mapped heaps: pages are mapped in runs of at least this many
-    /// bytes (rounded to the backend's granularity) so that growth costs few map calls.
+    /// Default policy on page-mapped heaps: the most a burst of growth (consecutive growing
+    /// allocations) maps ahead in one call, within the budget's headroom.
     pub map_chunk: usize,
     /// Default policy on page-mapped heaps: an idle page is given back only after this many
     /// allocations without a buffer on it.
     pub min_idle_age: u64,
+    /// Default policy on page-mapped heaps: pages without a buffer for this many allocations
+    /// are given back even when the pool is not growing (`u64::MAX`: never).
+    pub stale_page_age: u64,
 }
 
 impl Default for Config {
@@ -87,8 +91,9 @@ impl Default for Config {
             high_watermark_ratio: None,
             debug: 0,
             idle_page_fraction: 0.005,
-            map_chunk: 2 << 20,
+            map_chunk: 32 << 20,
             min_idle_age: 0,
+            stale_page_age: u64::MAX,
         }
     }
 }

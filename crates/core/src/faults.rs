@@ -97,7 +97,7 @@ impl<B: Backend> FaultyBackend<B> {
         let fail = match plan.faults[i] {
             Fault::Never => false,
             Fault::Always => true,
-            Fault::EveryNth(k) => k > 0 && n % k == 0,
+            Fault::EveryNth(k) => k > 0 && n.is_multiple_of(k),
             Fault::OneIn(k) => {
                 // xorshift64: deterministic for a given seed and call sequence.
                 let mut x = plan.rng;
@@ -105,7 +105,7 @@ impl<B: Backend> FaultyBackend<B> {
                 x ^= x >> 7;
                 x ^= x << 17;
                 plan.rng = x;
-                k > 0 && x % k == 0
+                k > 0 && x.is_multiple_of(k)
             }
         };
         if !fail {

@@ -125,11 +125,7 @@ impl Pages {
     /// Idle pages grouped in runs, highest addresses first, covering at most `max_pages`.
     pub fn idle_runs(&self, max_pages: usize) -> Vec<PageRun> {
         let mut runs: Vec<PageRun> = Vec::new();
-        let mut taken = 0;
-        for &p in self.idle.iter().rev() {
-            if taken == max_pages {
-                break;
-            }
+        for &p in self.idle.iter().rev().take(max_pages) {
             match runs.last_mut() {
                 Some((first, n)) if *first == p + 1 => {
                     *first = p;
@@ -137,43 +133,49 @@ impl Pages {
                 }
                 _ => runs.push((p, 1)),
             }
-            taken += 1;
         }
         runs
     }
 
-    /// Idle pages to give back: at most `max_pages`, those idle the longest first (a page
-    /// idle since before the last peak is the one least likely to be needed again), only pages
-    /// idle for at least `min_age` ticks of `now`, never pages of `[keep_offset, +keep_len)`;
-    /// grouped into runs so that neighbours go back in one call.
+    /// Idle pages to give back, at least `want_pages` where there are enough: whole runs of
+    /// neighbouring idle pages (one unmap call each), the runs idle the longest first (a run
+    /// idle since before the last peak is the one least likely to be needed again). Pages
+    /// idle for less than `min_age` ticks of `now`, and pages of `[keep_offset, +keep_len)`,
+    /// are never chosen.
     pub fn surplus_runs(
         &self,
-        max_pages: usize,
+        want_pages: usize,
         keep_offset: usize,
         keep_len: usize,
         now: u64,
         min_age: u64,
     ) -> Vec<PageRun> {
         let keep = self.page_span(keep_offset, keep_len);
-        let mut candidates: Vec<usize> = self
-            .idle
-            .iter()
-            .copied()
-            .filter(|p| !keep.contains(p) && now.saturating_sub(self.idle_since[*p]) >= min_age)
-            .collect();
-        if candidates.len() > max_pages {
-            candidates.sort_by_key(|&p| (self.idle_since[p], std::cmp::Reverse(p)));
-            candidates.truncate(max_pages);
-            candidates.sort_unstable();
-        }
-        let mut runs: Vec<PageRun> = Vec::new();
-        for p in candidates {
+        // (first page, pages, most recent idle time in the run)
+        let mut runs: Vec<(usize, usize, u64)> = Vec::new();
+        for &p in self.idle.iter() {
+            if keep.contains(&p) || now.saturating_sub(self.idle_since[p]) < min_age {
+                continue;
+            }
             match runs.last_mut() {
-                Some((first, n)) if *first + *n == p => *n += 1,
-                _ => runs.push((p, 1)),
+                Some((first, n, newest)) if *first + *n == p => {
+                    *n += 1;
+                    *newest = (*newest).max(self.idle_since[p]);
+                }
+                _ => runs.push((p, 1, self.idle_since[p])),
             }
         }
-        runs
+        runs.sort_by_key(|&(first, n, newest)| (newest, std::cmp::Reverse(n), first));
+        let mut out = Vec::new();
+        let mut got = 0;
+        for (first, n, _) in runs {
+            if got >= want_pages {
+                break;
+            }
+            out.push((first, n));
+            got += n;
+        }
+        out
     }
 
     /// True if every page of `[offset, offset + len)` is mapped.

@@ -117,6 +117,13 @@ pub(crate) struct Pool {
     pub reserved: usize,
     /// Bytes of buffers placed in this pool's heaps (in use, cached, pending).
     pub placed: usize,
+    /// The most bytes ever placed at once.
+    pub peak_placed: usize,
+    /// Allocation clock of the last growth, and the pages the current burst maps at a time.
+    pub last_growth: u64,
+    pub burst_pages: usize,
+    /// Allocation clock of the last look for stale pages.
+    pub last_stale_check: u64,
 }
 
 impl Pool {
@@ -131,6 +138,10 @@ impl Pool {
             clock: 0,
             reserved: 0,
             placed: 0,
+            peak_placed: 0,
+            last_growth: 0,
+            burst_pages: 1,
+            last_stale_check: 0,
         }
     }
 
@@ -251,6 +262,7 @@ impl Pool {
         }
         heap.n_buffers += 1;
         self.placed += len;
+        self.peak_placed = self.peak_placed.max(self.placed);
     }
 
     /// Returns `[off, off + len)` of heap `h` to its free space, merging neighbours.

@@ -224,7 +224,7 @@ fn run(policy: Policy, ops: Vec<Op>, faults: bool) -> Result<(), TestCaseError> 
     }
     // Freeing everything and emptying the cache gives every byte back.
     a.backend().heal();
-    for (&ptr, _) in &live {
+    for &ptr in live.keys() {
         a.free(ptr).unwrap();
     }
     live.clear();

@@ -13,6 +13,9 @@ fn main() {
             if let Ok(v) = std::env::var("BH_IDLE") {
                 opts.config.idle_page_fraction = v.parse().unwrap();
             }
+            if let Ok(v) = std::env::var("BH_STALE") {
+                opts.config.stale_page_age = v.parse().unwrap();
+            }
             if let Ok(v) = std::env::var("BH_AGE") {
                 opts.config.min_idle_age = v.parse().unwrap();
             }

@@ -140,8 +140,8 @@ impl SimBackend {
     ) -> Result<(), BackendError> {
         let g = self.granularity;
         if len == 0
-            || offset % g != 0
-            || len % g != 0
+            || !offset.is_multiple_of(g)
+            || !len.is_multiple_of(g)
             || offset.checked_add(len).is_none_or(|e| e > region.size)
         {
             return Err(BackendError::new(
@@ -173,7 +173,7 @@ impl Backend for SimBackend {
 
     fn reserve(&self, size: usize, storage: Storage, mapped: bool) -> Result<Region, BackendError> {
         let g = self.granularity;
-        if size == 0 || size % g != 0 {
+        if size == 0 || !size.is_multiple_of(g) {
             return Err(BackendError::new(
                 BackendOp::Reserve,
                 format!("size {size} is not a multiple of {g}"),

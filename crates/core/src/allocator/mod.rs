@@ -481,13 +481,7 @@ impl<B: Backend> Allocator<B> {
             let st = self.engine.state.lock();
             ptrs.iter()
                 .filter_map(|&p| st.slot_of(p))
-                .flat_map(|slot| {
-                    st.records[slot as usize]
-                        .events
-                        .iter()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                })
+                .flat_map(|slot| st.records[slot as usize].events.to_vec())
                 .collect()
         };
         let mut waited = false;

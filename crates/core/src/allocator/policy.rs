@@ -25,6 +25,12 @@ const MIB: usize = 1 << 20;
 pub const MPS_REUSE_SLACK: usize = 32 * MIB;
 /// Candidates examined when looking for mapped space; bounded so a lookup stays cheap.
 const FIT_CANDIDATES: usize = 64;
+/// Growth events closer than this many allocations form a burst.
+const BURST_WINDOW: u64 = 64;
+/// Where a trim brings reserved bytes back to, as a fraction of the budget's band.
+const TRIM_TO: f64 = 0.5;
+/// Allocations between two looks for stale pages.
+const STALE_CHECK_EVERY: u64 = 256;
 
 /// Steps of an allocation, in the order the fallback chain takes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +97,9 @@ impl<B: Backend> State<B> {
             self.recycle(slot, requested, notes);
             return Ok(Some(slot));
         }
+        if self.caps.page_mapping {
+            self.trim_stale_pages(backend, p, notes)?;
+        }
         // A miss: cached buffers go back to heap space first, so placement sees every free
         // byte coalesced (a cached buffer left in place would split the space around it).
         self.dissolve_cache(p);
@@ -149,30 +158,54 @@ impl<B: Backend> State<B> {
             }
         };
         let (h, off) = fit;
-        let chunk_pages = self.config.map_chunk.div_ceil(g).max(1);
-        let pages = self.pools[p as usize]
-            .heap(h)
-            .pages
-            .as_ref()
-            .expect("paged heap");
-        let mut runs = pages.unmapped_runs(off, size, chunk_pages);
+        let mut runs = pages_of(self, p, h).unmapped_runs(off, size, 1);
         let mut need: usize = runs.iter().map(|r| r.1 * g).sum();
         if need > 0 {
-            // Growing is the moment to give back idle pages elsewhere: reserved bytes stay
-            // flat while the layout shifts, and nothing is unmapped while memory falls.
-            let pool = &self.pools[p as usize];
-            let keep = (pool.reserved as f64 * self.config.idle_page_fraction) as usize;
-            let idle = pool.idle_mapped_bytes();
-            if idle > keep {
-                let (now, min_age) = (self.clock(), self.config.min_idle_age);
+            // The budget: reserved may exceed the most bytes ever placed in this pool by the
+            // idle fraction (plus two pages). Below it, growth just maps; above it, idle pages
+            // elsewhere go back first, those idle the longest first. So nothing is unmapped
+            // while memory falls or while it climbs back to an earlier peak, and reserved
+            // bytes track live bytes at every new peak.
+            let now = self.clock();
+            let pool = &mut self.pools[p as usize];
+            let placed_peak = pool.peak_placed.max(pool.placed + size);
+            let budget =
+                (placed_peak as f64 * (1.0 + self.config.idle_page_fraction)) as usize + 2 * g;
+            // When over budget, trim down to the middle of the band so that the next few
+            // growths find headroom without another trim (hysteresis).
+            let low_mark = (placed_peak as f64 * (1.0 + self.config.idle_page_fraction * TRIM_TO))
+                as usize
+                + g;
+            let over = if pool.reserved + need > budget {
+                (pool.reserved + need).saturating_sub(low_mark)
+            } else {
+                0
+            };
+            // Consecutive growth (a burst, such as a first forward pass) maps in doubling
+            // chunks within the budget's headroom, so a cold start costs few calls.
+            let max_burst = self.config.map_chunk.div_ceil(g).max(1);
+            pool.burst_pages = if now.saturating_sub(pool.last_growth) <= BURST_WINDOW {
+                (pool.burst_pages * 2).clamp(1, max_burst)
+            } else {
+                1
+            };
+            pool.last_growth = now;
+            let burst_pages = pool.burst_pages;
+            if over > 0 {
+                let min_age = self.config.min_idle_age;
                 let surplus =
-                    pages_of(self, p, h).surplus_runs((idle - keep) / g, off, size, now, min_age);
+                    pages_of(self, p, h).surplus_runs(over.div_ceil(g), off, size, now, min_age);
                 for run in surplus {
                     self.unmap_run(backend, p, h, run, notes)?;
                 }
             }
-            runs = pages_of(self, p, h).unmapped_runs(off, size, chunk_pages);
-            need = runs.iter().map(|r| r.1 * g).sum();
+            let pool = &self.pools[p as usize];
+            let headroom = budget.saturating_sub(pool.reserved + need) / g;
+            let extra = burst_pages.saturating_sub(1).min(headroom);
+            if extra > 0 {
+                runs = pages_of(self, p, h).unmapped_runs(off, size, need / g + extra);
+                need = runs.iter().map(|r| r.1 * g).sum();
+            }
         }
         if !self.within_high(need) {
             // Without the chunk extension the request may still fit under the limit.
@@ -217,6 +250,30 @@ impl<B: Backend> State<B> {
             return Ok(None);
         };
         Ok(Some(self.place(p, h, 0, size, requested, notes)))
+    }
+
+    /// Gives back pages that no buffer has used for `stale_page_age` allocations (stale
+    /// layouts, chunks mapped ahead and never used). Looks at most every
+    /// [`STALE_CHECK_EVERY`] allocations.
+    fn trim_stale_pages(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
+        let now = self.clock();
+        let age = self.config.stale_page_age;
+        let pool = &mut self.pools[p as usize];
+        if age == u64::MAX || now.saturating_sub(pool.last_stale_check) < STALE_CHECK_EVERY {
+            return Ok(());
+        }
+        pool.last_stale_check = now;
+        let heaps: Vec<u32> = pool
+            .heap_slots()
+            .filter(|&h| pool.heap(h).pages.is_some())
+            .collect();
+        for h in heaps {
+            let runs = pages_of(self, p, h).surplus_runs(usize::MAX, 0, 0, now, age);
+            for run in runs {
+                self.unmap_run(backend, p, h, run, notes)?;
+            }
+        }
+        Ok(())
     }
 
     /// Over the low watermark: every cached buffer dissolved, every idle page unmapped,
