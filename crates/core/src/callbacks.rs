@@ -7,9 +7,8 @@
 //! atomic load on the hot path).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::RwLock;
+use crate::sync::{AtomicBool, Ordering, RwLock};
 
 /// What happened, in the seed's five kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]

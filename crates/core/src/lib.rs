@@ -30,6 +30,7 @@ mod format;
 mod pages;
 mod pool;
 mod stats;
+mod sync;
 
 pub use allocator::{
     Allocator, BlockInfo, BlockState, Buffer, DEFAULT_HIGH, DEFAULT_LOW_DISCRETE,

@@ -18,8 +18,6 @@ mod tests;
 
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use crate::backend::{Backend, BackendCaps, Storage, StreamId};
 use crate::callbacks::{Callback, CallbackEvent, Notes, Registry};
 use crate::config::{Config, debug};
@@ -27,6 +25,7 @@ use crate::error::{Error, OutOfMemory, Result};
 use crate::format::format_size;
 use crate::pool::{ALIGN, PoolKind};
 use crate::stats::{Stats, Usage};
+use crate::sync::Mutex;
 
 pub use limits::{DEFAULT_HIGH, DEFAULT_LOW_DISCRETE, DEFAULT_LOW_UNIFIED, MAX_RATIO};
 pub use policy::MPS_REUSE_SLACK;
@@ -669,7 +668,8 @@ impl<B: Backend> Allocator<B> {
 
 impl<B: Backend> Drop for Engine<B> {
     fn drop(&mut self) {
-        let st = self.state.get_mut();
+        let mut st = self.state.lock();
+        let st = &mut *st;
         report::report_leaks(st);
         report::release_everything(st, &self.backend);
     }
