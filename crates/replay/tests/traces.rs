@@ -1,0 +1,97 @@
+//! Replays of the shipped traces: the facts a replay must reproduce, and agreement between
+//! backends.
+
+use std::path::PathBuf;
+
+use bufferheap_core::Policy;
+use bufferheap_replay::{BackendKind, ReplayOptions, replay};
+
+fn trace(name: &str) -> bufferheap_trace::Snapshot {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../traces")
+        .join(name);
+    bufferheap_trace::read_snapshot(&path).expect("shipped trace decodes")
+}
+
+fn run(
+    snap: &bufferheap_trace::Snapshot,
+    policy: Policy,
+    backend: BackendKind,
+) -> bufferheap_replay::ReplayReport {
+    let options = ReplayOptions {
+        policy,
+        backend,
+        ..ReplayOptions::default()
+    };
+    replay(snap, 0, &options, &mut |_, _| {}).expect("replay succeeds")
+}
+
+#[test]
+fn peak_live_matches_the_independent_facts() {
+    for (name, peak, events, allocs) in [
+        (
+            "gpt2_train.pkl.gz",
+            14_433_097_416u64,
+            171_428usize,
+            57_138u64,
+        ),
+        ("resnet50_train.pkl.gz", 3_195_121_448, 68_813, 22_934),
+    ] {
+        let snap = trace(name);
+        for policy in [Policy::Default, Policy::Mps] {
+            let r = run(&snap, policy, BackendKind::Sim);
+            assert_eq!(r.peak_live_bytes, peak, "{name} {policy}");
+            assert_eq!(r.events, events);
+            assert_eq!(r.allocs, allocs);
+            assert_eq!(r.orphan_frees, 0);
+            assert!(
+                r.peak_reserved_bytes >= r.peak_live_bytes,
+                "{name} {policy}: reserved below live"
+            );
+            assert_eq!(
+                r.pytorch_reserved_bytes as u64,
+                bufferheap_trace::facts(&snap, 0).native_reserved_end as u64
+            );
+        }
+    }
+}
+
+#[test]
+fn host_and_sim_backends_reserve_the_same() {
+    let snap = trace("resnet50_train.pkl.gz");
+    for policy in [Policy::Default, Policy::Mps] {
+        let sim = run(&snap, policy, BackendKind::Sim);
+        let host = run(&snap, policy, BackendKind::Host);
+        assert_eq!(
+            sim.peak_reserved_bytes, host.peak_reserved_bytes,
+            "{policy}"
+        );
+        assert_eq!(
+            sim.final_reserved_bytes, host.final_reserved_bytes,
+            "{policy}"
+        );
+        assert_eq!(
+            (sim.map_calls, sim.unmap_calls),
+            (host.map_calls, host.unmap_calls),
+            "{policy}"
+        );
+    }
+}
+
+#[test]
+fn default_policy_beats_pytorch_on_the_shipped_traces() {
+    // Regression guard on the headline figure (measured 1.0064 and 1.0088; expandable
+    // segments reach 1.010 and 1.017, PyTorch's native allocator 1.28).
+    for (name, bound) in [
+        ("gpt2_train.pkl.gz", 1.0100),
+        ("resnet50_train.pkl.gz", 1.0100),
+    ] {
+        let r = run(&trace(name), Policy::Default, BackendKind::Sim);
+        assert!(
+            r.reserved_over_live <= bound,
+            "{name}: {}",
+            r.reserved_over_live
+        );
+        assert!(r.reserved_over_live < r.pytorch_over_live);
+    }
+}
