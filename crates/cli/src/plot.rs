@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::anyhow;
+use bufferheap_replay::SeriesPoint;
 use plotters::backend::RGBPixel;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -99,7 +100,7 @@ pub fn render(row: &Row, format: PlotFormat) -> Result<Vec<u8>, String> {
             let mut svg = String::new();
             {
                 let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-                draw(&root, row)?;
+                draw(&root, row, Lines::Joined)?;
                 root.present().map_err(|e| e.to_string())?;
             }
             Ok(svg.into_bytes())
@@ -111,7 +112,7 @@ pub fn render(row: &Row, format: PlotFormat) -> Result<Vec<u8>, String> {
                     BitMapBackend::<RGBPixel>::with_buffer_and_format(&mut rgb, (WIDTH, HEIGHT))
                         .map_err(|e| e.to_string())?;
                 let root = backend.into_drawing_area();
-                draw(&root, row)?;
+                draw(&root, row, Lines::Segments)?;
                 root.present().map_err(|e| e.to_string())?;
             }
             encode_png(&rgb, WIDTH, HEIGHT)
@@ -157,13 +158,27 @@ fn event_label(x: f64) -> String {
     }
 }
 
-fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, row: &Row) -> Result<(), String> {
+/// How thick lines are handed to the backend.
+#[derive(Clone, Copy, PartialEq)]
+enum Lines {
+    /// One polyline per series: compact, for SVG, where the viewer draws the joins.
+    Joined,
+    /// One element per segment: for bitmaps, whose thick-polyline rasterizer degenerates
+    /// where a line turns back on itself within a pixel column (the line vanishes or spikes).
+    Segments,
+}
+
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    row: &Row,
+    mode: Lines,
+) -> Result<(), String> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     let report = &row.report;
     let series = &report.series;
     root.fill(&WHITE).map_err(err)?;
 
-    let pytorch = |p: &bufferheap_replay::SeriesPoint| p.pytorch_reserved_bytes.max(0) as u64;
+    let pytorch = |p: &SeriesPoint| p.pytorch_reserved_bytes.max(0) as u64;
     let top = series
         .iter()
         .map(|p| p.live_bytes.max(p.reserved_bytes).max(pytorch(p)))
@@ -223,10 +238,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, row: &Row) -> Result<
             ),
             PYTORCH_COLOR,
             2,
-            series
-                .iter()
-                .map(|p| (p.event as f64, gib(pytorch(p))))
-                .collect(),
+            envelope(series, |p| gib(pytorch(p))),
         ),
         (
             format!(
@@ -237,25 +249,27 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, row: &Row) -> Result<
             ),
             OURS_COLOR,
             2,
-            series
-                .iter()
-                .map(|p| (p.event as f64, gib(p.reserved_bytes)))
-                .collect(),
+            envelope(series, |p| gib(p.reserved_bytes)),
         ),
         (
             format!("live (peak {})", size(report.peak_live_bytes)),
             LIVE_COLOR,
             1,
-            series
-                .iter()
-                .map(|p| (p.event as f64, gib(p.live_bytes)))
-                .collect(),
+            envelope(series, |p| gib(p.live_bytes)),
         ),
     ];
     for (label, color, width, points) in lines {
         let style = color.stroke_width(width);
-        chart
-            .draw_series(LineSeries::new(points, style))
+        let path = steps(&points);
+        let drawn = if mode == Lines::Joined {
+            chart.draw_series(LineSeries::new(path, style))
+        } else {
+            chart.draw_series(
+                path.windows(2)
+                    .map(|w| PathElement::new(vec![w[0], w[1]], style)),
+            )
+        };
+        drawn
             .map_err(err)?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
@@ -270,6 +284,55 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, row: &Row) -> Result<
         .draw()
         .map_err(err)?;
     Ok(())
+}
+
+/// The points of one line, at most about `2 * BUCKETS` of them: the series is cut into
+/// buckets of consecutive events and each bucket keeps its lowest and its highest point, in
+/// the order they happened, so no peak (or trough) is lost however long the trace.
+fn envelope(series: &[SeriesPoint], value: impl Fn(&SeriesPoint) -> f64) -> Vec<(f64, f64)> {
+    const BUCKETS: usize = 1500;
+    let chunk = series.len().div_ceil(BUCKETS).max(1);
+    let mut out = Vec::with_capacity(2 * BUCKETS + 2);
+    for bucket in series.chunks(chunk) {
+        let mut lo = (0, f64::INFINITY);
+        let mut hi = (0, f64::NEG_INFINITY);
+        for (i, p) in bucket.iter().enumerate() {
+            let v = value(p);
+            if v < lo.1 {
+                lo = (i, v);
+            }
+            if v > hi.1 {
+                hi = (i, v);
+            }
+        }
+        let (first, second) = if lo.0 <= hi.0 { (lo, hi) } else { (hi, lo) };
+        out.push((bucket[first.0].event as f64, first.1));
+        if second.0 != first.0 {
+            out.push((bucket[second.0].event as f64, second.1));
+        }
+    }
+    if let Some(last) = series.last() {
+        if out.last().map(|p| p.0) != Some(last.event as f64) {
+            out.push((last.event as f64, value(last)));
+        }
+    }
+    out
+}
+
+/// The line as steps: each value holds until the next point, as memory does between events.
+/// Only horizontal and vertical segments, which also keeps thick bitmap lines free of the
+/// spikes that sharp, nearly reversing turns otherwise draw.
+fn steps(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(2 * points.len());
+    for (i, &(x, y)) in points.iter().enumerate() {
+        if let Some(&(_, prev_y)) = i.checked_sub(1).and_then(|j| points.get(j)) {
+            if prev_y != y {
+                out.push((x, prev_y));
+            }
+        }
+        out.push((x, y));
+    }
+    out
 }
 
 fn size(bytes: u64) -> String {
@@ -308,6 +371,34 @@ mod tests {
             file_for(Path::new("plot.png"), "gpt2_train", false),
             PathBuf::from("plot.png")
         );
+    }
+
+    #[test]
+    fn envelopes_keep_every_peak() {
+        let series: Vec<SeriesPoint> = (0..100_000u64)
+            .map(|i| SeriesPoint {
+                event: i as usize,
+                live_bytes: if i == 77_777 { 1000 } else { i % 7 },
+                reserved_bytes: 0,
+                pytorch_reserved_bytes: 0,
+            })
+            .collect();
+        let line = envelope(&series, |p| p.live_bytes as f64);
+        assert!(line.len() <= 3002, "{}", line.len());
+        assert!(line.contains(&(77_777.0, 1000.0)));
+        assert!(line.windows(2).all(|w| w[0].0 < w[1].0), "in event order");
+        assert_eq!(line.first(), Some(&(0.0, 0.0)));
+        assert_eq!(line.last().map(|p| p.0), Some(99_999.0));
+        assert!(envelope(&[], |p| p.live_bytes as f64).is_empty());
+    }
+
+    #[test]
+    fn steps_hold_each_value_until_the_next_point() {
+        assert_eq!(
+            steps(&[(0.0, 1.0), (2.0, 1.0), (3.0, 5.0)]),
+            vec![(0.0, 1.0), (2.0, 1.0), (3.0, 1.0), (3.0, 5.0)]
+        );
+        assert!(steps(&[]).is_empty());
     }
 
     #[test]

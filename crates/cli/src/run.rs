@@ -24,10 +24,6 @@ use crate::output;
 use crate::plot::{self, PlotFormat};
 use crate::{Failure, Status};
 
-/// Points kept of the over-time series when a plot is asked for: plenty for a smooth line,
-/// a few hundred KiB of SVG at most.
-const PLOT_POINTS: usize = 2000;
-
 /// The result of replaying one device of one trace.
 #[derive(Debug)]
 pub struct Row {
@@ -54,11 +50,8 @@ pub fn replay(args: &ReplayArgs) -> Status {
         config: Config::default(),
         backend: args.backend.into(),
         device_memory: args.device_memory,
-        series_points: if plot_format.is_some() {
-            PLOT_POINTS
-        } else {
-            0
-        },
+        // No series unless a plot is asked for; then one point per event (see below).
+        series_points: 0,
     };
     let show_progress = !args.json && std::io::stderr().is_terminal();
     let mut rows = Vec::new();
@@ -69,8 +62,9 @@ pub fn replay(args: &ReplayArgs) -> Status {
         let result = replay_trace(
             path,
             &options,
+            plot_format.is_some(),
             show_progress,
-            &mut |row, several_devices| {
+            &mut |mut row, several_devices| {
                 for w in &row.warnings {
                     eprintln!(
                         "warning: {}: {w}",
@@ -87,6 +81,8 @@ pub fn replay(args: &ReplayArgs) -> Status {
                     plot::write(&row, format, &target)?;
                     eprintln!("wrote {}", target.display());
                 }
+                // The table needs only the figures; a series can be large.
+                row.report.series = Vec::new();
                 rows.push(row);
                 Ok(())
             },
@@ -119,10 +115,12 @@ pub fn report_failure(failure: &Failure) -> Status {
 }
 
 /// Reads one trace and replays each of its devices, calling `emit` with each row and whether
-/// the trace has several devices.
+/// the trace has several devices. With `with_series`, each report keeps one series point per
+/// event (32 bytes each), so that a plot can show every peak.
 fn replay_trace(
     path: &Path,
     options: &ReplayOptions,
+    with_series: bool,
     show_progress: bool,
     emit: &mut dyn FnMut(Row, bool) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
@@ -151,9 +149,13 @@ fn replay_trace(
         } else {
             (stem.clone(), stem.clone())
         };
-        let total = snap.events(device).len() as u64;
-        let bar = progress_bar(show_progress, Some(total), &name);
-        let result = bufferheap_replay::replay(&snap, device, options, &mut |done, _| {
+        let total = snap.events(device).len();
+        let options = ReplayOptions {
+            series_points: if with_series { total.max(1) } else { 0 },
+            ..options.clone()
+        };
+        let bar = progress_bar(show_progress, Some(total as u64), &name);
+        let result = bufferheap_replay::replay(&snap, device, &options, &mut |done, _| {
             bar.set_position(done as u64)
         });
         bar.finish_and_clear();
