@@ -95,12 +95,15 @@ fn check_ratio(key: &str, value: Option<f64>) -> FfiResult<()> {
 
 impl Registry {
     fn from_env() -> Registry {
-        let config = Config::from_env().map_err(|e| {
+        Registry::new(Config::from_env().map_err(|e| {
             format!(
                 "bufferheap: {e}; fix or unset the variable (the allocator cannot start until \
                  then)"
             )
-        });
+        }))
+    }
+
+    fn new(config: Result<Config, String>) -> Registry {
         Registry {
             config: Mutex::new(ConfigState {
                 config,
@@ -313,4 +316,48 @@ fn install_debug_logging() {
         }));
     let subscriber = tracing_subscriber::registry().with(layer);
     let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_variable_fails_every_call_that_needs_the_configuration() {
+        let reg = Registry::new(Err(
+            "bufferheap: invalid value \"x\" for BUFFERHEAP_POLICY".into()
+        ));
+        let first = reg.freeze("test").unwrap_err();
+        assert!(first.shown, "the first failure is written to stderr");
+        assert!(first.message.contains("BUFFERHEAP_POLICY"));
+        let again = reg.configure("policy", "mps").unwrap_err();
+        assert!(!again.shown, "written once only");
+        assert_eq!(again.message, first.message);
+        assert!(!reg.initialized());
+    }
+
+    #[test]
+    fn settings_apply_until_frozen() {
+        let reg = Registry::new(Ok(Config::default()));
+        reg.configure("policy", "mps").unwrap();
+        reg.configure("high_watermark_ratio", "1.5").unwrap();
+        let e = reg.configure("low_watermark_ratio", "1.6").unwrap_err();
+        assert!(e.message.contains("must not exceed"), "{e}");
+        let e = reg.configure("high_watermark_ratio", "2.5").unwrap_err();
+        assert!(e.message.contains("between 0.0 (disabled) and 2"), "{e}");
+        let e = reg.configure("colour", "blue").unwrap_err();
+        assert!(e.message.contains("unknown setting"), "{e}");
+        reg.configure("debug", "0x0").unwrap();
+        let frozen = reg.freeze("first use of device 0").unwrap();
+        assert_eq!(frozen.policy, bufferheap_core::Policy::Mps);
+        assert_eq!(frozen.high_watermark_ratio, Some(1.5));
+        assert!(reg.initialized());
+        let e = reg.configure("policy", "default").unwrap_err();
+        assert!(
+            e.message.contains("must come before the first allocation")
+                && e.message.contains("first use of device 0"),
+            "{e}"
+        );
+        assert_eq!(reg.config().unwrap().policy, bufferheap_core::Policy::Mps);
+    }
 }

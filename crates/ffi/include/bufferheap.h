@@ -1,0 +1,123 @@
+/* bufferheap: a caching allocator for accelerator memory — C ABI of libbufferheap_ffi.
+ *
+ * The first five functions after malloc/free are PyTorch's CUDAPluggableAllocator hooks:
+ *
+ *   alloc = torch.cuda.memory.CUDAPluggableAllocator(
+ *       "libbufferheap_ffi.so", "bufferheap_malloc", "bufferheap_free")
+ *   raw = alloc.allocator()
+ *   raw.set_init_fn(addr("bufferheap_init")); raw.set_reset_fn(addr("bufferheap_reset"));
+ *   raw.set_memory_fraction_fn(addr("bufferheap_set_memory_fraction"));
+ *   raw.set_record_stream_fn(addr("bufferheap_record_stream"));
+ *   raw.set_base_alloc_fn(addr("bufferheap_base_alloc"))
+ *
+ * (python/bufferheap does this: bufferheap.torch.install()).
+ *
+ * Conventions:
+ * - No function unwinds or aborts on bad input: every failure is a return value plus a
+ *   message in bufferheap_last_error() (per thread; it is only replaced by the next failing
+ *   call of the same thread, so read it right after a call reports failure).
+ * - Functions returning int answer 0 on success, -1 on failure.
+ * - void functions, and bufferheap_malloc when it returns NULL for a non-zero size, also
+ *   write the failure to stderr: their callers may not check anything. PyTorch (2.11) does
+ *   not check the pointer returned by a pluggable allocator: on NULL it builds a tensor with
+ *   a null data pointer and raises nothing.
+ * - `device` is a device index; where noted, -1 means every device.
+ * - Strings returned as char* are JSON objects owned by the caller, released with
+ *   bufferheap_string_free.
+ *
+ * Environment (read at the first call):
+ *   BUFFERHEAP_BACKEND        cuda | host | auto (default: cuda if a driver is present)
+ *   BUFFERHEAP_HOST_DEVICES   devices the host backend pretends to have (default 1)
+ *   BUFFERHEAP_HOST_MEMORY    bytes per host device (default: the machine's RAM)
+ *   BUFFERHEAP_POLICY, BUFFERHEAP_LOW_WATERMARK_RATIO, BUFFERHEAP_HIGH_WATERMARK_RATIO,
+ *   BUFFERHEAP_DEBUG          allocator settings (bufferheap_configure overrides them)
+ */
+#ifndef BUFFERHEAP_H
+#define BUFFERHEAP_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Allocates `size` bytes on `device` for use on `stream` (a cudaStream_t; NULL = default).
+ * NULL for size 0 (no allocation), and on failure: negative size, unknown device, out of
+ * memory (the message gives the figures and a hint), or a backend that cannot start. */
+void *bufferheap_malloc(ssize_t size, int device, void *stream);
+
+/* Frees a pointer from bufferheap_malloc; `size`, `device` and `stream` are those of the
+ * allocation (only used in messages: the pointer alone identifies the buffer, on whichever
+ * device it lives). NULL: nothing. A pointer bufferheap does not know (never allocated here,
+ * or freed twice): a message on stderr and nothing else. */
+void bufferheap_free(void *ptr, ssize_t size, int device, void *stream);
+
+/* PyTorch's set_init_fn: called once when CUDA starts. Freezes the configuration and starts
+ * the backend; allocators are created per device on first use. */
+void bufferheap_init(int device_count);
+
+/* PyTorch's set_reset_fn (torch.cuda.empty_cache()): empties the cache of every device. */
+void bufferheap_reset(void);
+
+/* PyTorch's set_memory_fraction_fn: the high watermark ratio of `device` becomes `fraction`
+ * (0.0 to 2.0; 0.0 allows no memory, as in PyTorch); the low ratio is lowered to it if
+ * above. */
+void bufferheap_set_memory_fraction(double fraction, int device);
+
+/* PyTorch's set_record_stream_fn: the buffer is also used on `stream`; once freed it waits
+ * for that stream's work before reuse. NULL ptr: nothing. */
+void bufferheap_record_stream(void *ptr, void *stream);
+
+/* PyTorch's set_base_alloc_fn: the base address of the heap holding `ptr` (any address
+ * inside a buffer), its size in *size (if size is not NULL). NULL and *size = 0 for a
+ * pointer bufferheap does not hold. */
+void *bufferheap_base_alloc(void *ptr, size_t *size);
+
+/* Changes one setting; only before the configuration is frozen (by bufferheap_init or the
+ * first allocation), -1 after. Keys: "policy" ("default" | "mps"), "low_watermark_ratio",
+ * "high_watermark_ratio" (0.0 to 2.0; 0 disables the limit), "debug" (bit mask, decimal or
+ * 0x hex). */
+int bufferheap_configure(const char *key, const char *value);
+
+/* 1 once the configuration is frozen (bufferheap_init was called or an allocator exists),
+ * else 0. */
+int bufferheap_initialized(void);
+
+/* Statistics of `device` as a JSON object: torch.cuda.memory_stats() key names
+ * ("allocated_bytes.all.current", "reserved_bytes.large_pool.peak", "num_ooms", ...) plus
+ * "policy", "low_watermark_limit" and "high_watermark_limit" (bytes; null when disabled or
+ * while the device has no allocator yet) and "device". A device not used yet answers zeros.
+ * NULL on error (unknown device, backend that cannot start). */
+char *bufferheap_stats_json(int device);
+
+/* Segments of `device` (-1: every device) in the shape of PyTorch's
+ * torch.cuda.memory._snapshot(): {"segments": [{"device", "address", "total_size",
+ * "allocated_size", "active_size", "requested_size", "stream", "segment_type",
+ * "segment_pool_id": [0, 0], "is_expandable", "frames": [], "blocks": [{"address", "size",
+ * "requested_size", "state", "frames": []}]}], "device_traces": [[]] (one empty list per
+ * device answered), "allocator_settings": {"policy", "memory_backend"}}. NULL on error. */
+char *bufferheap_snapshot_json(int device);
+
+/* Frees a string returned by this library. NULL: nothing. */
+void bufferheap_string_free(char *s);
+
+/* Releases every cached buffer of `device` (-1: every device) back to the device. */
+int bufferheap_empty_cache(int device);
+
+/* Resets the peak statistics of `device` (-1: every device) to their current values. */
+int bufferheap_reset_peak(int device);
+
+/* Sets the low and high watermark ratios of `device` (0.0 to 2.0; 0 disables a limit;
+ * low <= high while high is enabled). */
+int bufferheap_set_watermarks(int device, double low, double high);
+
+/* The calling thread's last error message; "" if none. Owned by the library, valid until the
+ * thread's next failing call. */
+const char *bufferheap_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BUFFERHEAP_H */
