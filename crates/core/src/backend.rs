@@ -157,6 +157,10 @@ pub trait Backend: Send + Sync + 'static {
     fn map(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError>;
 
     /// Returns the pages of `[offset, offset + len)` to the device; the addresses stay reserved.
+    /// The range holds no live data, but it may cover only part of an earlier `map` call's
+    /// range, or several of them: pages outside it keep their contents. A backend that can only
+    /// unmap whole mappings may defer giving the memory back until all of a mapping's pages are
+    /// unmapped (and must then report the memory it still holds in `memory_info`).
     fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError>;
 
     /// Records an event on `stream` after the work queued so far.
