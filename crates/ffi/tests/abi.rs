@@ -71,10 +71,8 @@ fn setup() {
         assert_eq!(configure("high_watermark_ratio", "abc"), -1);
         assert!(last_error().contains("not a number"), "{}", last_error());
         // SAFETY: NULL key and value are allowed (answered with an error).
-        assert_eq!(
-            unsafe { bufferheap_configure(std::ptr::null(), std::ptr::null()) },
-            -1
-        );
+        let status = unsafe { bufferheap_configure(std::ptr::null(), std::ptr::null()) };
+        assert_eq!(status, -1);
         assert!(last_error().contains("must not be NULL"));
         assert_eq!(bufferheap_initialized(), 0);
     });
@@ -157,8 +155,8 @@ fn round_trip_writes_memory_and_finds_the_base() {
     fill(p, size, 0x5a);
     assert!(holds(p, size, 0x5a));
     let mut heap_size = 0usize;
-    // SAFETY: `heap_size` is a valid, writable size_t.
     let inner = p.cast::<u8>().wrapping_add(1000).cast::<c_void>();
+    // SAFETY: `heap_size` is a valid, writable size_t.
     let base = unsafe { bufferheap_base_alloc(inner, &mut heap_size) };
     assert!(!base.is_null(), "{}", last_error());
     assert!(base as usize <= p as usize && p as usize + size <= base as usize + heap_size);
@@ -444,7 +442,7 @@ fn many_threads_allocate_and_free_at_once() {
                     assert!(!p.is_null(), "{}", last_error());
                     fill(p, size, t);
                     live.push((p as usize, size));
-                    if live.len() > 16 || x % 3 == 0 {
+                    if live.len() > 16 || x.is_multiple_of(3) {
                         let (q, n) = live.swap_remove(x as usize % live.len());
                         assert!(holds(q as *mut c_void, n, t), "buffer overwritten");
                         free(q as *mut c_void, SHARED);
