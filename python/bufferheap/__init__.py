@@ -62,7 +62,7 @@ def library_path() -> str:
 
 
 def initialized() -> bool:
-    """True once the library has created an allocator for some device."""
+    """True once the library's settings are frozen: an allocator exists, or CUDA started (init hook)."""
     return lib().initialized()
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the package on sys.path, and a C stand-in for libbufferheap_ffi."""
+"""Shared fixtures: the package on sys.path, a C stand-in for libbufferheap_ffi, and the real
+library when BUFFERHEAP_LIB names a build of it."""
 
 import os
 import shutil
@@ -47,6 +48,37 @@ def fake_lib(fake_lib_build, tmp_path, monkeypatch):
     _ffi._reset_for_tests()
     monkeypatch.setattr(bufferheap, "_applied", None)
     yield _ffi.lib()
+    _ffi._reset_for_tests()
+
+
+# A real build of the library named by BUFFERHEAP_LIB when the tests start, e.g.
+#   BUFFERHEAP_LIB=target/debug/libbufferheap_ffi.so BUFFERHEAP_BACKEND=host python3 -m pytest python/tests
+# runs test_real_lib.py against it (skipped otherwise). Other tests keep using the C stand-in.
+REAL_LIB = os.environ.get(_ffi.ENV_VAR)
+
+
+@pytest.fixture
+def real_lib(tmp_path, monkeypatch):
+    """A fresh copy of the real library (own global state: one registry per loaded copy),
+    on the host backend with two pretend devices unless BUFFERHEAP_BACKEND says otherwise."""
+    if not REAL_LIB:
+        pytest.skip("set BUFFERHEAP_LIB to a built libbufferheap_ffi.so to test the real library")
+    src = Path(REAL_LIB).expanduser()
+    if not src.is_file():
+        pytest.fail(f"BUFFERHEAP_LIB={REAL_LIB!r} does not name a file")
+    copy = tmp_path / "libbufferheap_ffi.so"
+    shutil.copy(src, copy)
+    monkeypatch.setenv(_ffi.ENV_VAR, str(copy))
+    monkeypatch.setenv("BUFFERHEAP_BACKEND", os.environ.get("BUFFERHEAP_BACKEND", "host"))
+    monkeypatch.setenv("BUFFERHEAP_HOST_DEVICES", "2")
+    for var in ("BUFFERHEAP_POLICY", "BUFFERHEAP_DEBUG", "BUFFERHEAP_LOW_WATERMARK_RATIO", "BUFFERHEAP_HIGH_WATERMARK_RATIO"):
+        monkeypatch.delenv(var, raising=False)
+    _ffi._reset_for_tests()
+    monkeypatch.setattr(bufferheap, "_applied", None)
+    library = _ffi.lib()
+    if "fake.policy" in bufferheap.memory_stats(0):
+        pytest.skip("BUFFERHEAP_LIB names the C stand-in, not the real library")
+    yield library
     _ffi._reset_for_tests()
 
 

@@ -1,0 +1,232 @@
+"""The module-level API against the real libbufferheap_ffi (host backend, no torch, no GPU).
+
+Runs when BUFFERHEAP_LIB names a build of the library:
+
+    cargo build -p bufferheap-ffi
+    BUFFERHEAP_LIB=target/debug/libbufferheap_ffi.so BUFFERHEAP_BACKEND=host python3 -m pytest python/tests
+
+Each test gets its own copy of the library (see conftest.real_lib), so its state is fresh.
+"""
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import bufferheap
+from bufferheap import _ffi, _snapshot
+from conftest import PYTHON_DIR
+
+ALIGN = 512
+
+
+def _malloc(lib, size, device=0, stream=None):
+    return lib.fn("bufferheap_malloc")(size, device, stream)
+
+
+def _free(lib, ptr, device=0):
+    lib.fn("bufferheap_free")(ptr, 0, device, None)
+
+
+def _rounded(n):
+    return -(-n // ALIGN) * ALIGN
+
+
+def _host_only():
+    if os.environ.get("BUFFERHEAP_BACKEND", "host") != "host":
+        pytest.skip("writes through the pointers: host backend only")
+
+
+def test_stats_follow_allocations(real_lib):
+    assert not bufferheap.initialized()
+    assert bufferheap.memory_allocated() == 0
+    assert not bufferheap.initialized(), "looking at the figures does not start the allocator"
+    p = _malloc(real_lib, 3000)
+    q = _malloc(real_lib, 3 << 20)
+    assert p and q, real_lib.last_error()
+    assert bufferheap.initialized()
+    stats = bufferheap.memory_stats()
+    assert stats["allocated_bytes.all.current"] == _rounded(3000) + (3 << 20)
+    assert stats["requested_bytes.all.current"] == 3000 + (3 << 20)
+    assert stats["policy"] == "default" and stats["device"] == 0
+    _free(real_lib, q)
+    assert bufferheap.memory_allocated() == _rounded(3000)
+    assert bufferheap.max_memory_allocated("cuda:0") == _rounded(3000) + (3 << 20)
+    reserved = bufferheap.memory_reserved()
+    assert reserved >= bufferheap.memory_allocated()
+    bufferheap.empty_cache()
+    assert bufferheap.memory_reserved() < reserved
+    bufferheap.reset_peak_memory_stats()
+    assert bufferheap.max_memory_allocated() == _rounded(3000)
+    _free(real_lib, p)
+
+
+def test_memory_is_usable(real_lib):
+    _host_only()
+    n = 1 << 20
+    p = _malloc(real_lib, n)
+    ctypes.memset(p, 0x5A, n)
+    assert ctypes.string_at(p + n - 4, 4) == b"\x5a" * 4
+    size = ctypes.c_size_t(0)
+    base = real_lib.fn("bufferheap_base_alloc")(p + 100, ctypes.byref(size))
+    assert base and base <= p and p + n <= base + size.value
+    _free(real_lib, p)
+
+
+def test_failures_return_null_with_a_reason(real_lib):
+    assert _malloc(real_lib, 0) is None
+    assert _malloc(real_lib, -7) is None
+    assert "negative size -7" in real_lib.last_error()
+    assert _malloc(real_lib, 512, device=5) is None
+    assert "invalid device 5" in real_lib.last_error() and "2 host devices" in real_lib.last_error()
+    bufferheap.set_watermarks(0.0, 1e-9)
+    assert _malloc(real_lib, 64 << 20) is None
+    msg = real_lib.last_error()
+    assert "out of memory" in msg and "Tried to allocate 64.00 MiB" in msg
+    assert bufferheap.memory_stats()["num_ooms"] == 1
+
+
+def test_bad_frees_do_not_crash(real_lib, capfd):
+    p = _malloc(real_lib, 4096)
+    _free(real_lib, p)
+    _free(real_lib, p)
+    assert "freed twice" in real_lib.last_error()
+    _free(real_lib, 0x1234)
+    assert "not allocated by bufferheap" in real_lib.last_error()
+    _free(real_lib, None)
+    err = capfd.readouterr().err
+    assert hex(p) in err and "0x1234" in err
+
+
+def test_free_with_the_wrong_device_finds_the_owner(real_lib):
+    p = _malloc(real_lib, 4096, device=1)
+    assert bufferheap.memory_allocated(1) == 4096
+    _free(real_lib, p, device=0)
+    assert bufferheap.memory_allocated(1) == 0
+
+
+def test_errors_carry_the_library_message(real_lib):
+    with pytest.raises(bufferheap.BufferheapError, match="invalid device 99"):
+        bufferheap.memory_stats(99)
+    with pytest.raises(bufferheap.BufferheapError, match=r"bufferheap_set_watermarks\(42, 0.5, 1.0\) failed: .*invalid device 42"):
+        bufferheap.set_watermarks(0.5, 1.0, device=42)
+    with pytest.raises(bufferheap.BufferheapError, match="invalid device 77"):
+        bufferheap.empty_cache(device=77)
+    with pytest.raises(bufferheap.BufferheapError, match="invalid device -5"):
+        bufferheap.reset_peak_memory_stats(device=-5)
+    with pytest.raises(bufferheap.BufferheapError, match="between 0.0 .disabled. and 2"):
+        bufferheap.set_watermarks(1.0, 2.5)
+
+
+def test_set_watermarks(real_lib):
+    bufferheap.set_watermarks(0.5, 1.0)
+    stats = bufferheap.memory_stats()
+    assert 0 < stats["low_watermark_limit"] < stats["high_watermark_limit"]
+    bufferheap.set_watermarks(0, 0)
+    stats = bufferheap.memory_stats()
+    assert stats["low_watermark_limit"] is None and stats["high_watermark_limit"] is None
+
+
+def test_configure_once(real_lib):
+    sent = bufferheap.configure("mps", low_watermark_ratio=1.0, high_watermark_ratio=1.7, debug=0)
+    assert sent["policy"] == "mps"
+    p = _malloc(real_lib, 512)
+    assert bufferheap.memory_stats()["policy"] == "mps"
+    _free(real_lib, p)
+
+
+def test_configure_after_first_allocation_reports_the_library_error(real_lib):
+    _malloc(real_lib, 512)
+    with pytest.raises(bufferheap.BufferheapError, match="must come before the first allocation"):
+        bufferheap.configure("mps")
+    assert bufferheap._applied is None
+    assert bufferheap.memory_stats()["policy"] == "default"
+
+
+def test_last_error_is_per_thread(real_lib):
+    with pytest.raises(bufferheap.BufferheapError):
+        bufferheap.memory_stats(99)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(real_lib.last_error()))
+    t.start()
+    t.join()
+    assert seen == [""]
+    assert "invalid device 99" in real_lib.last_error()
+
+
+def test_snapshot(real_lib, tmp_path):
+    bufferheap.configure("default", high_watermark_ratio=1.5)
+    live = _malloc(real_lib, 1000)
+    big = _malloc(real_lib, 3 << 20)
+    gone = _malloc(real_lib, 5000)
+    _free(real_lib, gone)
+    path = tmp_path / "snap.pkl.gz"
+    snap = bufferheap.snapshot(str(path))
+    assert _snapshot.read(path) == snap
+    blocks = {b["address"]: b for s in snap["segments"] for b in s["blocks"]}
+    assert blocks[live]["state"] == "active_allocated" and blocks[live]["requested_size"] == 1000
+    assert blocks[big]["size"] == 3 << 20
+    for seg in snap["segments"]:
+        assert seg["device"] == 0 and seg["segment_pool_id"] == (0, 0)
+        assert sum(b["size"] for b in seg["blocks"]) == seg["total_size"]
+        assert seg["allocated_size"] == sum(b["size"] for b in seg["blocks"] if b["state"] == "active_allocated")
+    assert snap["device_traces"] == [[]]
+    settings = snap["allocator_settings"]["bufferheap"]
+    assert settings["policy"] == "default" and settings["high_watermark_ratio"] == 1.5
+    assert settings["memory_backend"] == os.environ.get("BUFFERHEAP_BACKEND", "host")
+    assert bufferheap.snapshot(device=0)["segments"] == snap["segments"]
+    assert bufferheap.snapshot(device=1)["segments"] == []
+    with pytest.raises(bufferheap.BufferheapError, match="invalid device"):
+        bufferheap.snapshot(device=99)
+
+
+def test_torch_hooks_through_raw_addresses(real_lib):
+    init = ctypes.CFUNCTYPE(None, ctypes.c_int)(real_lib.address("bufferheap_init"))
+    init(2)
+    assert bufferheap.initialized()
+    p = _malloc(real_lib, 4096)
+    frac = ctypes.CFUNCTYPE(None, ctypes.c_double, ctypes.c_int)(real_lib.address("bufferheap_set_memory_fraction"))
+    frac(0.25, 0)
+    stats = bufferheap.memory_stats()
+    assert stats["high_watermark_limit"] is not None
+    record = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(real_lib.address("bufferheap_record_stream"))
+    record(p, 7)
+    _free(real_lib, p)
+    reset = ctypes.CFUNCTYPE(None)(real_lib.address("bufferheap_reset"))
+    reset()
+    assert bufferheap.memory_reserved() == 0
+
+
+def _run_isolated(code, **env):
+    """Runs code in a fresh interpreter with the real library and extra environment."""
+    full = dict(os.environ, PYTHONPATH=str(PYTHON_DIR), **env)
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_environment_is_reported_at_the_first_call(real_lib):
+    code = (
+        "import bufferheap\n"
+        "from bufferheap import _ffi\n"
+        "lib = _ffi.lib()\n"
+        "print(lib.fn('bufferheap_malloc')(512, 0, None))\n"
+        "print(lib.last_error())\n"
+    )
+    out = _run_isolated(code, BUFFERHEAP_POLICY="fastest")
+    assert out.returncode == 0, out.stderr
+    none, error = out.stdout.splitlines()
+    assert none == "None"
+    assert "BUFFERHEAP_POLICY" in error and "fastest" in error
+    assert "BUFFERHEAP_POLICY" in out.stderr and "returning NULL" in out.stderr
+
+
+def test_no_cuda_driver_says_how_to_use_host_memory(real_lib):
+    probe = _run_isolated("import ctypes; ctypes.CDLL('libcuda.so.1')")
+    if probe.returncode == 0:
+        pytest.skip("a CUDA driver is installed here")
+    code = "import bufferheap\ntry:\n    bufferheap.memory_stats(0)\nexcept bufferheap.BufferheapError as e:\n    print(e)\n"
+    out = _run_isolated(code, BUFFERHEAP_BACKEND="auto")
+    assert out.returncode == 0, out.stderr
+    assert "no CUDA driver found" in out.stdout and "BUFFERHEAP_BACKEND=host" in out.stdout
