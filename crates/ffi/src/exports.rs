@@ -21,7 +21,7 @@ use crate::error::{
     FfiError, FfiResult, eprint_lines, guard, last_error_ptr, report, set_last_error, status,
 };
 use crate::json;
-use crate::registry::{DeviceAllocator, Registry, System, registry};
+use crate::registry::{DeviceAllocator, Registry, registry};
 
 fn stream_id(stream: *mut c_void) -> StreamId {
     stream as usize as StreamId
@@ -101,21 +101,46 @@ pub extern "C" fn bufferheap_free(
     })
 }
 
-/// The allocators to search for a pointer: `device`'s first, then the others.
-fn search_order(sys: &System, device: c_int) -> Vec<(usize, &DeviceAllocator)> {
-    let hint = usize::try_from(device).ok();
-    let mut all: Vec<_> = sys.all_existing().collect();
-    all.sort_by_key(|(d, _)| Some(*d) != hint);
-    all
+/// What one allocator said about a pointer to free.
+enum Freed {
+    Done,
+    NotHere,
+    Failed(FfiError),
 }
 
+fn free_in(allocator: &DeviceAllocator, d: usize, ptr: u64) -> Freed {
+    match allocator.free(ptr) {
+        Ok(()) => Freed::Done,
+        Err(Error::UnknownPointer(_)) => Freed::NotHere,
+        Err(Error::DoubleFree(_)) => Freed::Failed(FfiError::new(format!(
+            "bufferheap: free of pointer {ptr:#x} ignored: it was freed twice (device {d} \
+             allocated it and it is free already)"
+        ))),
+        Err(e) => Freed::Failed(FfiError::new(format!(
+            "bufferheap: free of pointer {ptr:#x} on device {d} failed: {e}"
+        ))),
+    }
+}
+
+/// Frees in the allocator of `device` first (no search, no allocation on this path), then in
+/// the others.
 fn free(ptr: u64, size: isize, device: c_int) -> FfiResult<()> {
     let reg = registry();
     let sys = reg.system()?;
-    for (d, allocator) in search_order(sys, device) {
-        match allocator.free(ptr) {
-            Ok(()) => {
-                if usize::try_from(device).ok() != Some(d) && reg.debug() != 0 {
+    let hint = usize::try_from(device).ok();
+    if let Some(d) = hint
+        && let Some(allocator) = sys.existing(d)
+    {
+        match free_in(allocator, d, ptr) {
+            Freed::Done => return Ok(()),
+            Freed::Failed(e) => return Err(e),
+            Freed::NotHere => {}
+        }
+    }
+    for (d, allocator) in sys.all_existing().filter(|(d, _)| Some(*d) != hint) {
+        match free_in(allocator, d, ptr) {
+            Freed::Done => {
+                if reg.debug() != 0 {
                     eprint_lines(&format!(
                         "bufferheap: free of {ptr:#x} named device {device}, but the pointer \
                          belongs to device {d}; freed there"
@@ -123,18 +148,8 @@ fn free(ptr: u64, size: isize, device: c_int) -> FfiResult<()> {
                 }
                 return Ok(());
             }
-            Err(Error::UnknownPointer(_)) => continue,
-            Err(Error::DoubleFree(_)) => {
-                return Err(FfiError::new(format!(
-                    "bufferheap: free of pointer {ptr:#x} ignored: it was freed twice (device \
-                     {d} allocated it and it is free already)"
-                )));
-            }
-            Err(e) => {
-                return Err(FfiError::new(format!(
-                    "bufferheap: free of pointer {ptr:#x} on device {d} failed: {e}"
-                )));
-            }
+            Freed::Failed(e) => return Err(e),
+            Freed::NotHere => {}
         }
     }
     Err(FfiError::new(format!(

@@ -307,7 +307,9 @@ fn install_debug_logging() {
     let layer = fmt::layer()
         .with_writer(std::io::stderr)
         .without_time()
-        .with_target(false)
+        .with_level(false)
+        .with_ansi(false)
+        .with_target(true)
         .with_filter(filter_fn(|meta| {
             let ours = meta.target().starts_with("bufferheap");
             let oom_warning = *meta.level() == tracing::Level::WARN
