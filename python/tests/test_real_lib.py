@@ -230,3 +230,12 @@ def test_no_cuda_driver_says_how_to_use_host_memory(real_lib):
     out = _run_isolated(code, BUFFERHEAP_BACKEND="auto")
     assert out.returncode == 0, out.stderr
     assert "no CUDA driver found" in out.stdout and "BUFFERHEAP_BACKEND=host" in out.stdout
+
+
+def test_debug_output_names_the_owner_of_a_pointer_freed_with_another_device(real_lib, capfd):
+    bufferheap.configure("default", debug=1)
+    p = _malloc(real_lib, 4096, device=1)
+    _free(real_lib, p, device=0)
+    err = capfd.readouterr().err
+    assert f"free of {hex(p)} named device 0, but the pointer belongs to device 1; freed there" in err
+    assert "bufferheap: Initializing heap allocator" in err
