@@ -158,6 +158,9 @@ fn event_label(x: f64) -> String {
     }
 }
 
+/// One line of the chart: legend label, color, stroke width, points.
+type Line = (String, RGBColor, u32, Vec<(f64, f64)>);
+
 /// How thick lines are handed to the backend.
 #[derive(Clone, Copy, PartialEq)]
 enum Lines {
@@ -229,7 +232,7 @@ fn draw<DB: DrawingBackend>(
         }
     };
     let pytorch_peak = report.pytorch_reserved_bytes.max(0) as u64;
-    let lines: [(String, RGBColor, u32, Vec<(f64, f64)>); 3] = [
+    let lines: [Line; 3] = [
         (
             format!(
                 "PyTorch reserved (peak {}{})",
@@ -311,10 +314,10 @@ fn envelope(series: &[SeriesPoint], value: impl Fn(&SeriesPoint) -> f64) -> Vec<
             out.push((bucket[second.0].event as f64, second.1));
         }
     }
-    if let Some(last) = series.last() {
-        if out.last().map(|p| p.0) != Some(last.event as f64) {
-            out.push((last.event as f64, value(last)));
-        }
+    if let Some(last) = series.last()
+        && out.last().map(|p| p.0) != Some(last.event as f64)
+    {
+        out.push((last.event as f64, value(last)));
     }
     out
 }
@@ -325,10 +328,10 @@ fn envelope(series: &[SeriesPoint], value: impl Fn(&SeriesPoint) -> f64) -> Vec<
 fn steps(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
     let mut out = Vec::with_capacity(2 * points.len());
     for (i, &(x, y)) in points.iter().enumerate() {
-        if let Some(&(_, prev_y)) = i.checked_sub(1).and_then(|j| points.get(j)) {
-            if prev_y != y {
-                out.push((x, prev_y));
-            }
+        if let Some(&(_, prev_y)) = i.checked_sub(1).and_then(|j| points.get(j))
+            && prev_y != y
+        {
+            out.push((x, prev_y));
         }
         out.push((x, y));
     }

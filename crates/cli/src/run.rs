@@ -91,10 +91,11 @@ pub fn replay(args: &ReplayArgs) -> Status {
             status = status.max(report_failure(&failure));
         }
     }
-    if !args.json && !rows.is_empty() {
-        if let Err(failure) = output::print_table(&rows) {
-            status = status.max(report_failure(&failure));
-        }
+    if !args.json
+        && !rows.is_empty()
+        && let Err(failure) = output::print_table(&rows)
+    {
+        status = status.max(report_failure(&failure));
     }
     status
 }
@@ -103,15 +104,32 @@ pub fn replay(args: &ReplayArgs) -> Status {
 pub fn report_failure(failure: &Failure) -> Status {
     match failure {
         Failure::Input(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(e));
             Status::BadInput
         }
         Failure::Internal(e) => {
-            eprintln!("internal error (a bug in bufferheap; please report it): {e:#}");
+            eprintln!(
+                "internal error (a bug in bufferheap; please report it): {}",
+                describe(e)
+            );
             Status::Internal
         }
         Failure::BrokenPipe => Status::Ok,
     }
+}
+
+/// The error and its causes on one line. The project's error types already print their
+/// source in their own message, so a cause is added only where its text is not there yet.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// Reads one trace and replays each of its devices, calling `emit` with each row and whether
@@ -184,7 +202,7 @@ fn progress_bar(show: bool, total: Option<u64>, name: &str) -> ProgressBar {
     let bar = match total {
         Some(n) => ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr()).with_style(
             ProgressStyle::with_template(
-                "{prefix:>16} [{bar:40}] {human_pos}/{human_len} events ({elapsed})",
+                "{prefix:>16} [{wide_bar}] {human_pos}/{human_len} events",
             )
             .map(|s| s.progress_chars("=> "))
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -280,6 +298,15 @@ mod tests {
         assert_eq!(trace_stem(Path::new("snap.gz")), "snap");
         assert_eq!(trace_stem(Path::new("snap")), "snap");
         assert_eq!(trace_stem(Path::new(".pkl")), ".pkl");
+    }
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = anyhow!(io).context("cannot write p.svg");
+        assert_eq!(describe(&e), "cannot write p.svg: gone");
+        let inner = anyhow!("inner").context("outer: inner");
+        assert_eq!(describe(&inner), "outer: inner");
     }
 
     #[test]
