@@ -352,3 +352,146 @@ fn version_and_help() {
         assert!(help.contains(words), "{words:?} missing from: {help}");
     }
 }
+
+/// A tiny pickle writer (protocol 2) for hand-made snapshots.
+mod pickle {
+    pub enum V<'a> {
+        Int(u64),
+        Str(&'a str),
+        List(Vec<V<'a>>),
+        Dict(Vec<(&'a str, V<'a>)>),
+    }
+
+    pub fn dumps(v: &V) -> Vec<u8> {
+        let mut out = b"\x80\x02".to_vec();
+        write(v, &mut out);
+        out.push(b'.');
+        out
+    }
+
+    fn write(v: &V, out: &mut Vec<u8>) {
+        match v {
+            V::Int(n) => match i32::try_from(*n) {
+                Ok(small) => {
+                    out.push(b'J');
+                    out.extend(small.to_le_bytes());
+                }
+                Err(_) => {
+                    // LONG1: little-endian two's complement; 9 bytes hold any u64.
+                    out.extend([0x8a, 9]);
+                    out.extend(n.to_le_bytes());
+                    out.push(0);
+                }
+            },
+            V::Str(s) => {
+                out.push(b'X');
+                out.extend((s.len() as u32).to_le_bytes());
+                out.extend(s.as_bytes());
+            }
+            V::List(items) => {
+                out.extend(b"](");
+                items.iter().for_each(|i| write(i, out));
+                out.push(b'e');
+            }
+            V::Dict(pairs) => {
+                out.extend(b"}(");
+                for (k, val) in pairs {
+                    write(&V::Str(k), out);
+                    write(val, out);
+                }
+                out.push(b'u');
+            }
+        }
+    }
+
+    pub fn event<'a>(action: &'a str, addr: u64, size: u64) -> V<'a> {
+        V::Dict(vec![
+            ("action", V::Str(action)),
+            ("addr", V::Int(addr)),
+            ("size", V::Int(size)),
+            ("stream", V::Int(0)),
+        ])
+    }
+
+    pub fn snapshot(device_traces: Vec<Vec<V>>) -> Vec<u8> {
+        dumps(&V::Dict(vec![
+            ("segments", V::List(Vec::new())),
+            (
+                "device_traces",
+                V::List(device_traces.into_iter().map(V::List).collect()),
+            ),
+        ]))
+    }
+}
+
+#[test]
+fn every_device_of_a_trace_is_a_row_and_skipped_events_are_warnings() {
+    use pickle::event;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("two_gpus.pickle");
+    let mib = 1 << 20;
+    let big = 5 << 30; // above 2^31: written as LONG1
+    std::fs::write(
+        &trace,
+        pickle::snapshot(vec![
+            vec![
+                event("alloc", 0x7f00_0000_0000, 3 * mib),
+                event("free_requested", 0x7f00_0000_0000, 3 * mib),
+                event("free_completed", 0x7f00_0000_0000, 3 * mib),
+            ],
+            vec![
+                event("alloc", 0x7f10_0000_0000, big),
+                event("alloc", 0x7f20_0000_0000, mib),
+                event("free_completed", 0x7f30_0000_0000, mib),
+                event("some_future_action", 0, 0),
+                event("free_completed", 0x7f10_0000_0000, big),
+            ],
+        ]),
+    )
+    .expect("write");
+
+    let out = bufferheap(a!["replay", trace, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", stdout(&out));
+    assert_eq!(rows[0]["device"], 0);
+    assert_eq!(rows[1]["device"], 1);
+    assert_eq!(rows[0]["peak_live_bytes"], 3 * mib);
+    assert_eq!(rows[1]["peak_live_bytes"], big + mib);
+    assert_eq!(rows[1]["trace_name"], "two_gpus (device 1)");
+    assert_eq!(rows[0]["warnings"], Value::Array(Vec::new()));
+    let warnings = rows[1]["warnings"].as_array().expect("a list");
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 2, "{err}");
+    for line in err.lines() {
+        assert!(line.starts_with("warning: "), "{err}");
+        assert!(line.contains("two_gpus.pickle (device 1): "), "{err}");
+    }
+
+    // One plot per device.
+    let svg = dir.path().join("p.svg");
+    let out = bufferheap(a!["replay", trace, "--plot", svg]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for name in ["p-two_gpus-device0.svg", "p-two_gpus-device1.svg"] {
+        let text = std::fs::read_to_string(dir.path().join(name)).expect(name);
+        assert!(text.contains("PyTorch reserved"), "{name}");
+    }
+    assert!(
+        stdout(&out).contains("two_gpus (device 1)"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_snapshot_with_nothing_to_replay_is_bad_input() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("empty.pickle");
+    std::fs::write(&trace, pickle::snapshot(Vec::new())).expect("write");
+    let out = bufferheap(a!["replay", trace]);
+    assert_bad_input(&out, &["empty.pickle", "nothing to replay"]);
+}
