@@ -20,7 +20,8 @@
  * - void functions, and bufferheap_malloc when it returns NULL for a non-zero size, also
  *   write the failure to stderr: their callers may not check anything. PyTorch (2.11) does
  *   not check the pointer returned by a pluggable allocator: on NULL it builds a tensor with
- *   a null data pointer and raises nothing.
+ *   a null data pointer and raises nothing; the first kernel that touches it fails with an
+ *   illegal memory access, which leaves the process's CUDA context unusable.
  * - `device` is a device index; where noted, -1 means every device.
  * - Strings returned as char* are JSON objects owned by the caller, released with
  *   bufferheap_string_free.

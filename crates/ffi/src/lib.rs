@@ -24,9 +24,12 @@
 //! read or written, each time with its `SAFETY` argument.
 //!
 //! PyTorch (2.11) does not check the pointer an allocator returns: a NULL from
-//! `bufferheap_malloc` gives a tensor with a null data pointer and no exception. So every
-//! NULL answer to a non-zero request is written to stderr with that warning; a caller that
-//! can check (the Python package) reads `bufferheap_last_error()`.
+//! `bufferheap_malloc` gives a tensor with a null data pointer and no exception (seen on an
+//! H100: `torch.empty(60 GiB)` over the high watermark came back with `data_ptr() == 0`). The
+//! first kernel that touches it fails with "an illegal memory access", and the CUDA context is
+//! lost: every later CUDA call of the process fails too. So every NULL answer to a non-zero
+//! request is written to stderr with that warning; a caller that can check (the Python
+//! package) reads `bufferheap_last_error()`.
 
 mod backend;
 pub mod error;
