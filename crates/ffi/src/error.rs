@@ -5,9 +5,10 @@
 //! - every exported function runs its body inside [`guard`]; a panic becomes the function's
 //!   failure value (NULL, -1 or nothing) plus a last error, never an unwind into C (which
 //!   would abort the host process, Python included);
-//! - the last error ([`set_last_error`], [`last_error_ptr`]) is per thread; a failing call replaces it, a succeeding call leaves it
-//!   alone (errno-like: read it only after a call reported failure). The pointer
-//!   [`last_error_ptr`] returns stays valid until the next failing call on the same thread;
+//! - the last error ([`set_last_error`]) is per thread; a failing call replaces it, a
+//!   succeeding call leaves it alone (errno-like: read it only after a call reported
+//!   failure). The pointer [`last_error_ptr`] returns stays valid until the next failing call
+//!   on the same thread;
 //! - writing to stderr never panics (write errors are ignored).
 
 use std::cell::RefCell;
