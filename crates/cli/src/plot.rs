@@ -147,6 +147,12 @@ fn gib(bytes: u64) -> f64 {
     bytes as f64 / GIB
 }
 
+/// Decimals that tell the y axis's ticks apart (about 10 ticks up to `y_max` GiB): 0 for
+/// tens of GiB, 1 for a few GiB, more for small traces.
+fn y_decimals(y_max: f64) -> usize {
+    (1.0 - y_max.log10()).ceil().clamp(0.0, 6.0) as usize
+}
+
 /// Event counts on the x axis: 950, 20k, 1.2M.
 fn event_label(x: f64) -> String {
     if x >= 1e6 {
@@ -190,15 +196,9 @@ fn draw<DB: DrawingBackend>(
         .max(report.peak_reserved_bytes)
         .max(report.peak_live_bytes);
     // Headroom above the highest line keeps the legend clear of the data.
-    let y_max = (gib(top) * 1.32).max(0.01);
+    let y_max = if top == 0 { 1.0 } else { gib(top) * 1.32 };
     let x_max = series.last().map_or(0, |p| p.event).max(1) as f64;
-    let decimals = if y_max < 2.0 {
-        2
-    } else if y_max < 20.0 {
-        1
-    } else {
-        0
-    };
+    let decimals = y_decimals(y_max);
 
     let caption = format!(
         "{}: policy {}, {} backend",
@@ -215,6 +215,8 @@ fn draw<DB: DrawingBackend>(
         .configure_mesh()
         .light_line_style(RGBColor(235, 235, 235))
         .bold_line_style(RGBColor(205, 205, 205))
+        // Whole events only: a short trace gets fewer ticks, never fractional ones.
+        .x_labels((x_max as usize + 1).min(10))
         .x_desc("event")
         .y_desc("GiB")
         .x_label_formatter(&|x| event_label(*x))
@@ -402,6 +404,15 @@ mod tests {
             vec![(0.0, 1.0), (2.0, 1.0), (3.0, 1.0), (3.0, 5.0)]
         );
         assert!(steps(&[]).is_empty());
+    }
+
+    #[test]
+    fn y_labels_have_enough_decimals() {
+        assert_eq!(y_decimals(50.0), 0);
+        assert_eq!(y_decimals(5.0), 1);
+        assert_eq!(y_decimals(0.5), 2);
+        assert_eq!(y_decimals(0.004), 4);
+        assert_eq!(y_decimals(1e-12), 6);
     }
 
     #[test]

@@ -74,21 +74,27 @@ pub fn replay(args: &ReplayArgs) -> Status {
                 if args.json {
                     output::print_json_line(&row)?;
                 }
+                let mut plotted = Ok(());
                 if let (Some(base), Some(format)) = (&args.plot, plot_format) {
                     let target =
                         plot::file_for(base, &row.file_tag, several_traces || several_devices);
                     let target = unique(target, &mut plots_written);
-                    plot::write(&row, format, &target)?;
-                    eprintln!("wrote {}", target.display());
+                    plotted = plot::write(&row, format, &target);
+                    if plotted.is_ok() {
+                        eprintln!("wrote {}", target.display());
+                    }
                 }
                 // The table needs only the figures; a series can be large.
                 row.report.series = Vec::new();
                 rows.push(row);
-                Ok(())
+                plotted
             },
         );
-        if let Err(failure) = result {
-            status = status.max(report_failure(&failure));
+        match result {
+            Ok(()) => {}
+            // Nobody reads the results any more: stop quietly.
+            Err(Failure::BrokenPipe) => return status,
+            Err(failure) => status = status.max(report_failure(&failure)),
         }
     }
     if !args.json
