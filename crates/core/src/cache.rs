@@ -140,11 +140,19 @@ impl BufferCache {
         removed
     }
 
-    /// All entries as (size, slot), ascending by size.
+    /// All entries as (size, slot), ascending by size. Visits only non-empty bins.
     pub fn entries(&self) -> Vec<(usize, u32)> {
         let mut out = Vec::with_capacity(self.len);
-        for (bin, stack) in self.small.iter().enumerate() {
-            out.extend(stack.iter().map(|&s| (bin * ALIGN, s)));
+        if self.len == 0 {
+            return out;
+        }
+        for (w, &word) in self.nonempty.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let bin = w * 64 + bits.trailing_zeros() as usize;
+                out.extend(self.small[bin].iter().map(|&s| (bin * ALIGN, s)));
+                bits &= bits - 1;
+            }
         }
         for (&size, stack) in &self.large {
             out.extend(stack.iter().map(|&s| (size, s)));

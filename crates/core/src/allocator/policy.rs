@@ -25,6 +25,8 @@ const MIB: usize = 1 << 20;
 pub const MPS_REUSE_SLACK: usize = 32 * MIB;
 /// Candidates examined when looking for mapped space; bounded so a lookup stays cheap.
 const FIT_CANDIDATES: usize = 64;
+/// A cached buffer up to `size / REUSE_SLACK_DIV` larger than a request may serve it.
+const REUSE_SLACK_DIV: usize = 8;
 /// Growth events closer than this many allocations form a burst.
 const BURST_WINDOW: u64 = 64;
 /// Where a trim brings reserved bytes back to, as a fraction of the budget's band.
@@ -97,12 +99,31 @@ impl<B: Backend> State<B> {
             self.recycle(slot, requested, notes);
             return Ok(Some(slot));
         }
+        // A cached buffer at most 1/REUSE_SLACK_DIV larger serves too: a size seen again with
+        // a little variation is recycled rather than placed anew (its slack is counted as in
+        // use, and bounded).
+        let pool = &mut self.pools[p as usize];
+        if let Some(found) = pool.cache.smallest_at_least(size)
+            && found <= size + size / REUSE_SLACK_DIV
+            && let Some(slot) = pool.cache.take_exact(found)
+        {
+            self.recycle(slot, requested, notes);
+            return Ok(Some(slot));
+        }
         if self.caps.page_mapping {
             self.trim_stale_pages(backend, p, notes)?;
         }
-        // A miss: cached buffers go back to heap space first, so placement sees every free
-        // byte coalesced (a cached buffer left in place would split the space around it).
-        self.dissolve_cache(p);
+        // A miss. In large pools, cached buffers go back to heap space first, so placement
+        // sees every free byte coalesced (a cached buffer left in place would split the space
+        // around it, and large buffers are what fragmentation is made of). Small buffers share
+        // pages by the hundred: there, free space is tried first and the cache kept warm.
+        if !self.pools[p as usize].kind.is_small() {
+            self.dissolve_cache(p);
+        } else if let Some(slot) = self.place_mapped(p, size, requested, notes) {
+            return Ok(Some(slot));
+        } else {
+            self.dissolve_cache(p);
+        }
         if let Some(slot) = self.place_mapped(p, size, requested, notes) {
             return Ok(Some(slot));
         }

@@ -1,0 +1,387 @@
+//! Many threads on one allocator at once, checked against a shadow model.
+//!
+//! Eight threads allocate (private, shared, scalar; three streams), free, mark buffers as used
+//! by other streams, record and wait for events, poll, empty the cache, change the watermarks,
+//! set shapes and read every figure, while a callback that calls back into the allocator is
+//! registered. The shadow model is one global map of live ranges: a thread inserts a buffer
+//! after `alloc` returns and removes it before `free`, so any overlap it sees is two threads
+//! holding the same bytes. Every thread owns its buffers: their size, id and shape never change
+//! under it. At quiescent points (all threads at a barrier) the counters must equal the model
+//! and the simulated device. At the end everything is returned: reserved 0, device holds 0.
+//!
+//! `BUFFERHEAP_CONCURRENCY_OPS` sets the operations per thread (default 4000).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use bufferheap_core::{Allocator, Backend, CallbackEvent, Config, Error, Policy};
+use bufferheap_host::HostBackend;
+use bufferheap_sim::SimBackend;
+
+const MIB: usize = 1 << 20;
+const THREADS: usize = 8;
+/// Operations between two quiescent checks.
+const ROUND: usize = 250;
+
+fn ops_per_thread() -> usize {
+    std::env::var("BUFFERHEAP_CONCURRENCY_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4000)
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Live ranges of every thread: start -> (end, owner).
+type Shadow = Mutex<BTreeMap<u64, (u64, usize)>>;
+
+fn shadow_insert(shadow: &Shadow, ptr: u64, size: usize, owner: usize) {
+    let end = ptr + size as u64;
+    let mut m = shadow.lock().unwrap();
+    if let Some((&p, &(e, o))) = m.range(..end).next_back() {
+        assert!(
+            e <= ptr,
+            "thread {owner} got [{ptr:#x}, {end:#x}) overlapping thread {o}'s [{p:#x}, {e:#x})"
+        );
+    }
+    m.insert(ptr, (end, owner));
+}
+
+/// A buffer a thread owns.
+#[derive(Debug, Clone)]
+struct Mine {
+    ptr: u64,
+    size: usize,
+    requested: usize,
+    id: u64,
+    shape: Vec<i64>,
+}
+
+/// What a thread did, for the figures.
+#[derive(Debug, Default, Clone, Copy)]
+struct Done {
+    ops: u64,
+    allocs: u64,
+    frees: u64,
+    ooms: u64,
+}
+
+trait Device: Backend {
+    fn held(&self) -> usize;
+    fn regions(&self) -> usize;
+    fn progress(&self);
+}
+
+impl Device for SimBackend {
+    fn held(&self) -> usize {
+        self.counters().held
+    }
+    fn regions(&self) -> usize {
+        self.live_regions()
+    }
+    fn progress(&self) {
+        self.complete_events();
+    }
+}
+
+impl Device for HostBackend {
+    fn held(&self) -> usize {
+        HostBackend::held(self)
+    }
+    fn regions(&self) -> usize {
+        self.live_regions()
+    }
+    fn progress(&self) {}
+}
+
+fn check_quiescent<B: Device>(a: &Allocator<B>, shadow: &Shadow, round: usize) {
+    let m = shadow.lock().unwrap();
+    let u = a.usage();
+    let live: u64 = m.iter().map(|(p, (e, _))| e - p).sum();
+    assert_eq!(u.allocated as u64, live, "round {round}: in-use bytes");
+    assert_eq!(u.buffers, m.len(), "round {round}: buffers in use");
+    assert!(u.active >= u.allocated, "round {round}: {u:?}");
+    assert!(u.active + u.cached <= u.reserved, "round {round}: {u:?}");
+    assert_eq!(
+        u.reserved,
+        a.backend().held(),
+        "round {round}: engine and device"
+    );
+    let s = a.stats();
+    assert_eq!(s.allocated_bytes[0].current as usize, u.allocated);
+    assert!(s.allocated_bytes[0].peak >= s.allocated_bytes[0].current);
+}
+
+#[allow(clippy::too_many_lines)]
+fn worker<B: Device>(
+    a: Allocator<B>,
+    t: usize,
+    ops: usize,
+    shadow: Arc<Shadow>,
+    barrier: Arc<Barrier>,
+) -> Done {
+    let shared = a.shared();
+    let mut r = Rng(0xc0c0 + t as u64);
+    let mut mine: Vec<Mine> = Vec::new();
+    let mut done = Done::default();
+    let free_one = |mine: &mut Vec<Mine>, i: usize, done: &mut Done| {
+        let b = mine.swap_remove(i);
+        assert_eq!(a.requested_size(b.ptr), Some(b.requested), "thread {t}");
+        assert_eq!(a.buffer_id(b.ptr), Some(b.id), "thread {t}");
+        assert_eq!(a.shape(b.ptr), Some(b.shape.clone()), "thread {t}");
+        // Out of the model first: once freed, another thread may get the bytes.
+        shadow.lock().unwrap().remove(&b.ptr);
+        a.free(b.ptr).unwrap();
+        done.frees += 1;
+    };
+    for i in 0..ops {
+        if i % ROUND == 0 && i > 0 {
+            // Quiescent point: everyone stops, one thread checks, everyone goes on.
+            barrier.wait();
+            if t == 0 {
+                check_quiescent(&a, &shadow, i / ROUND);
+            }
+            barrier.wait();
+        }
+        done.ops += 1;
+        match r.below(100) {
+            0..=39 => {
+                if mine.len() >= 24 {
+                    let i = r.below(mine.len() as u64) as usize;
+                    free_one(&mut mine, i, &mut done);
+                    continue;
+                }
+                let size = match r.below(16) {
+                    0..=9 => 1 + r.below(32 << 10) as usize,
+                    10..=13 => 32 << 10 | r.below(MIB as u64) as usize,
+                    14 => MIB + r.below(8 * MIB as u64) as usize,
+                    _ => 12 * MIB + r.below(24 * MIB as u64) as usize,
+                };
+                let stream = r.below(3);
+                let front = match (&shared, r.below(8)) {
+                    (Some(s), 0) => s,
+                    _ => &a,
+                };
+                let result = if r.below(16) == 0 {
+                    a.alloc_scalar(&(size as u64).to_le_bytes())
+                } else {
+                    front.alloc_on(size, stream)
+                };
+                match result {
+                    Ok(Some(b)) => {
+                        shadow_insert(&shadow, b.ptr, b.size, t);
+                        assert!(b.size >= b.requested, "thread {t}: {b:?}");
+                        done.allocs += 1;
+                        let shape = vec![t as i64, b.id as i64];
+                        a.set_shape(b.ptr, &shape).unwrap();
+                        mine.push(Mine {
+                            ptr: b.ptr,
+                            size: b.size,
+                            requested: b.requested,
+                            id: b.id,
+                            shape,
+                        });
+                    }
+                    Ok(None) => panic!("thread {t}: no buffer for {size} bytes"),
+                    // Watermarks are being changed under us: a low high-watermark refuses.
+                    Err(Error::OutOfMemory(_)) => done.ooms += 1,
+                    Err(e) => panic!("thread {t}: alloc: {e}"),
+                }
+            }
+            40..=69 => {
+                if !mine.is_empty() {
+                    let i = r.below(mine.len() as u64) as usize;
+                    free_one(&mut mine, i, &mut done);
+                }
+            }
+            70..=74 => {
+                if let Some(b) = mine.get(r.below(mine.len().max(1) as u64) as usize) {
+                    a.record_stream(b.ptr, 1 + r.below(3)).unwrap();
+                }
+            }
+            75..=79 => {
+                let ptrs: Vec<u64> = mine.iter().take(3).map(|b| b.ptr).collect();
+                a.record_events(&ptrs, r.below(3)).unwrap();
+            }
+            80..=83 => {
+                let ptrs: Vec<u64> = mine.iter().rev().take(2).map(|b| b.ptr).collect();
+                a.wait_for_events(&ptrs).unwrap();
+            }
+            84..=86 => a.free_inactive_buffers(),
+            87..=88 => a.backend().progress(),
+            89 => a.empty_cache().unwrap(),
+            90 => {
+                // Valid ratios only; the high limit stays above what eight threads hold.
+                let high = [0.0, 1.0, 1.5, 2.0][r.below(4) as usize];
+                let low = if high == 0.0 {
+                    0.0
+                } else {
+                    high * r.below(3) as f64 / 2.0
+                };
+                a.set_watermark_ratios(low, high).unwrap();
+            }
+            91..=95 => {
+                if let Some(b) = mine.get(r.below(mine.len().max(1) as u64) as usize) {
+                    assert_eq!(a.buffer_size(b.ptr), Some(b.size));
+                    let (base, len) = a.base_allocation(b.ptr).expect("in a heap");
+                    assert!(base <= b.ptr && b.ptr + b.size as u64 <= base + len as u64);
+                    if a.is_shared(b.ptr) {
+                        assert!(a.shared_host_ptr(b.ptr).is_some());
+                    }
+                }
+            }
+            _ => {
+                let u = a.usage();
+                assert!(u.allocated <= u.active && u.active + u.cached <= u.reserved);
+                let _ = (a.low_watermark_value(), a.high_watermark_limit());
+            }
+        }
+    }
+    // Align with the last quiescent round, then give everything back.
+    barrier.wait();
+    while !mine.is_empty() {
+        free_one(&mut mine, 0, &mut done);
+    }
+    done
+}
+
+/// Runs the threads with a watchdog: a deadlock fails the test instead of hanging it.
+fn hammer<B: Device>(a: Allocator<B>, name: &str) {
+    let ops = ops_per_thread();
+    let start = Instant::now();
+    let shadow: Arc<Shadow> = Arc::new(Mutex::new(BTreeMap::new()));
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let fired = Arc::new(AtomicU64::new(0));
+    {
+        // A callback that calls back into the allocator: it must never deadlock.
+        let probe = a.clone();
+        let fired = fired.clone();
+        a.register_callback("reenter", move |ptr, event| {
+            fired.fetch_add(1, Ordering::Relaxed);
+            if event == CallbackEvent::Allocated {
+                let _ = probe.buffer_size(ptr);
+                let _ = probe.usage();
+            }
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    for t in 0..THREADS {
+        let (a, shadow, barrier, tx) = (a.clone(), shadow.clone(), barrier.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                worker(a, t, ops, shadow, barrier)
+            }));
+            let _ = tx.send((t, r));
+        });
+    }
+    drop(tx);
+    let mut total = Done::default();
+    for _ in 0..THREADS {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok((_, Ok(d))) => {
+                total.ops += d.ops;
+                total.allocs += d.allocs;
+                total.frees += d.frees;
+                total.ooms += d.ooms;
+            }
+            Ok((t, Err(p))) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                // The other threads may be stuck at a barrier: end the process.
+                eprintln!("{name}: thread {t} failed: {msg}");
+                std::process::exit(101);
+            }
+            Err(_) => {
+                eprintln!("{name}: no progress in 120 s: deadlock");
+                std::process::exit(101);
+            }
+        }
+    }
+    a.unregister_callback("reenter");
+    assert!(shadow.lock().unwrap().is_empty());
+    assert_eq!(total.allocs, total.frees, "{name}");
+    a.backend().progress();
+    a.free_inactive_buffers();
+    a.set_watermark_ratios(0.0, 0.0).unwrap();
+    a.empty_cache().unwrap();
+    let u = a.usage();
+    assert_eq!(
+        (
+            u.allocated,
+            u.active,
+            u.cached,
+            u.reserved,
+            u.buffers,
+            u.heaps
+        ),
+        (0, 0, 0, 0, 0, 0),
+        "{name}: {u:?}"
+    );
+    assert_eq!(a.backend().held(), 0, "{name}: device still holds memory");
+    assert_eq!(a.backend().regions(), 0, "{name}: regions leaked");
+    assert!(fired.load(Ordering::Relaxed) > 0);
+    eprintln!(
+        "{name}: {THREADS} threads x {ops} ops = {} ops ({} allocs, {} frees, {} refused over the \
+         watermark), {} callbacks, in {:.2} s",
+        total.ops,
+        total.allocs,
+        total.frees,
+        total.ooms,
+        fired.load(Ordering::Relaxed),
+        start.elapsed().as_secs_f64()
+    );
+}
+
+fn sim(policy: Policy) -> Allocator<SimBackend> {
+    Allocator::new(
+        SimBackend::new(16 << 30).with_manual_events(),
+        Config {
+            policy,
+            ..Config::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn eight_threads_default_policy() {
+    hammer(sim(Policy::Default), "default/sim");
+}
+
+#[test]
+fn eight_threads_mps_policy() {
+    hammer(sim(Policy::Mps), "mps/sim");
+}
+
+#[test]
+fn eight_threads_host_memory() {
+    // Real memory: scalar buffers are written, pages really mapped and unmapped.
+    let a = Allocator::new(
+        HostBackend::with_memory(16 << 30),
+        Config {
+            policy: Policy::Default,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    hammer(a, "default/host");
+}
