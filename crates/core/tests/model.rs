@@ -138,7 +138,13 @@ fn run(policy: Policy, ops: Vec<Op>, faults: bool) -> Result<(), TestCaseError> 
                     Ok(Some(b)) => {
                         let rounded = size.div_ceil(512) * 512;
                         if policy == Policy::Default {
-                            prop_assert_eq!(b.size, rounded, "exact-size reuse");
+                            // Exact size, or a cached buffer at most 1/8 larger.
+                            prop_assert!(
+                                b.size >= rounded && b.size <= rounded + rounded / 8,
+                                "{} for {}",
+                                b.size,
+                                rounded
+                            );
                         } else {
                             // The seed reuses a cached buffer up to 32 MiB larger.
                             prop_assert!(b.size >= rounded && b.size <= rounded + 32 * MIB);
