@@ -19,6 +19,8 @@ pub(crate) struct Pages {
     idle: BTreeSet<usize>,
     /// For idle pages: the allocation clock when they became idle.
     idle_since: Vec<u64>,
+    /// Pages chosen to be unmapped once the device is done with them (an event is pending).
+    retiring: Vec<bool>,
     mapped_pages: usize,
 }
 
@@ -31,6 +33,7 @@ impl Pages {
             mapped: vec![false; n],
             idle: BTreeSet::new(),
             idle_since: vec![0; n],
+            retiring: vec![false; n],
             mapped_pages: 0,
         }
     }
@@ -154,7 +157,10 @@ impl Pages {
         // (first page, pages, most recent idle time in the run)
         let mut runs: Vec<(usize, usize, u64)> = Vec::new();
         for &p in self.idle.iter() {
-            if keep.contains(&p) || now.saturating_sub(self.idle_since[p]) < min_age {
+            if keep.contains(&p)
+                || self.retiring[p]
+                || now.saturating_sub(self.idle_since[p]) < min_age
+            {
                 continue;
             }
             match runs.last_mut() {
@@ -176,6 +182,29 @@ impl Pages {
             got += n;
         }
         out
+    }
+
+    /// Marks (or clears) a run of pages as waiting to be unmapped.
+    pub fn set_retiring(&mut self, (first, n): PageRun, on: bool) {
+        for p in first..first + n {
+            self.retiring[p] = on;
+        }
+    }
+
+    /// The parts of a retiring run that are still idle (no buffer was placed on them since),
+    /// clearing the run's retiring marks.
+    pub fn take_retired(&mut self, (first, n): PageRun) -> Vec<PageRun> {
+        let mut runs: Vec<PageRun> = Vec::new();
+        for p in first..first + n {
+            self.retiring[p] = false;
+            if self.mapped[p] && self.live[p] == 0 {
+                match runs.last_mut() {
+                    Some((f, k)) if *f + *k == p => *k += 1,
+                    _ => runs.push((p, 1)),
+                }
+            }
+        }
+        runs
     }
 
     /// True if every page of `[offset, offset + len)` is mapped.

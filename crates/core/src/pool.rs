@@ -124,6 +124,8 @@ pub(crate) struct Pool {
     pub burst_pages: usize,
     /// Allocation clock of the last look for stale pages.
     pub last_stale_check: u64,
+    /// Mapped bytes scheduled to be unmapped (retiring pages).
+    pub retiring: usize,
 }
 
 impl Pool {
@@ -142,6 +144,7 @@ impl Pool {
             last_growth: 0,
             burst_pages: 1,
             last_stale_check: 0,
+            retiring: 0,
         }
     }
 

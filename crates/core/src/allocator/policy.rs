@@ -111,6 +111,9 @@ impl<B: Backend> State<B> {
             return Ok(Some(slot));
         }
         if self.caps.page_mapping {
+            if !self.retiring.is_empty() {
+                self.process_retiring(backend, None, notes)?;
+            }
             self.trim_stale_pages(backend, p, notes)?;
         }
         // A miss. In large pools, cached buffers go back to heap space first, so placement
@@ -197,8 +200,9 @@ impl<B: Backend> State<B> {
             let low_mark = (placed_peak as f64 * (1.0 + self.config.idle_page_fraction * TRIM_TO))
                 as usize
                 + g;
-            let over = if pool.reserved + need > budget {
-                (pool.reserved + need).saturating_sub(low_mark)
+            let kept = pool.reserved - pool.retiring;
+            let over = if kept + need > budget {
+                (kept + need).saturating_sub(low_mark)
             } else {
                 0
             };
@@ -216,12 +220,11 @@ impl<B: Backend> State<B> {
                 let min_age = self.config.min_idle_age;
                 let surplus =
                     pages_of(self, p, h).surplus_runs(over.div_ceil(g), off, size, now, min_age);
-                for run in surplus {
-                    self.unmap_run(backend, p, h, run, notes)?;
-                }
+                self.retire_pages(backend, p, h, surplus)?;
+                self.process_retiring(backend, Some(p), notes)?;
             }
             let pool = &self.pools[p as usize];
-            let headroom = budget.saturating_sub(pool.reserved + need) / g;
+            let headroom = budget.saturating_sub(pool.reserved - pool.retiring + need) / g;
             let extra = burst_pages.saturating_sub(1).min(headroom);
             if extra > 0 {
                 runs = pages_of(self, p, h).unmapped_runs(off, size, need / g + extra);
@@ -290,11 +293,9 @@ impl<B: Backend> State<B> {
             .collect();
         for h in heaps {
             let runs = pages_of(self, p, h).surplus_runs(usize::MAX, 0, 0, now, age);
-            for run in runs {
-                self.unmap_run(backend, p, h, run, notes)?;
-            }
+            self.retire_pages(backend, p, h, runs)?;
         }
-        Ok(())
+        self.process_retiring(backend, Some(p), notes)
     }
 
     /// Over the low watermark: every cached buffer dissolved, every idle page unmapped,

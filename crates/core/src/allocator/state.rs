@@ -78,6 +78,15 @@ pub(crate) struct Record<E> {
     pub use_count: u32,
 }
 
+/// Pages chosen to be unmapped, waiting for the device to finish the work queued before.
+#[derive(Debug)]
+pub(crate) struct Retiring<E> {
+    pub pool: u32,
+    pub heap: u32,
+    pub run: PageRun,
+    pub event: E,
+}
+
 /// Why a step could not find memory; the last one becomes the out-of-memory cause.
 pub(crate) type Shortfall = OomCause;
 
@@ -92,6 +101,8 @@ pub(crate) struct State<B: Backend> {
     free_slots: Vec<u32>,
     pub by_ptr: AddrMap<u32>,
     pub pending: Vec<u32>,
+    /// Page runs to unmap once their event completes.
+    pub retiring: Vec<Retiring<B::Event>>,
     pub stats: Stats,
     pub limits: Limits,
     /// Driver-reported memory in use that is not ours, sampled on slow paths.
@@ -127,6 +138,7 @@ impl<B: Backend> State<B> {
             free_slots: Vec::new(),
             by_ptr: AddrMap::default(),
             pending: Vec::new(),
+            retiring: Vec::new(),
             stats: Stats::default(),
             limits,
             external: 0,
@@ -535,6 +547,9 @@ impl<B: Backend> State<B> {
 
     /// Gives an empty heap back to the backend.
     pub fn release_heap(&mut self, backend: &B, p: u32, h: u32, notes: &mut Notes) -> Result<()> {
+        if self.pools[p as usize].heap(h).pages.is_some() {
+            self.quiesce(backend, p, notes)?;
+        }
         let heap = self.pools[p as usize].heap(h);
         debug_assert_eq!(heap.n_buffers, 0);
         let mapped_runs: Vec<PageRun> = heap
@@ -644,6 +659,10 @@ impl<B: Backend> State<B> {
         keep: usize,
         notes: &mut Notes,
     ) -> Result<usize> {
+        if self.pools[p as usize].idle_mapped_bytes() <= keep {
+            return Ok(0);
+        }
+        self.quiesce(backend, p, notes)?;
         let mut idle = self.pools[p as usize].idle_mapped_bytes();
         let mut unmapped = 0;
         let heaps: Vec<u32> = self.pools[p as usize].heap_slots().collect();
@@ -663,6 +682,84 @@ impl<B: Backend> State<B> {
             }
         }
         Ok(unmapped)
+    }
+
+    /// Waits until the device has finished the work queued on pool `p`'s stream, so that its
+    /// idle pages can be unmapped at once, and unmaps what was retiring there.
+    pub fn quiesce(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
+        let event = backend.record_event(self.pools[p as usize].stream)?;
+        backend.wait_event(&event)?;
+        self.process_retiring(backend, Some(p), notes)
+    }
+
+    /// Schedules page runs of heap `h` for unmapping once the work queued so far on the
+    /// pool's stream is done (buffers freed there may still be read or written by it). No
+    /// CPU wait: the runs are unmapped by a later [`State::process_retiring`].
+    pub fn retire_pages(&mut self, backend: &B, p: u32, h: u32, runs: Vec<PageRun>) -> Result<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let stream = self.pools[p as usize].stream;
+        let pool = &mut self.pools[p as usize];
+        let g = self.caps.granularity;
+        for &run in &runs {
+            if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
+                pages.set_retiring(run, true);
+            }
+            pool.retiring += run.1 * g;
+        }
+        for run in runs {
+            // One event per run keeps the bookkeeping simple; recording is cheap.
+            match backend.record_event(stream) {
+                Ok(event) => self.retiring.push(Retiring {
+                    pool: p,
+                    heap: h,
+                    run,
+                    event,
+                }),
+                Err(e) => {
+                    let pool = &mut self.pools[p as usize];
+                    if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
+                        pages.set_retiring(run, false);
+                    }
+                    pool.retiring -= run.1 * g;
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps retiring runs whose event has completed (only in pool `only`, when given),
+    /// skipping pages a buffer was placed on meanwhile.
+    pub fn process_retiring(
+        &mut self,
+        backend: &B,
+        only: Option<u32>,
+        notes: &mut Notes,
+    ) -> Result<()> {
+        let mut i = 0;
+        while i < self.retiring.len() {
+            let r = &self.retiring[i];
+            let done = only.is_none_or(|p| p == r.pool)
+                && matches!(backend.event_complete(&r.event), Ok(true));
+            if !done {
+                i += 1;
+                continue;
+            }
+            let r = self.retiring.swap_remove(i);
+            let g = self.caps.granularity;
+            let pool = &mut self.pools[r.pool as usize];
+            pool.retiring -= r.run.1 * g;
+            let still_idle = match pool.heap_mut(r.heap).pages.as_mut() {
+                Some(pages) => pages.take_retired(r.run),
+                None => Vec::new(),
+            };
+            for run in still_idle {
+                self.unmap_run(backend, r.pool, r.heap, run, notes)?;
+            }
+        }
+        Ok(())
     }
 
     /// Releases every empty heap of pool `p` (with `paged_too`, page-mapped ones as well).
