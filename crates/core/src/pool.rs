@@ -27,6 +27,7 @@ pub const ALIGN: usize = 512;
 /// The five kinds of pool of the seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 pub enum PoolKind {
     PrivateSmall,
     PrivateLarge,

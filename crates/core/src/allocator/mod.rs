@@ -204,6 +204,19 @@ impl<B: Backend> Allocator<B> {
         } else {
             self.storage
         };
+        {
+            // The hot path: a cached buffer of exactly this size.
+            let mut st = self.engine.state.lock();
+            let kind = st.select_kind(size, aligned, storage, scalar);
+            let p = st.pool_for(kind, stream);
+            if let Some(slot) = st.pools[p as usize].cache.take_exact(aligned) {
+                st.recycle(slot, size, &mut notes);
+                let buffer = self.describe(&st, slot);
+                drop(st);
+                self.fire(notes);
+                return Ok(Some(buffer));
+            }
+        }
         for phase in [
             Phase::Normal,
             Phase::AfterCallbacks,
@@ -276,15 +289,21 @@ impl<B: Backend> Allocator<B> {
 
     fn describe(&self, st: &State<B>, slot: u32) -> Buffer {
         let rec = &st.records[slot as usize];
-        let (region, offset) = st.region_of(slot);
         let storage = st.pools[rec.pool as usize].kind.storage();
+        let host_ptr = match storage {
+            Storage::Private => None,
+            Storage::Shared => {
+                let (region, offset) = st.region_of(slot);
+                region.host_base.map(|h| h + offset as u64)
+            }
+        };
         Buffer {
             ptr: rec.ptr,
             size: rec.size,
             requested: rec.requested,
             id: rec.id,
             storage,
-            host_ptr: region.host_base.map(|h| h + offset as u64),
+            host_ptr,
         }
     }
 

@@ -96,7 +96,8 @@ pub(crate) struct State<B: Backend> {
     pub debug: u32,
     pub config: Config,
     pub pools: Vec<Pool>,
-    pool_index: HashMap<(PoolKind, StreamId), u32>,
+    /// Pools of non-default streams: one slot per kind (`u32::MAX` until created).
+    pool_index: AddrMap<[u32; 5]>,
     pub records: Vec<Record<B::Event>>,
     free_slots: Vec<u32>,
     pub by_ptr: AddrMap<u32>,
@@ -133,7 +134,7 @@ impl<B: Backend> State<B> {
             debug: config.debug,
             config,
             pools,
-            pool_index: HashMap::new(),
+            pool_index: AddrMap::default(),
             records: Vec::new(),
             free_slots: Vec::new(),
             by_ptr: AddrMap::default(),
@@ -152,15 +153,17 @@ impl<B: Backend> State<B> {
     /// The pool for `kind` on `stream`, created on first use.
     #[inline]
     pub fn pool_for(&mut self, kind: PoolKind, stream: StreamId) -> u32 {
+        let k = kind as usize;
         if stream == 0 {
-            return PoolKind::ALL.iter().position(|&k| k == kind).unwrap_or(0) as u32;
+            return k as u32;
         }
-        if let Some(&p) = self.pool_index.get(&(kind, stream)) {
-            return p;
+        let slots = self.pool_index.entry(stream).or_insert([u32::MAX; 5]);
+        if slots[k] != u32::MAX {
+            return slots[k];
         }
         self.pools.push(Pool::new(kind, stream));
         let p = (self.pools.len() - 1) as u32;
-        self.pool_index.insert((kind, stream), p);
+        self.pool_index.get_mut(&stream).expect("inserted above")[k] = p;
         p
     }
 
@@ -334,6 +337,28 @@ impl<B: Backend> State<B> {
     /// events in `pending`).
     pub fn retire(&mut self, backend: &B, slot: u32, notes: &mut Notes) -> Result<bool> {
         let rec = &mut self.records[slot as usize];
+        if rec.streams.is_empty()
+            && rec.events.is_empty()
+            && self.pools[rec.pool as usize].kind != PoolKind::Scalar
+        {
+            // The common case: used on its own stream only, nothing to wait for.
+            let (size, requested, g) = (
+                rec.size as u64,
+                rec.requested as u64,
+                self.pools[rec.pool as usize].kind.stat_group(),
+            );
+            if !rec.shape.is_empty() {
+                rec.shape = Vec::new();
+            }
+            let s = &mut self.stats;
+            for i in [0, g] {
+                s.allocated_bytes[i].sub(size);
+                s.requested_bytes[i].sub(requested);
+                s.allocation[i].sub(1);
+            }
+            self.cache(slot, notes);
+            return Ok(true);
+        }
         let (size, requested, pool) = (rec.size as u64, rec.requested as u64, rec.pool);
         rec.shape = Vec::new();
         let kind = self.pools[pool as usize].kind;
