@@ -31,7 +31,7 @@ use crate::memory::{
     Counters, DevicePages, alloc_aligned, allocation_prop, attribute, device_name, host_alloc,
     host_free, mem_get_info, plain_alloc, plain_free,
 };
-use crate::vmm::{PageTable, PartialUnmap};
+use crate::vmm::{PageTable, PhysicalGranularity};
 
 /// Page size used when the device has no VMM support (then only for alignment of regions).
 const FALLBACK_GRANULARITY: usize = 2 << 20;
@@ -39,21 +39,28 @@ const FALLBACK_GRANULARITY: usize = 2 << 20;
 /// Choices a caller can make when building a [`CudaBackend`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CudaOptions {
-    /// What `unmap` does with a physical allocation it covers only in part (see
-    /// [`PartialUnmap`]). Default: [`PartialUnmap::Defer`], which never loses live data.
-    pub partial_unmap: PartialUnmap,
-    /// Synchronise the context (`cuCtxSynchronize`) before unmapping VMM pages, as PyTorch's
-    /// expandable segments do: `cuMemUnmap` does not reliably wait for kernels still using the
-    /// pages. Default: true. Turn it off only if the caller guarantees the device is done with
-    /// every page it unmaps.
+    /// How many physical allocations back the pages of one `map` call (see
+    /// [`PhysicalGranularity`]). Default: [`PhysicalGranularity::PerPage`], one per page, so
+    /// every `unmap` gives its memory back at once.
+    pub physical: PhysicalGranularity,
+    /// Synchronise the context (`cuCtxSynchronize`) before unmapping VMM pages. Default:
+    /// false.
+    ///
+    /// `cuMemUnmap` does not reliably wait for kernels still using the pages, so *someone* must
+    /// make sure no queued device work uses a page when it is unmapped. The bufferheap engine
+    /// does: when it decides to unmap pages it records an event on the pool's stream, and it
+    /// calls `unmap` only once that event has completed (or after waiting on it). With that
+    /// contract a context-wide synchronisation would only stall every other stream. Turn this
+    /// on when the backend is used outside the engine by a caller that cannot guarantee it
+    /// (PyTorch's expandable segments make the same choice and synchronise before unmapping).
     pub sync_before_unmap: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
         CudaOptions {
-            partial_unmap: PartialUnmap::Defer,
-            sync_before_unmap: true,
+            physical: PhysicalGranularity::PerPage,
+            sync_before_unmap: false,
         }
     }
 }
@@ -63,19 +70,28 @@ impl Default for CudaOptions {
 pub struct DriverStats {
     /// `cuMemCreate` calls that succeeded (physical allocations made).
     pub mem_create: u64,
-    /// `cuMemMap` calls that succeeded (each followed by one `cuMemSetAccess`).
+    /// `cuMemMap` calls that succeeded (one per physical allocation).
     pub mem_map: u64,
-    /// `cuMemUnmap` calls that succeeded.
+    /// `cuMemSetAccess` calls that succeeded (one per contiguous run of new mappings of a
+    /// `map` call: one per call when nothing in its range was backed).
+    pub mem_set_access: u64,
+    /// `cuMemUnmap` calls that succeeded (one per run of adjacent mappings unmapped together,
+    /// or one per mapping once [`DriverStats::unmap_runs_refused`]).
     pub mem_unmap: u64,
-    /// `cuMemRelease` calls that succeeded.
+    /// `cuMemRelease` calls that succeeded (one per physical allocation given back).
     pub mem_release: u64,
     /// `cuCtxSynchronize` calls made before unmapping.
     pub sync: u64,
+    /// True once the driver refused to unmap several adjacent mappings with one call; the
+    /// backend then unmaps each mapping with its own call.
+    pub unmap_runs_refused: bool,
     /// Bytes the engine has mapped, over all page-mapped regions.
     pub mapped_bytes: usize,
     /// Bytes of physical allocations mapped, over all page-mapped regions (`>= mapped_bytes`).
     pub physical_bytes: usize,
-    /// `physical_bytes - mapped_bytes`: unmapped by the engine, still backed (deferred).
+    /// `physical_bytes - mapped_bytes`: unmapped by the engine, still backed. Always 0 with
+    /// [`PhysicalGranularity::PerPage`] (unless a driver call failed); with
+    /// [`PhysicalGranularity::PerMap`] the deferred partial unmaps.
     pub held_bytes: usize,
     /// Physical allocations currently mapped.
     pub handles: usize,
@@ -257,9 +273,11 @@ impl CudaBackend {
         let mut s = DriverStats {
             mem_create: c.create.load(Relaxed),
             mem_map: c.map.load(Relaxed),
+            mem_set_access: c.set_access.load(Relaxed),
             mem_unmap: c.unmap.load(Relaxed),
             mem_release: c.release.load(Relaxed),
             sync: c.sync.load(Relaxed),
+            unmap_runs_refused: c.unmap_runs_refused.load(Relaxed),
             idle_events: self.events.idle(),
             ..DriverStats::default()
         };
@@ -315,7 +333,10 @@ impl CudaBackend {
             // granularity (checked by the caller); no fixed address is requested.
             unsafe { sys::cuMemAddressReserve(&mut base, size, g, 0, 0) }
         })?;
-        Ok((base, Kind::Pages(PageTable::new(size, g))))
+        Ok((
+            base,
+            Kind::Pages(PageTable::new(size, g, self.options.physical)),
+        ))
     }
 
     fn reserve_plain(&self, size: usize) -> Result<(u64, Kind), BackendError> {
@@ -475,8 +496,11 @@ impl Backend for CudaBackend {
         pages.map(&mut self.pages(entry.base), offset, len)
     }
 
-    /// Unmaps `[offset, offset + len)`; see [`PartialUnmap`] for ranges that cover an earlier
-    /// `map` call only in part.
+    /// Unmaps `[offset, offset + len)`. With [`PhysicalGranularity::PerPage`] its pages are
+    /// unmapped and released at once, whatever `map` calls they came from; with
+    /// [`PhysicalGranularity::PerMap`] see [`PartialUnmap`](crate::PartialUnmap) for ranges
+    /// that cover an earlier `map` call only in part. No queued device work may use the pages
+    /// any more, unless the backend was built with [`CudaOptions::sync_before_unmap`].
     fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
         let op = BackendOp::Unmap;
         let mut table = self.table.lock();
@@ -485,12 +509,7 @@ impl Backend for CudaBackend {
             return Err(not_page_mapped(op));
         };
         let _guard = self.ctx.enter(op)?;
-        pages.unmap(
-            &mut self.pages(entry.base),
-            self.options.partial_unmap,
-            offset,
-            len,
-        )
+        pages.unmap(&mut self.pages(entry.base), offset, len)
     }
 
     fn record_event(&self, stream: StreamId) -> Result<CudaEvent, BackendError> {

@@ -13,8 +13,8 @@
 //! | `reserve(size, Private, false)` | `cuMemAddressReserve` (address space only) |
 //! | `reserve(size, Private, true)` | `cuMemAlloc_v2` |
 //! | `reserve(size, Shared, _)` | `cuMemHostAlloc(DEVICEMAP \| PORTABLE)` + `cuMemHostGetDevicePointer`; `host_base` is the host address, `base` the device address |
-//! | `map` | one `cuMemCreate` per unbacked run of the range + `cuMemMap` + `cuMemSetAccess` (this device, read/write) |
-//! | `unmap` | `cuCtxSynchronize` (see [`CudaOptions::sync_before_unmap`]), then `cuMemUnmap` + `cuMemRelease` of each physical allocation left with no mapped page; partly covered allocations follow [`PartialUnmap`] |
+//! | `map` | `cuMemCreate` + `cuMemMap` per page (per allocation with [`PhysicalGranularity::PerMap`]), then one `cuMemSetAccess` (this device, read/write) over the whole new range |
+//! | `unmap` | `cuCtxSynchronize` only with [`CudaOptions::sync_before_unmap`], then one `cuMemUnmap` per run of adjacent allocations left with no mapped page, and `cuMemRelease` of each; with `PerMap`, partly covered allocations follow [`PartialUnmap`] |
 //! | `release` | everything above undone, then `cuMemAddressFree` / `cuMemFree_v2` / `cuMemFreeHost` |
 //! | `record_event` | a pooled `CU_EVENT_DISABLE_TIMING` event, `cuEventRecord` on the stream (0 = legacy default stream) |
 //! | `event_complete` / `wait_event` | `cuEventQuery` / `cuEventSynchronize` |
@@ -30,15 +30,25 @@
 //! - every `unsafe` block carries a `// SAFETY:` argument; raw handles are wrapped in types
 //!   whose `Send`/`Sync` implementations say why sharing them is sound.
 //!
-//! ## Partial unmap
+//! ## Physical granularity
 //!
-//! CUDA unmaps physical allocations only whole, while the engine maps a run of pages with one
-//! call (one allocation) and may later unmap part of it. By default ([`PartialUnmap::Defer`])
-//! such an allocation stays mapped until all its pages are unmapped, so the live buffers on the
-//! rest of it keep their bytes; [`DriverStats::held_bytes`] shows what is held that way.
-//! [`PartialUnmap::Recreate`] instead gives the rest new allocations at once, which loses their
-//! contents: use it only with an engine that guarantees the rest of such a range is free too.
-//! [`PartialUnmap`] states the contract in full.
+//! CUDA unmaps a physical allocation only whole, while the engine maps a run of pages with one
+//! call and may later unmap part of it. By default ([`PhysicalGranularity::PerPage`]) every
+//! page is its own allocation, so whatever range the engine unmaps covers whole allocations
+//! and its memory goes back to the device at once, while the pages around it keep their
+//! bytes: [`DriverStats::held_bytes`] stays 0. The driver calls are batched: one
+//! `cuMemSetAccess` per `map` call, one `cuMemUnmap` per run of adjacent pages.
+//! [`PhysicalGranularity::PerMap`] makes one allocation per `map` call instead (fewer
+//! `cuMemCreate`/`cuMemRelease` calls); an `unmap` covering one only in part then either
+//! keeps it until all its pages are unmapped ([`PartialUnmap::Defer`], memory held) or
+//! replaces the rest of it ([`PartialUnmap::Recreate`], which loses the rest's contents).
+//!
+//! ## Unmapping and queued work
+//!
+//! `cuMemUnmap` does not wait for device work still using the pages. The engine unmaps pages
+//! only after an event recorded on the pool's stream when it chose them has completed, so by
+//! default the backend does not synchronise; [`CudaOptions::sync_before_unmap`] makes it call
+//! `cuCtxSynchronize` first, for callers outside the engine.
 //!
 //! VMM pages are made accessible to this device only; a kernel on a peer device cannot access
 //! them directly, even with peer access enabled.
@@ -52,4 +62,4 @@ mod vmm;
 pub use backend::{CudaBackend, CudaOptions, DriverStats};
 pub use driver::{device_count, driver_present};
 pub use events::CudaEvent;
-pub use vmm::PartialUnmap;
+pub use vmm::{PartialUnmap, PhysicalGranularity};

@@ -10,22 +10,27 @@
 //! - page-mapped memory is made accessible to the owning device only.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use bufferheap_core::{BackendError, BackendOp};
-use cudarc::driver::sys;
+use cudarc::driver::sys::{self, CUresult};
 
-use crate::driver::call;
+use crate::driver::{call, driver_error, status_of};
 use crate::vmm::PageDriver;
 
-/// Driver calls made, counted for statistics and tests.
+/// Driver calls made, counted for statistics and tests, and what the driver was found to
+/// refuse.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) create: AtomicU64,
     pub(crate) map: AtomicU64,
+    pub(crate) set_access: AtomicU64,
     pub(crate) unmap: AtomicU64,
     pub(crate) release: AtomicU64,
     pub(crate) sync: AtomicU64,
+    /// Set once the driver refused one `cuMemUnmap` over several adjacent mappings; from then
+    /// on each mapping is unmapped with its own call.
+    pub(crate) unmap_runs_refused: AtomicBool,
 }
 
 /// `cuMemCreate`/`cuMemMap`/`cuMemSetAccess`/`cuMemUnmap`/`cuMemRelease` at offsets of one
@@ -35,6 +40,19 @@ pub(crate) struct DevicePages<'a> {
     pub(crate) device: sys::CUdevice,
     pub(crate) counters: &'a Counters,
     pub(crate) sync: bool,
+}
+
+impl DevicePages<'_> {
+    fn unmap_one(&self, offset: usize, len: usize) -> Result<(), BackendError> {
+        let ptr = self.base + offset as u64;
+        call(BackendOp::Unmap, "cuMemUnmap", || {
+            // SAFETY: `[ptr, ptr + len)` is exactly one earlier `cuMemMap` of this region (the
+            // page table passes whole mappings only).
+            unsafe { sys::cuMemUnmap(ptr, len) }
+        })?;
+        self.counters.unmap.fetch_add(1, Relaxed);
+        Ok(())
+    }
 }
 
 impl PageDriver for DevicePages<'_> {
@@ -50,9 +68,6 @@ impl PageDriver for DevicePages<'_> {
         Ok(handle)
     }
 
-    /// Maps the handle and grants this device read/write access. Peers are not granted access:
-    /// a kernel on another device cannot read these pages directly (copies through the driver
-    /// still work).
     fn map(&mut self, offset: usize, len: usize, handle: u64) -> Result<(), BackendError> {
         let ptr = self.base + offset as u64;
         call(BackendOp::Map, "cuMemMap", || {
@@ -62,28 +77,61 @@ impl PageDriver for DevicePages<'_> {
             unsafe { sys::cuMemMap(ptr, len, 0, handle, 0) }
         })?;
         self.counters.map.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Grants this device read/write access with one call, however many mappings the range
+    /// spans: the driver takes any fully mapped range ("The range must be a fully mapped
+    /// address range containing all allocations created by cuMemMap / cuMemCreate"). Peers
+    /// are not granted access: a kernel on another device cannot read these pages directly
+    /// (copies through the driver still work).
+    fn set_access(&mut self, offset: usize, len: usize) -> Result<(), BackendError> {
+        let ptr = self.base + offset as u64;
         let desc = sys::CUmemAccessDesc {
             location: device_location(self.device),
             flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         };
-        let access = call(BackendOp::Map, "cuMemSetAccess", || {
-            // SAFETY: `[ptr, ptr + len)` was just mapped; `desc` is one initialised descriptor.
+        call(BackendOp::Map, "cuMemSetAccess", || {
+            // SAFETY: `[ptr, ptr + len)` is fully mapped (whole, adjacent mappings of this
+            // region, just made); `desc` is one initialised descriptor.
             unsafe { sys::cuMemSetAccess(ptr, len, &desc, 1) }
-        });
-        if let Err(err) = access {
-            self.unmap(offset, len)?;
-            return Err(err);
-        }
+        })?;
+        self.counters.set_access.fetch_add(1, Relaxed);
         Ok(())
     }
 
-    fn unmap(&mut self, offset: usize, len: usize) -> Result<(), BackendError> {
-        let ptr = self.base + offset as u64;
-        call(BackendOp::Unmap, "cuMemUnmap", || {
-            // SAFETY: `[ptr, ptr + len)` is exactly one earlier `cuMemMap` of this region.
-            unsafe { sys::cuMemUnmap(ptr, len) }
-        })?;
-        self.counters.unmap.fetch_add(1, Relaxed);
+    /// A run of several mappings is unmapped with one `cuMemUnmap` over all of it, as
+    /// NVIDIA's `vectorAddMMAP` sample does with its per-device stripes. Should the driver
+    /// refuse such a range (`CUDA_ERROR_INVALID_VALUE` or `CUDA_ERROR_NOT_SUPPORTED`, argument
+    /// checks, taken to have changed nothing), the mappings are unmapped one by one, now and
+    /// from then on (`DriverStats::unmap_runs_refused`).
+    fn unmap(&mut self, offset: usize, lens: &[usize]) -> Result<(), (usize, BackendError)> {
+        let op = BackendOp::Unmap;
+        if lens.len() > 1 && !self.counters.unmap_runs_refused.load(Relaxed) {
+            let ptr = self.base + offset as u64;
+            let total: usize = lens.iter().sum();
+            let status = status_of(op, "cuMemUnmap", || {
+                // SAFETY: `[ptr, ptr + total)` is a run of whole, adjacent mappings of this
+                // region (earlier `cuMemMap` calls), nothing else.
+                unsafe { sys::cuMemUnmap(ptr, total) }
+            })
+            .map_err(|err| (0, err))?;
+            match status {
+                CUresult::CUDA_SUCCESS => {
+                    self.counters.unmap.fetch_add(1, Relaxed);
+                    return Ok(());
+                }
+                CUresult::CUDA_ERROR_INVALID_VALUE | CUresult::CUDA_ERROR_NOT_SUPPORTED => {
+                    self.counters.unmap_runs_refused.store(true, Relaxed);
+                }
+                other => return Err((0, driver_error(op, "cuMemUnmap", other))),
+            }
+        }
+        let mut at = offset;
+        for (i, &len) in lens.iter().enumerate() {
+            self.unmap_one(at, len).map_err(|err| (i, err))?;
+            at += len;
+        }
         Ok(())
     }
 

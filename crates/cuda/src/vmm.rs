@@ -1,46 +1,74 @@
 //! Page tables of page-mapped (VMM) regions: which pages the engine has mapped, and which
 //! physical allocations back them.
 //!
-//! CUDA can only unmap a physical allocation whole (`cuMemUnmap` of exactly the range one
-//! `cuMemMap` mapped), and `cuMemMap` maps a handle whole (its offset must be 0). The engine,
-//! on the other hand, maps a run of pages with one call (one handle: per-handle cost dominates)
-//! and later unmaps whatever sub-range has become free. A [`PageTable`] reconciles the two with
-//! two sets per region:
+//! CUDA maps a physical allocation only whole (`cuMemMap` with offset 0) and unmaps whole
+//! mappings only (`cuMemUnmap` cannot split one). The engine maps a run of pages with one
+//! `map` call and later unmaps whatever sub-range has become free. How the two meet depends on
+//! [`PhysicalGranularity`]:
+//! - [`PhysicalGranularity::PerPage`] (the default): one allocation per page, so every range
+//!   the engine unmaps covers whole allocations and its memory goes back to the device at once;
+//! - [`PhysicalGranularity::PerMap`]: one allocation per unbacked run of a `map` call; an
+//!   `unmap` that covers such an allocation only in part follows [`PartialUnmap`].
+//!
+//! A [`PageTable`] keeps two sets per region:
 //! - the *logical* set: the pages the engine has mapped (what `map` added and `unmap` has not
 //!   removed). The engine may use exactly these pages.
 //! - the *physical* set: the allocations mapped in the region, each `(offset, len, handle)`.
 //!
-//! Invariants (checked by the unit tests below against a model of the driver's rules):
-//! - physical mappings are disjoint, granularity-aligned, and each is exactly one handle mapped
-//!   whole;
-//! - every logical page lies inside a physical mapping (the engine never touches an unbacked
-//!   page);
-//! - a physical mapping with no logical page left is unmapped and released at once;
-//! - a physical mapping that still has logical pages is never torn down in a way that loses
-//!   their contents, unless the backend was built with [`PartialUnmap::Recreate`].
+//! Driver calls are batched where the driver allows it: a `map` call sets access once per
+//! contiguous run of new mappings (`cuMemSetAccess` accepts any fully mapped range, spanning
+//! several mappings), and allocations that go away together are unmapped with one call per
+//! run of adjacent mappings.
 //!
-//! What happens to a physical allocation that `unmap` covers only in part is the contract
-//! documented on [`PartialUnmap`].
+//! Invariants (checked by the unit tests against a model of the driver's rules):
+//! - physical mappings are disjoint, granularity-aligned, and each is exactly one handle mapped
+//!   whole; with `PerPage` each is exactly one page;
+//! - every logical page lies inside a physical mapping that the device may access (the engine
+//!   never touches an unbacked or inaccessible page);
+//! - a physical mapping with no logical page left is unmapped and released at once (unless the
+//!   driver refused, in which case it is kept, counted as held, and retried by `clear`);
+//! - a physical mapping that still has logical pages is never torn down in a way that loses
+//!   their contents, unless the table uses `PerMap(PartialUnmap::Recreate)`.
 
 use std::collections::BTreeMap;
 
 use bufferheap_core::{BackendError, BackendOp};
 
-/// What [`unmap`](bufferheap_core::Backend::unmap) does with a physical allocation that the
-/// range covers only in part: the partial-unmap contract.
+/// How many physical allocations (`cuMemCreate` handles) back the pages of a `map` call.
 ///
-/// CUDA unmaps a physical allocation only whole, and the engine maps a run of pages with one
-/// `map` call (one allocation, since per-allocation cost dominates). When a later `unmap`
-/// covers only part of such a run, the rest of it may hold live buffers: the engine unmaps
+/// - [`PhysicalGranularity::PerPage`] (the default): one allocation per page (per VMM
+///   granule). A `map` of `n` pages makes `n` allocations and maps each at its page, then
+///   grants access with one `cuMemSetAccess` over the whole range. Any later `unmap` covers
+///   whole allocations, so its pages are unmapped and released at once, whatever earlier `map`
+///   calls they came from: the backend never holds memory the engine gave back, and the
+///   contents of the pages that stay mapped are untouched. The cost is one `cuMemCreate` per
+///   page when mapping and one `cuMemRelease` per page when unmapping.
+/// - [`PhysicalGranularity::PerMap`]: one allocation per unbacked run of a `map` call (fewer
+///   driver calls), at the price of partial unmaps: an `unmap` that covers such an allocation
+///   only in part follows the [`PartialUnmap`] given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PhysicalGranularity {
+    /// One allocation per page: every unmapped page goes back to the device at once.
+    #[default]
+    PerPage,
+    /// One allocation per `map` call; partly unmapped allocations follow the given mode.
+    PerMap(PartialUnmap),
+}
+
+/// What [`unmap`](bufferheap_core::Backend::unmap) does with a physical allocation that the
+/// range covers only in part, with [`PhysicalGranularity::PerMap`]: the partial-unmap contract.
+///
+/// CUDA unmaps a physical allocation only whole. When an `unmap` covers only part of an
+/// allocation made by one `map` call, the rest of it may hold live buffers: the engine unmaps
 /// ranges that hold no live data, but the pages just outside the range are usually outside it
 /// precisely because a live buffer sits there.
 ///
-/// - [`PartialUnmap::Defer`] (the default): the allocation stays mapped whole. The unmapped
-///   pages are *held* (still backed, no longer the engine's: `write`/`read` refuse them) until
-///   the last page of the allocation is unmapped; then the allocation is unmapped and released.
-///   The contents of the pages that stay are preserved. Mapping held pages again costs no
-///   driver call. The cost: device memory comes back later than the engine asked;
-///   `DriverStats::held_bytes` says how much is held.
+/// - [`PartialUnmap::Defer`]: the allocation stays mapped whole. The unmapped pages are *held*
+///   (still backed, no longer the engine's: `write`/`read` refuse them) until the last page of
+///   the allocation is unmapped; then the allocation is unmapped and released. The contents of
+///   the pages that stay are preserved. Mapping held pages again costs no driver call. The
+///   cost: device memory comes back later than the engine asked; `DriverStats::held_bytes`
+///   says how much is held.
 /// - [`PartialUnmap::Recreate`]: the parts that stay get new physical allocations at once: new
 ///   handles are created first (if the device is out of memory, the allocation is deferred as
 ///   above), then the old mapping is unmapped and released and the new handles are mapped in its
@@ -50,6 +78,8 @@ use bufferheap_core::{BackendError, BackendOp};
 ///
 /// Either way, a range spanning several earlier `map` calls unmaps and releases every
 /// allocation it covers whole, and treats the ones at its ends as above.
+/// [`PhysicalGranularity::PerPage`] makes this choice moot: no allocation is ever covered in
+/// part.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PartialUnmap {
     /// Keep the allocation mapped (contents preserved) until all its pages are unmapped.
@@ -59,20 +89,25 @@ pub enum PartialUnmap {
     Recreate,
 }
 
-/// The driver operations a page table needs. The real one calls `cuMemCreate`, `cuMemMap` +
+/// The driver operations a page table needs. The real one calls `cuMemCreate`, `cuMemMap`,
 /// `cuMemSetAccess`, `cuMemUnmap` and `cuMemRelease`; the tests use a model.
 pub(crate) trait PageDriver {
     /// Creates a physical allocation of `len` bytes; returns its handle.
     fn create(&mut self, len: usize) -> Result<u64, BackendError>;
-    /// Maps a whole allocation at `offset` of the region and grants access. On failure
-    /// nothing is left mapped at `offset`.
+    /// Maps a whole allocation at `offset` of the region, without access yet. On failure
+    /// nothing is mapped at `offset`.
     fn map(&mut self, offset: usize, len: usize, handle: u64) -> Result<(), BackendError>;
-    /// Unmaps exactly one earlier mapping.
-    fn unmap(&mut self, offset: usize, len: usize) -> Result<(), BackendError>;
+    /// Grants this device read/write access to `[offset, offset + len)`: one or more whole
+    /// mappings, adjacent (the range is fully mapped).
+    fn set_access(&mut self, offset: usize, len: usize) -> Result<(), BackendError>;
+    /// Unmaps a run of whole mappings, adjacent and in address order: the first starts at
+    /// `offset`, and `lens` are their lengths. On failure, says how many of the leading
+    /// mappings are unmapped all the same.
+    fn unmap(&mut self, offset: usize, lens: &[usize]) -> Result<(), (usize, BackendError)>;
     /// Releases a handle that is no longer mapped.
     fn release(&mut self, handle: u64) -> Result<(), BackendError>;
-    /// Waits until the device no longer uses memory about to be unmapped; called once before
-    /// the first `unmap` of an operation.
+    /// Waits until the device no longer uses memory about to be unmapped (where the backend
+    /// was asked to); called once before the first `unmap` of an operation.
     fn quiesce(&mut self) -> Result<(), BackendError>;
 }
 
@@ -82,11 +117,15 @@ struct Physical {
     handle: u64,
 }
 
+/// A mapping made by the current operation: `(start, end, handle)`.
+type Made = (usize, usize, u64);
+
 /// The logical and physical page sets of one page-mapped region (see the module docs).
 #[derive(Debug)]
 pub(crate) struct PageTable {
     size: usize,
     granularity: usize,
+    mode: PhysicalGranularity,
     /// start -> end (exclusive); disjoint and coalesced (no two touch).
     logical: BTreeMap<usize, usize>,
     /// start -> allocation mapped there; disjoint.
@@ -94,10 +133,11 @@ pub(crate) struct PageTable {
 }
 
 impl PageTable {
-    pub(crate) fn new(size: usize, granularity: usize) -> Self {
+    pub(crate) fn new(size: usize, granularity: usize, mode: PhysicalGranularity) -> Self {
         PageTable {
             size,
             granularity,
+            mode,
             logical: BTreeMap::new(),
             physical: BTreeMap::new(),
         }
@@ -113,7 +153,8 @@ impl PageTable {
         self.physical.values().map(|p| p.len).sum()
     }
 
-    /// Bytes still backed although the engine unmapped them (deferred partial unmaps).
+    /// Bytes still backed although the engine unmapped them (deferred partial unmaps, or
+    /// mappings the driver refused to unmap).
     pub(crate) fn held_bytes(&self) -> usize {
         self.physical_bytes() - self.logical_bytes()
     }
@@ -160,11 +201,21 @@ impl PageTable {
         }
     }
 
-    /// Commits pages to `[offset, offset + len)`. Pages still backed by a deferred allocation
-    /// are taken back without a driver call; the unbacked run gets one new handle. (There is at
-    /// most one: an allocation with no mapped page is released at once, so the only backed
-    /// pages in a free range belong to allocations sticking out of its ends.) On failure
-    /// nothing changes.
+    /// The allocations that back the unbacked run `[s, e)`: one per page, or one for the run.
+    fn pieces(&self, s: usize, e: usize) -> Vec<(usize, usize)> {
+        match self.mode {
+            PhysicalGranularity::PerPage => (s..e)
+                .step_by(self.granularity)
+                .map(|p| (p, p + self.granularity))
+                .collect(),
+            PhysicalGranularity::PerMap(_) => vec![(s, e)],
+        }
+    }
+
+    /// Commits pages to `[offset, offset + len)`. Each unbacked run of the range gets its
+    /// allocations (see [`PhysicalGranularity`]), mapped one by one, and then one
+    /// `set_access` over the run. Pages still backed by a deferred allocation (`PerMap` only)
+    /// are taken back without a driver call. On failure nothing changes.
     pub(crate) fn map(
         &mut self,
         drv: &mut impl PageDriver,
@@ -178,24 +229,38 @@ impl PageTable {
                 format!("range [{offset:#x}, {end:#x}) is already mapped in part or whole"),
             ));
         }
-        let mut done: Vec<(usize, usize, u64)> = Vec::new();
-        for (s, e) in self.physical_gaps(offset, end) {
-            let step = drv
-                .create(e - s)
-                .and_then(|handle| match drv.map(s, e - s, handle) {
-                    Ok(()) => Ok(handle),
+        let gaps = self.physical_gaps(offset, end);
+        let mut done: Vec<Made> = Vec::new();
+        let mut failure = None;
+        'gaps: for &(s, e) in &gaps {
+            for (ps, pe) in self.pieces(s, e) {
+                let handle = match drv.create(pe - ps) {
+                    Ok(handle) => handle,
                     Err(err) => {
-                        let _ = drv.release(handle);
-                        Err(err)
+                        failure = Some(err);
+                        break 'gaps;
                     }
-                });
-            match step {
-                Ok(handle) => done.push((s, e, handle)),
-                Err(err) => {
-                    self.roll_back(drv, done);
-                    return Err(err);
+                };
+                if let Err(err) = drv.map(ps, pe - ps, handle) {
+                    let _ = drv.release(handle);
+                    failure = Some(err);
+                    break 'gaps;
+                }
+                done.push((ps, pe, handle));
+            }
+        }
+        if failure.is_none() {
+            // Every gap is fully mapped now: one access call per gap.
+            for &(s, e) in &gaps {
+                if let Err(err) = drv.set_access(s, e - s) {
+                    failure = Some(err);
+                    break;
                 }
             }
+        }
+        if let Some(err) = failure {
+            self.roll_back(drv, &done);
+            return Err(err);
         }
         for (s, e, handle) in done {
             self.physical.insert(s, Physical { len: e - s, handle });
@@ -204,11 +269,14 @@ impl PageTable {
         Ok(())
     }
 
-    /// Undoes the mappings a failed `map` made. A mapping that cannot be undone stays in the
-    /// table as held memory, so that `release` frees it later.
-    fn roll_back(&mut self, drv: &mut impl PageDriver, done: Vec<(usize, usize, u64)>) {
-        for (s, e, handle) in done {
-            if drv.unmap(s, e - s).is_ok() {
+    /// Undoes the mappings a failed `map` made (nothing has used them, so no `quiesce`). A
+    /// mapping that cannot be undone stays in the table as held memory, so that `release`
+    /// frees it later.
+    fn roll_back(&mut self, drv: &mut impl PageDriver, done: &[Made]) {
+        let spans: Vec<(usize, usize)> = done.iter().map(|&(s, e, _)| (s, e - s)).collect();
+        let (unmapped, _) = unmap_runs(drv, &spans);
+        for (&(s, e, handle), ok) in done.iter().zip(unmapped) {
+            if ok {
                 let _ = drv.release(handle);
             } else {
                 self.physical.insert(s, Physical { len: e - s, handle });
@@ -216,15 +284,15 @@ impl PageTable {
         }
     }
 
-    /// Returns `[offset, offset + len)` (all of it mapped) to the device, following `mode` for
-    /// allocations the range covers only in part. The pages are the engine's no more even when
-    /// an error is returned; an error means some memory is still backed (held) or, with
-    /// [`PartialUnmap::Recreate`], that pages outside the range lost their mapping (the message
-    /// names them).
+    /// Returns `[offset, offset + len)` (all of it mapped) to the device. Allocations left
+    /// with no mapped page are unmapped (one driver call per run of adjacent ones) and
+    /// released; with `PerMap`, allocations the range covers only in part follow its
+    /// [`PartialUnmap`]. The pages are the engine's no more even when an error is returned;
+    /// an error means some memory is still backed (held) or, with [`PartialUnmap::Recreate`],
+    /// that pages outside the range lost their mapping (the message names them).
     pub(crate) fn unmap(
         &mut self,
         drv: &mut impl PageDriver,
-        mode: PartialUnmap,
         offset: usize,
         len: usize,
     ) -> Result<(), BackendError> {
@@ -237,38 +305,46 @@ impl PageTable {
         }
         self.logical_remove(offset, end);
         let mut first_error: Option<BackendError> = None;
-        let mut quiesced = false;
+        // Allocations to unmap, in address order, each with the allocations replacing its
+        // pages that stay (`Recreate` only).
+        let mut doomed: Vec<(usize, Physical, Vec<Made>)> = Vec::new();
         for start in self.physical_touching(offset, end) {
             let phys = self.physical[&start];
             let live = self.logical_parts(start, start + phys.len);
-            let replacements = if live.is_empty() {
-                Vec::new()
-            } else if mode == PartialUnmap::Recreate {
+            if live.is_empty() {
+                doomed.push((start, phys, Vec::new()));
+            } else if self.mode == PhysicalGranularity::PerMap(PartialUnmap::Recreate) {
                 match create_all(drv, &live) {
-                    Ok(handles) => handles,
+                    Ok(handles) => doomed.push((start, phys, handles)),
                     Err(err) => {
                         // Out of memory: defer this allocation instead. Anything else is
                         // worth reporting, but deferring is still the safe outcome.
                         if !err.out_of_memory {
                             first_error.get_or_insert(err);
                         }
-                        continue;
                     }
                 }
-            } else {
-                continue; // PartialUnmap::Defer: keep the allocation until all of it is free.
-            };
-            if !quiesced {
-                if let Err(err) = drv.quiesce() {
-                    release_all(drv, &replacements);
-                    first_error.get_or_insert(err);
-                    break;
-                }
-                quiesced = true;
             }
-            if let Err(err) = drv.unmap(start, phys.len) {
+            // Otherwise `Defer`: keep the allocation until all of it is free. (`PerPage`
+            // allocations are single pages: never covered in part.)
+        }
+        if doomed.is_empty() {
+            return first_error.map_or(Ok(()), Err);
+        }
+        if let Err(err) = drv.quiesce() {
+            for (_, _, replacements) in &doomed {
+                release_all(drv, replacements);
+            }
+            return Err(first_error.unwrap_or(err));
+        }
+        let spans: Vec<(usize, usize)> = doomed.iter().map(|(s, p, _)| (*s, p.len)).collect();
+        let (unmapped, err) = unmap_runs(drv, &spans);
+        if let Some(err) = err {
+            first_error.get_or_insert(err);
+        }
+        for ((start, phys, replacements), ok) in doomed.into_iter().zip(unmapped) {
+            if !ok {
                 release_all(drv, &replacements);
-                first_error.get_or_insert(err);
                 continue;
             }
             self.physical.remove(&start);
@@ -276,26 +352,41 @@ impl PageTable {
                 first_error.get_or_insert(err);
             }
             for (s, e, handle) in replacements {
-                match drv.map(s, e - s, handle) {
-                    Ok(()) => {
-                        self.physical.insert(s, Physical { len: e - s, handle });
-                    }
-                    Err(err) => {
-                        let _ = drv.release(handle);
-                        self.logical_remove_clipped(s, e);
-                        first_error.get_or_insert(BackendError {
-                            message: format!(
-                                "pages [{s:#x}, {e:#x}) outside the unmapped range lost their \
-                                 mapping: {}",
-                                err.message
-                            ),
-                            ..err
-                        });
-                    }
+                if let Err(err) = self.map_with_access(drv, s, e, handle) {
+                    self.logical_remove_clipped(s, e);
+                    first_error.get_or_insert(BackendError {
+                        message: format!(
+                            "pages [{s:#x}, {e:#x}) outside the unmapped range lost their \
+                             mapping: {}",
+                            err.message
+                        ),
+                        ..err
+                    });
                 }
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Maps `handle` whole at `[s, e)` and grants access. On failure the handle is unmapped
+    /// and released again or, where it cannot be unmapped, kept as held memory.
+    fn map_with_access(
+        &mut self,
+        drv: &mut impl PageDriver,
+        s: usize,
+        e: usize,
+        handle: u64,
+    ) -> Result<(), BackendError> {
+        if let Err(err) = drv.map(s, e - s, handle) {
+            let _ = drv.release(handle);
+            return Err(err);
+        }
+        if let Err(err) = drv.set_access(s, e - s) {
+            self.roll_back(drv, &[(s, e, handle)]);
+            return Err(err);
+        }
+        self.physical.insert(s, Physical { len: e - s, handle });
+        Ok(())
     }
 
     /// Unmaps and releases everything (the region is being given back). On error the
@@ -306,18 +397,13 @@ impl PageTable {
             return Ok(());
         }
         drv.quiesce()?;
-        let mut first_error = None;
-        let starts: Vec<usize> = self.physical.keys().copied().collect();
-        for start in starts {
-            let phys = self.physical[&start];
-            match drv.unmap(start, phys.len) {
-                Ok(()) => {
-                    self.physical.remove(&start);
-                    if let Err(err) = drv.release(phys.handle) {
-                        first_error.get_or_insert(err);
-                    }
-                }
-                Err(err) => {
+        let all: Vec<(usize, Physical)> = self.physical.iter().map(|(&s, &p)| (s, p)).collect();
+        let spans: Vec<(usize, usize)> = all.iter().map(|&(s, p)| (s, p.len)).collect();
+        let (unmapped, mut first_error) = unmap_runs(drv, &spans);
+        for ((start, phys), ok) in all.into_iter().zip(unmapped) {
+            if ok {
+                self.physical.remove(&start);
+                if let Err(err) = drv.release(phys.handle) {
                     first_error.get_or_insert(err);
                 }
             }
@@ -421,11 +507,42 @@ impl PageTable {
     }
 }
 
+/// Unmaps `spans` (whole mappings as `(start, len)`, in address order) with one driver call
+/// per run of adjacent ones. Returns, for each, whether it is unmapped now, and the first
+/// error.
+fn unmap_runs(
+    drv: &mut impl PageDriver,
+    spans: &[(usize, usize)],
+) -> (Vec<bool>, Option<BackendError>) {
+    let mut unmapped = vec![false; spans.len()];
+    let mut first_error = None;
+    let mut i = 0;
+    while i < spans.len() {
+        let (start, first_len) = spans[i];
+        let mut end = start + first_len;
+        let mut j = i + 1;
+        while j < spans.len() && spans[j].0 == end {
+            end += spans[j].1;
+            j += 1;
+        }
+        let lens: Vec<usize> = spans[i..j].iter().map(|&(_, l)| l).collect();
+        match drv.unmap(start, &lens) {
+            Ok(()) => unmapped[i..j].fill(true),
+            Err((done, err)) => {
+                unmapped[i..i + done.min(j - i)].fill(true);
+                first_error.get_or_insert(err);
+            }
+        }
+        i = j;
+    }
+    (unmapped, first_error)
+}
+
 /// Creates one handle per range; on failure releases those already created.
 fn create_all(
     drv: &mut impl PageDriver,
     ranges: &[(usize, usize)],
-) -> Result<Vec<(usize, usize, u64)>, BackendError> {
+) -> Result<Vec<Made>, BackendError> {
     let mut made = Vec::with_capacity(ranges.len());
     for &(s, e) in ranges {
         match drv.create(e - s) {
@@ -439,7 +556,7 @@ fn create_all(
     Ok(made)
 }
 
-fn release_all(drv: &mut impl PageDriver, made: &[(usize, usize, u64)]) {
+fn release_all(drv: &mut impl PageDriver, made: &[Made]) {
     for &(_, _, handle) in made {
         let _ = drv.release(handle);
     }

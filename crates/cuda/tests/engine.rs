@@ -1,6 +1,7 @@
 //! The engine over the CUDA backend on a real device: both policies, data written to every
-//! buffer survives every later allocation (no overlap), page-mapped heaps give memory back,
-//! and scalar buffers hold their value. Skips, saying so, where no CUDA device is present.
+//! buffer survives every later allocation (no overlap), page-mapped heaps give memory back
+//! (the backend holds no page the engine unmapped, and the driver's figures agree with the
+//! engine's), and scalar buffers hold their value. Skips, saying so, where no CUDA device is present.
 
 use std::ffi::c_void;
 
@@ -82,6 +83,17 @@ fn buffers_keep_their_data_under_both_policies() {
                 check(a.backend(), b.ptr, b.requested, *seed);
             }
             live = keep;
+            // Whatever the engine unmapped went back to the device: nothing is held behind
+            // its back, so the backend's physical memory never exceeds what it reserves.
+            let s = a.backend().stats();
+            assert_eq!(s.held_bytes, 0, "{policy} round {round}: {s:?}");
+            assert_eq!(s.physical_bytes, s.mapped_bytes);
+            assert!(
+                s.physical_bytes <= a.total_allocated(),
+                "{policy} round {round}: {} bytes mapped, the engine reserves {}",
+                s.physical_bytes,
+                a.total_allocated()
+            );
         }
         let reserved = a.total_allocated();
         assert!(reserved >= a.current_allocated());
@@ -90,6 +102,8 @@ fn buffers_keep_their_data_under_both_policies() {
         }
         a.empty_cache().unwrap();
         assert_eq!(a.total_allocated(), 0, "{policy}: everything given back");
+        let s = a.backend().stats();
+        assert_eq!((s.physical_bytes, s.handles), (0, 0), "{policy}: {s:?}");
         println!(
             "{policy}: reserved {reserved} bytes at the end of the rounds; stats {:?}",
             a.backend().stats()
