@@ -19,8 +19,10 @@ pub(crate) struct Pages {
     idle: BTreeSet<usize>,
     /// For idle pages: the allocation clock when they became idle.
     idle_since: Vec<u64>,
-    /// Pages chosen to be unmapped once the device is done with them (an event is pending).
-    retiring: Vec<bool>,
+    /// Pages chosen to be unmapped once the device is done with them: the ticket of the
+    /// retirement (0: none). A buffer placed on a retiring page cancels its retirement, so a
+    /// later, older event can never unmap a page that newer work uses.
+    retiring: Vec<u64>,
     mapped_pages: usize,
 }
 
@@ -33,7 +35,7 @@ impl Pages {
             mapped: vec![false; n],
             idle: BTreeSet::new(),
             idle_since: vec![0; n],
-            retiring: vec![false; n],
+            retiring: vec![0; n],
             mapped_pages: 0,
         }
     }
@@ -104,14 +106,21 @@ impl Pages {
     }
 
     /// Records a buffer on `[offset, offset + len)`; its pages must be mapped already.
-    pub fn occupy(&mut self, offset: usize, len: usize) {
+    /// Returns how many retiring pages this cancelled.
+    pub fn occupy(&mut self, offset: usize, len: usize) -> usize {
+        let mut cancelled = 0;
         for p in self.page_span(offset, len) {
             debug_assert!(self.mapped[p]);
             if self.live[p] == 0 {
                 self.idle.remove(&p);
             }
+            if self.retiring[p] != 0 {
+                self.retiring[p] = 0;
+                cancelled += 1;
+            }
             self.live[p] += 1;
         }
+        cancelled
     }
 
     /// Records that a buffer left `[offset, offset + len)`.
@@ -158,7 +167,7 @@ impl Pages {
         let mut runs: Vec<(usize, usize, u64)> = Vec::new();
         for &p in self.idle.iter() {
             if keep.contains(&p)
-                || self.retiring[p]
+                || self.retiring[p] != 0
                 || now.saturating_sub(self.idle_since[p]) < min_age
             {
                 continue;
@@ -184,24 +193,26 @@ impl Pages {
         out
     }
 
-    /// Marks (or clears) a run of pages as waiting to be unmapped.
-    pub fn set_retiring(&mut self, (first, n): PageRun, on: bool) {
+    /// Marks a run of idle pages as waiting to be unmapped under `ticket` (non-zero).
+    pub fn set_retiring(&mut self, (first, n): PageRun, ticket: u64) {
         for p in first..first + n {
-            self.retiring[p] = on;
+            self.retiring[p] = ticket;
         }
     }
 
-    /// The parts of a retiring run that are still idle (no buffer was placed on them since),
-    /// clearing the run's retiring marks.
-    pub fn take_retired(&mut self, (first, n): PageRun) -> Vec<PageRun> {
+    /// The pages of a run still retiring under `ticket` (none was placed on since), as runs,
+    /// clearing their marks.
+    pub fn take_retired(&mut self, (first, n): PageRun, ticket: u64) -> Vec<PageRun> {
         let mut runs: Vec<PageRun> = Vec::new();
         for p in first..first + n {
-            self.retiring[p] = false;
-            if self.mapped[p] && self.live[p] == 0 {
-                match runs.last_mut() {
-                    Some((f, k)) if *f + *k == p => *k += 1,
-                    _ => runs.push((p, 1)),
-                }
+            if self.retiring[p] != ticket {
+                continue;
+            }
+            self.retiring[p] = 0;
+            debug_assert!(self.mapped[p] && self.live[p] == 0);
+            match runs.last_mut() {
+                Some((f, k)) if *f + *k == p => *k += 1,
+                _ => runs.push((p, 1)),
             }
         }
         runs
@@ -231,7 +242,7 @@ mod tests {
         let runs = pages.unmapped_runs(g / 2, 2 * g, 4);
         assert_eq!(runs, vec![(0, 4)]);
         pages.mark_mapped(runs[0], 0);
-        pages.occupy(g / 2, 2 * g);
+        let _ = pages.occupy(g / 2, 2 * g);
         assert_eq!(pages.mapped_bytes(), 4 * g);
         assert_eq!(pages.idle_bytes(), g);
         assert!(pages.is_mapped(0, 3 * g));
@@ -241,5 +252,22 @@ mod tests {
         assert_eq!(pages.idle_runs(1), vec![(3, 1)]);
         pages.mark_unmapped((0, 4));
         assert_eq!(pages.mapped_bytes(), 0);
+    }
+
+    #[test]
+    fn a_buffer_placed_on_a_retiring_page_cancels_its_retirement() {
+        let g = 4096;
+        let mut pages = Pages::new(8 * g, g);
+        pages.mark_mapped((0, 4), 0);
+        pages.set_retiring((0, 4), 7);
+        // A buffer lands on page 1 while the unmap waits for its event, then leaves again:
+        // the old event says nothing about the work that used it meanwhile.
+        assert_eq!(pages.occupy(g, g), 1);
+        pages.vacate(g, g, 1);
+        assert_eq!(pages.take_retired((0, 4), 7), vec![(0, 1), (2, 2)]);
+        // A page retired again under a newer ticket is not taken by the older one.
+        pages.set_retiring((1, 1), 8);
+        assert_eq!(pages.take_retired((0, 4), 7), vec![]);
+        assert_eq!(pages.take_retired((1, 1), 8), vec![(1, 1)]);
     }
 }

@@ -15,7 +15,7 @@ use std::fmt;
 use bufferheap_core::{
     Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
 };
-use bufferheap_cuda::{CudaBackend, CudaEvent};
+use bufferheap_cuda::{CudaBackend, CudaEvent, CudaOptions, PartialUnmap, PhysicalGranularity};
 use bufferheap_host::{HostBackend, HostEvent};
 
 /// Selects the backend: `host`, `cuda`, or unset/`auto`.
@@ -148,11 +148,41 @@ impl BackendChoice {
                 Some(bytes) => HostBackend::with_memory(bytes),
                 None => HostBackend::new(),
             })),
-            BackendKind::Cuda => CudaBackend::new(ordinal)
+            BackendKind::Cuda => CudaBackend::with_options(ordinal, cuda_options()?)
                 .map(AnyBackend::Cuda)
                 .map_err(|e| format!("bufferheap: cannot start CUDA device {ordinal}: {e}")),
         }
     }
+}
+
+/// CUDA backend options from the environment, for diagnosis:
+/// `BUFFERHEAP_CUDA_SYNC_UNMAP=1` synchronises the device before every unmap, and
+/// `BUFFERHEAP_CUDA_PHYSICAL=per_map` backs each map call with one physical allocation.
+fn cuda_options() -> Result<CudaOptions, String> {
+    let mut options = CudaOptions::default();
+    if let Ok(v) = std::env::var("BUFFERHEAP_CUDA_SYNC_UNMAP") {
+        options.sync_before_unmap = match v.trim() {
+            "1" | "true" => true,
+            "0" | "false" => false,
+            other => {
+                return Err(format!(
+                    "bufferheap: invalid BUFFERHEAP_CUDA_SYNC_UNMAP {other:?} (expected 0 or 1)"
+                ));
+            }
+        };
+    }
+    if let Ok(v) = std::env::var("BUFFERHEAP_CUDA_PHYSICAL") {
+        options.physical = match v.trim() {
+            "per_page" => PhysicalGranularity::PerPage,
+            "per_map" => PhysicalGranularity::PerMap(PartialUnmap::Defer),
+            other => {
+                return Err(format!(
+                    "bufferheap: invalid BUFFERHEAP_CUDA_PHYSICAL {other:?} (expected per_page or per_map)"
+                ));
+            }
+        };
+    }
+    Ok(options)
 }
 
 fn no_driver_message() -> String {

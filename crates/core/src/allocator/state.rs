@@ -84,6 +84,7 @@ pub(crate) struct Retiring<E> {
     pub pool: u32,
     pub heap: u32,
     pub run: PageRun,
+    pub ticket: u64,
     pub event: E,
 }
 
@@ -112,6 +113,7 @@ pub(crate) struct State<B: Backend> {
     pub shortfall: Option<Shortfall>,
     next_buffer_id: u64,
     next_heap_id: u64,
+    next_ticket: u64,
 }
 
 impl<B: Backend> std::fmt::Debug for State<B> {
@@ -147,6 +149,7 @@ impl<B: Backend> State<B> {
             shortfall: None,
             next_buffer_id: 1,
             next_heap_id: 1,
+            next_ticket: 1,
         }
     }
 
@@ -277,9 +280,12 @@ impl<B: Backend> State<B> {
         let pool = &mut self.pools[p as usize];
         pool.take(h, off, size);
         let heap = pool.heap_mut(h);
-        if let Some(pages) = heap.pages.as_mut() {
-            pages.occupy(off, size);
-        }
+        let cancelled = match heap.pages.as_mut() {
+            Some(pages) => pages.occupy(off, size) * pages.granularity,
+            None => 0,
+        };
+        pool.retiring -= cancelled;
+        let heap = pool.heap(h);
         let ptr = heap.region.base + off as u64;
         let heap_id = heap.id;
         let (kind, stream) = (pool.kind, pool.stream);
@@ -721,36 +727,25 @@ impl<B: Backend> State<B> {
     /// pool's stream is done (buffers freed there may still be read or written by it). No
     /// CPU wait: the runs are unmapped by a later [`State::process_retiring`].
     pub fn retire_pages(&mut self, backend: &B, p: u32, h: u32, runs: Vec<PageRun>) -> Result<()> {
-        if runs.is_empty() {
-            return Ok(());
-        }
         let stream = self.pools[p as usize].stream;
-        let pool = &mut self.pools[p as usize];
         let g = self.caps.granularity;
-        for &run in &runs {
-            if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
-                pages.set_retiring(run, true);
-            }
-            pool.retiring += run.1 * g;
-        }
         for run in runs {
             // One event per run keeps the bookkeeping simple; recording is cheap.
-            match backend.record_event(stream) {
-                Ok(event) => self.retiring.push(Retiring {
-                    pool: p,
-                    heap: h,
-                    run,
-                    event,
-                }),
-                Err(e) => {
-                    let pool = &mut self.pools[p as usize];
-                    if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
-                        pages.set_retiring(run, false);
-                    }
-                    pool.retiring -= run.1 * g;
-                    return Err(e.into());
-                }
+            let event = backend.record_event(stream)?;
+            let ticket = self.next_ticket;
+            self.next_ticket += 1;
+            let pool = &mut self.pools[p as usize];
+            if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
+                pages.set_retiring(run, ticket);
             }
+            pool.retiring += run.1 * g;
+            self.retiring.push(Retiring {
+                pool: p,
+                heap: h,
+                run,
+                ticket,
+                event,
+            });
         }
         Ok(())
     }
@@ -775,11 +770,11 @@ impl<B: Backend> State<B> {
             let r = self.retiring.swap_remove(i);
             let g = self.caps.granularity;
             let pool = &mut self.pools[r.pool as usize];
-            pool.retiring -= r.run.1 * g;
             let still_idle = match pool.heap_mut(r.heap).pages.as_mut() {
-                Some(pages) => pages.take_retired(r.run),
+                Some(pages) => pages.take_retired(r.run, r.ticket),
                 None => Vec::new(),
             };
+            pool.retiring -= still_idle.iter().map(|run| run.1 * g).sum::<usize>();
             for run in still_idle {
                 self.unmap_run(backend, r.pool, r.heap, run, notes)?;
             }
