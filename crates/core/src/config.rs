@@ -90,7 +90,7 @@ impl Default for Config {
             low_watermark_ratio: None,
             high_watermark_ratio: None,
             debug: 0,
-            idle_page_fraction: 0.005,
+            idle_page_fraction: 0.01,
             map_chunk: 32 << 20,
             min_idle_age: 0,
             stale_page_age: u64::MAX,

@@ -79,19 +79,24 @@ fn host_and_sim_backends_reserve_the_same() {
 }
 
 #[test]
-fn default_policy_beats_pytorch_on_the_shipped_traces() {
-    // Regression guard on the headline figure (measured 1.0064 and 1.0088; expandable
-    // segments reach 1.010 and 1.017, PyTorch's native allocator 1.28).
-    for (name, bound) in [
-        ("gpt2_train.pkl.gz", 1.0100),
-        ("resnet50_train.pkl.gz", 1.0100),
+fn default_policy_reserves_less_than_expandable_segments() {
+    // Regression guard on the headline figure: below what PyTorch's expandable segments reach
+    // on the same training runs (1.010 and 1.017), far below its native allocator (1.28).
+    for (name, expandable) in [
+        ("gpt2_train.pkl.gz", 1.010),
+        ("resnet50_train.pkl.gz", 1.017),
     ] {
         let r = run(&trace(name), Policy::Default, BackendKind::Sim);
         assert!(
-            r.reserved_over_live <= bound,
+            r.reserved_over_live < expandable,
             "{name}: {}",
             r.reserved_over_live
         );
         assert!(r.reserved_over_live < r.pytorch_over_live);
+        assert!(
+            r.map_unmap_per_1000_allocs <= 5.0,
+            "{name}: {} map+unmap calls per 1000 allocations",
+            r.map_unmap_per_1000_allocs
+        );
     }
 }
