@@ -6,17 +6,81 @@
 //! backend: callers map or unmap first and then record it here, so the table never claims a
 //! mapping that failed.
 
-use std::collections::BTreeSet;
-
 /// A run of pages: first page index and number of pages.
 pub(crate) type PageRun = (usize, usize);
+
+/// A set of page indices as a bitmap: O(1) insert and remove, iteration by words.
+#[derive(Debug)]
+struct IdleSet {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl IdleSet {
+    fn new(pages: usize) -> IdleSet {
+        IdleSet {
+            words: vec![0; pages.div_ceil(64)],
+            len: 0,
+        }
+    }
+
+    fn insert(&mut self, p: usize) {
+        let (w, bit) = (p / 64, 1u64 << (p % 64));
+        if self.words[w] & bit == 0 {
+            self.words[w] |= bit;
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, p: &usize) {
+        let (w, bit) = (p / 64, 1u64 << (p % 64));
+        if self.words[w] & bit != 0 {
+            self.words[w] &= !bit;
+            self.len -= 1;
+        }
+    }
+
+    #[cfg(test)]
+    fn contains(&self, p: usize) -> bool {
+        self.words[p / 64] & (1 << (p % 64)) != 0
+    }
+
+    /// Members in ascending order.
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let b = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    w * 64 + b
+                })
+            })
+        })
+    }
+
+    /// Members in descending order.
+    fn iter_rev(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().rev().flat_map(|(w, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let b = 63 - bits.leading_zeros() as usize;
+                    bits &= !(1u64 << b);
+                    w * 64 + b
+                })
+            })
+        })
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct Pages {
     pub granularity: usize,
     live: Vec<u32>,
     mapped: Vec<bool>,
-    idle: BTreeSet<usize>,
+    /// Bitmap of idle pages (mapped, no buffer on them).
+    idle: IdleSet,
     /// For idle pages: the allocation clock when they became idle.
     idle_since: Vec<u64>,
     /// Pages chosen to be unmapped once the device is done with them: the ticket of the
@@ -33,7 +97,7 @@ impl Pages {
             granularity,
             live: vec![0; n],
             mapped: vec![false; n],
-            idle: BTreeSet::new(),
+            idle: IdleSet::new(n),
             idle_since: vec![0; n],
             retiring: vec![0; n],
             mapped_pages: 0,
@@ -49,7 +113,7 @@ impl Pages {
     }
 
     pub fn idle_bytes(&self) -> usize {
-        self.idle.len() * self.granularity
+        self.idle.len * self.granularity
     }
 
     /// Runs of unmapped pages under `[offset, offset + len)`, each extended forward over
@@ -137,7 +201,7 @@ impl Pages {
     /// Idle pages grouped in runs, highest addresses first, covering at most `max_pages`.
     pub fn idle_runs(&self, max_pages: usize) -> Vec<PageRun> {
         let mut runs: Vec<PageRun> = Vec::new();
-        for &p in self.idle.iter().rev().take(max_pages) {
+        for p in self.idle.iter_rev().take(max_pages) {
             match runs.last_mut() {
                 Some((first, n)) if *first == p + 1 => {
                     *first = p;
@@ -165,7 +229,7 @@ impl Pages {
         let keep = self.page_span(keep_offset, keep_len);
         // (first page, pages, most recent idle time in the run)
         let mut runs: Vec<(usize, usize, u64)> = Vec::new();
-        for &p in self.idle.iter() {
+        for p in self.idle.iter() {
             if keep.contains(&p)
                 || self.retiring[p] != 0
                 || now.saturating_sub(self.idle_since[p]) < min_age
@@ -269,5 +333,19 @@ mod tests {
         pages.set_retiring((1, 1), 8);
         assert_eq!(pages.take_retired((0, 4), 7), vec![]);
         assert_eq!(pages.take_retired((1, 1), 8), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn idle_set_iterates_both_ways() {
+        let mut set = IdleSet::new(200);
+        for p in [0, 63, 64, 130, 199] {
+            set.insert(p);
+        }
+        set.insert(64);
+        set.remove(&63);
+        assert_eq!(set.len, 4);
+        assert!(set.contains(130) && !set.contains(63));
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 64, 130, 199]);
+        assert_eq!(set.iter_rev().collect::<Vec<_>>(), vec![199, 130, 64, 0]);
     }
 }
