@@ -10,11 +10,10 @@
 //! callback may call any method. Unknown pointers give `None`/an error, never a panic.
 
 mod limits;
+mod mapping;
 mod policy;
 mod report;
 mod state;
-#[cfg(test)]
-mod tests;
 
 use std::sync::Arc;
 

@@ -8,7 +8,6 @@
 use std::fmt;
 
 use crate::backend::{Backend, StreamId};
-use crate::callbacks::Notes;
 use crate::format::format_size;
 use crate::pool::PoolKind;
 use crate::stats::Usage;
@@ -320,7 +319,6 @@ pub(super) fn report_leaks<B: Backend>(st: &State<B>) {
 
 /// Gives every heap back to the backend (engine drop).
 pub(super) fn release_everything<B: Backend>(st: &mut State<B>, backend: &B) {
-    let mut notes = Notes::new(false);
     for p in 0..st.pools.len() {
         let heaps: Vec<u32> = st.pools[p].heap_slots().collect();
         for h in heaps {
@@ -331,7 +329,6 @@ pub(super) fn release_everything<B: Backend>(st: &mut State<B>, backend: &B) {
         }
         st.pools[p].heaps.clear();
     }
-    let _ = &mut notes;
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
