@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace
+# The C library the Python package loads (cargo test builds only its Rust library).
+cargo build -p bufferheap-ffi
 
 # The Python package's tests, in a private virtual environment (pytest is their only need).
 venv=target/pytest-venv
