@@ -10,9 +10,11 @@
 //!
 //! Invariants: a replay never panics on a decoded snapshot; events that cannot apply (a free
 //! of an address never allocated, an unknown action) are counted and reported as warnings;
-//! the engine's errors stop the replay with the index of the event that caused them.
+//! the engine's errors stop the replay with the index of the event that caused them; a trace
+//! that allocates on more than [`MAX_STREAMS`] streams is refused before the replay starts, so
+//! the memory a replay takes stays bounded whatever the trace says.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use bufferheap_core::{Allocator, Backend, Config, Policy};
@@ -140,6 +142,12 @@ impl ReplayReport {
     }
 }
 
+/// The most distinct streams one device's replay accepts. The engine keeps a pool per stream,
+/// and a page-mapped pool's page table is sized to the device (about half a MiB for 80 GB): a
+/// damaged or hostile trace naming a new stream in every event would cost that much memory per
+/// event. PyTorch programs allocate on a few dozen streams at most.
+pub const MAX_STREAMS: usize = 256;
+
 /// Why a replay stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -149,6 +157,17 @@ pub enum ReplayError {
         device: usize,
         event: String,
         source: bufferheap_core::Error,
+    },
+    /// The trace allocates on more streams than a replay accepts.
+    #[error(
+        "device {device}: the trace allocates on more than {max} streams besides the default \
+         one (the next one at event {event}); a PyTorch program uses a few dozen at most, so the \
+         trace is damaged"
+    )]
+    TooManyStreams {
+        device: usize,
+        max: usize,
+        event: usize,
     },
 }
 
@@ -210,6 +229,21 @@ fn run<B: Backend>(
     let start = Instant::now();
     let events = snap.events(device);
     let total = events.len();
+    // The default stream's pools always exist; each other stream gets its own.
+    let mut streams: HashSet<u64> = HashSet::new();
+    for (i, e) in events.iter().enumerate() {
+        if e.action == Action::Alloc
+            && e.stream != 0
+            && streams.insert(e.stream)
+            && streams.len() > MAX_STREAMS
+        {
+            return Err(ReplayError::TooManyStreams {
+                device,
+                max: MAX_STREAMS,
+                event: i,
+            });
+        }
+    }
     let mut ours: HashMap<u64, (u64, u64)> = HashMap::with_capacity(4096);
     let mut live: u64 = 0;
     let mut peak_live: u64 = 0;
