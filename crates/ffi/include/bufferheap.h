@@ -17,11 +17,15 @@
  *   message in bufferheap_last_error() (per thread; it is only replaced by the next failing
  *   call of the same thread, so read it right after a call reports failure).
  * - Functions returning int answer 0 on success, -1 on failure.
- * - void functions, and bufferheap_malloc when it returns NULL for a non-zero size, also
- *   write the failure to stderr: their callers may not check anything. PyTorch (2.11) does
- *   not check the pointer returned by a pluggable allocator: on NULL it builds a tensor with
- *   a null data pointer and raises nothing; the first kernel that touches it fails with an
- *   illegal memory access, which leaves the process's CUDA context unusable.
+ * - void functions, and bufferheap_malloc when it fails for a non-zero size, also write the
+ *   failure to stderr: their callers may not check anything. PyTorch (2.11) does not check
+ *   the pointer returned by a pluggable allocator: on NULL it builds a tensor with a null
+ *   data pointer and raises nothing; the first kernel that touches it fails with an illegal
+ *   memory access, which leaves the process's CUDA context unusable. So inside a process
+ *   that has PyTorch's libc10 loaded, a failed bufferheap_malloc of a non-zero size throws
+ *   c10::Error (a RuntimeError in Python, carrying the out-of-memory text) through
+ *   c10::detail::torchCheckFail instead of returning NULL, the way PyTorch's own allocators
+ *   fail; BUFFERHEAP_OOM=null keeps the NULL return. Outside PyTorch it returns NULL.
  * - `device` is a device index; where noted, -1 means every device.
  * - Strings returned as char* are JSON objects owned by the caller, released with
  *   bufferheap_string_free.

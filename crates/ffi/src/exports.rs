@@ -38,24 +38,34 @@ fn null_note(size: isize, device: c_int) -> String {
     )
 }
 
-/// Allocates `size` bytes on `device` for use on `stream`. NULL for size 0 (no allocation),
-/// and on failure: then the reason is the last error and is written to stderr.
+/// Allocates `size` bytes on `device` for use on `stream`. NULL for size 0 (no allocation).
+/// On failure the reason is the last error and is written to stderr; inside PyTorch the call
+/// then raises PyTorch's error with that reason (see `raise`), elsewhere it returns NULL.
 #[unsafe(no_mangle)]
-pub extern "C" fn bufferheap_malloc(
+pub extern "C-unwind" fn bufferheap_malloc(
     size: isize,
     device: c_int,
     stream: *mut c_void,
 ) -> *mut c_void {
-    guard("bufferheap_malloc", null_mut(), || {
+    let mut failure = None;
+    let ptr = guard("bufferheap_malloc", null_mut(), || {
         match malloc(size, device, stream_id(stream)) {
             Ok(ptr) => ptr,
             Err(e) => {
                 report(&e);
-                eprint_lines(&null_note(size, device));
+                if !crate::raise::raises() {
+                    eprint_lines(&null_note(size, device));
+                }
+                failure = Some(e.message);
                 null_mut()
             }
         }
-    })
+    });
+    if let Some(message) = failure {
+        // Outside `guard`: a C++ exception must not meet `catch_unwind`.
+        crate::raise::raise_in_pytorch(&message);
+    }
+    ptr
 }
 
 fn malloc(size: isize, device: c_int, stream: StreamId) -> FfiResult<*mut c_void> {

@@ -35,6 +35,7 @@ mod backend;
 pub mod error;
 mod exports;
 mod json;
+mod raise;
 mod registry;
 
 pub use backend::{

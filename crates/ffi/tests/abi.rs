@@ -128,7 +128,7 @@ fn rounded(size: usize) -> u64 {
 #[test]
 fn signatures_match_the_contract() {
     // The header's declarations, as Rust function pointer types: a mismatch fails to compile.
-    let _: extern "C" fn(isize, c_int, *mut c_void) -> *mut c_void = bufferheap_malloc;
+    let _: extern "C-unwind" fn(isize, c_int, *mut c_void) -> *mut c_void = bufferheap_malloc;
     let _: extern "C" fn(*mut c_void, isize, c_int, *mut c_void) = bufferheap_free;
     let _: extern "C" fn(c_int) = bufferheap_init;
     let _: extern "C" fn() = bufferheap_reset;
