@@ -160,13 +160,21 @@ impl Pages {
         self.mapped_pages += n;
     }
 
-    pub fn mark_unmapped(&mut self, (first, n): PageRun) {
+    /// Records that a run of idle pages was unmapped. Returns how many of them were retiring:
+    /// their retirement is void (the pages are gone already, whatever path unmapped them).
+    pub fn mark_unmapped(&mut self, (first, n): PageRun) -> usize {
+        let mut cancelled = 0;
         for p in first..first + n {
             debug_assert!(self.mapped[p] && self.live[p] == 0);
             self.mapped[p] = false;
             self.idle.remove(&p);
+            if self.retiring[p] != 0 {
+                self.retiring[p] = 0;
+                cancelled += 1;
+            }
         }
         self.mapped_pages -= n;
+        cancelled
     }
 
     /// Records a buffer on `[offset, offset + len)`; its pages must be mapped already.

@@ -9,7 +9,7 @@
 //! under it. At quiescent points (all threads at a barrier) the counters must equal the model
 //! and the simulated device. At the end everything is returned: reserved 0, device holds 0.
 //!
-//! `BUFFERHEAP_CONCURRENCY_OPS` sets the operations per thread (default 4000);
+//! `BUFFERHEAP_CONCURRENCY_OPS` sets the operations per thread (default 20,000);
 //! `BUFFERHEAP_CONCURRENCY_TIMEOUT_SECS` how long the threads may go without finishing before
 //! the run counts as a deadlock (default 120).
 
@@ -32,7 +32,7 @@ fn ops_per_thread() -> usize {
     std::env::var("BUFFERHEAP_CONCURRENCY_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4000)
+        .unwrap_or(20_000)
 }
 
 struct Rng(u64);

@@ -383,7 +383,7 @@ fn clean_calls(policy: Policy, paged: bool, steps: &[Step]) -> [u64; 7] {
 }
 
 fn sweep(policy: Policy, paged: bool, ops: &[BackendOp]) -> Vec<(BackendOp, Tally)> {
-    let steps = workload(0xfa17 + paged as u64, 160);
+    let steps = workload(0xfa17 + paged as u64, 320);
     let calls = clean_calls(policy, paged, &steps);
     let mut out = Vec::new();
     for &op in ops {
@@ -393,9 +393,9 @@ fn sweep(policy: Policy, paged: bool, ops: &[BackendOp]) -> Vec<(BackendOp, Tall
             "{policy} paged={paged}: the workload never calls {op}"
         );
         let mut t = Tally::default();
-        // Every call up to 48, then a spread of later ones.
-        let ns: Vec<u64> = (1..=n_calls.min(48))
-            .chain((49..=n_calls).step_by((n_calls as usize / 16).max(1)))
+        // Every call up to 160, then a spread of later ones.
+        let ns: Vec<u64> = (1..=n_calls.min(160))
+            .chain((161..=n_calls).step_by((n_calls as usize / 16).max(1)))
             .collect();
         for n in ns {
             let r = nth_call_run(policy, paged, &steps, op, n);
@@ -575,6 +575,83 @@ fn failing_event_calls_keep_guarded_buffers_out_of_reuse() {
         assert_eq!((u.active, u.reserved), (0, 0), "{op}: {u:?}");
         assert_eq!(probe.sim().live_regions(), 0);
     }
+}
+
+#[test]
+fn a_failed_event_query_while_trimming_leaves_no_stale_page_retirement() {
+    // Pages retire behind an event when they go stale; emptying the cache waits for the
+    // device and unmaps every idle page. If the query of the retirement's event fails there,
+    // the pages are unmapped anyway: their retirement must go with them, or completing it
+    // later unmaps pages that are no longer mapped.
+    let probe = Probe::new(true);
+    let a = Allocator::new(
+        probe.clone(),
+        Config {
+            stale_page_age: 1,
+            ..config(Policy::Default)
+        },
+    )
+    .unwrap();
+    let x = a.alloc(32 * MIB).unwrap().unwrap();
+    a.free(x.ptr).unwrap();
+    // A miss: the cached buffer's space goes back to the heap; most of its pages fall idle.
+    let y = a.alloc(3 * MIB).unwrap().unwrap();
+    // The clock moves on (small buffers, another pool).
+    for _ in 0..300 {
+        let s = a.alloc(4096).unwrap().unwrap();
+        a.free(s.ptr).unwrap();
+    }
+    // The next miss in the large pool retires the stale pages behind an event.
+    let z = a.alloc(5 * MIB).unwrap().unwrap();
+    let mut live = Live::from([
+        (y.ptr, (y.size, y.requested)),
+        (z.ptr, (z.size, z.requested)),
+    ]);
+    check(&a, &live, "after retiring");
+    probe.faulty.set(BackendOp::QueryEvent, Fault::Always);
+    a.empty_cache().unwrap();
+    check(&a, &live, "emptied with failing queries");
+    probe.faulty.heal();
+    // The retirement's event is complete now: nothing may be unmapped twice.
+    let w = a.alloc(7 * MIB).unwrap().unwrap();
+    live.insert(w.ptr, (w.size, w.requested));
+    check(&a, &live, "after the retirement completed");
+    drain(&a, &mut live, "end");
+}
+
+#[test]
+fn a_failed_event_query_while_releasing_a_heap_leaves_no_stale_page_retirement() {
+    // As above, but the heap itself is released while its pages are retiring: the retirement
+    // must not outlive the heap (completing it would look the released heap up).
+    let probe = Probe::new(true);
+    let a = Allocator::new(
+        probe.clone(),
+        Config {
+            stale_page_age: 1,
+            ..config(Policy::Default)
+        },
+    )
+    .unwrap();
+    let x = a.alloc(32 * MIB).unwrap().unwrap();
+    a.free(x.ptr).unwrap();
+    let y = a.alloc(3 * MIB).unwrap().unwrap();
+    for _ in 0..300 {
+        let s = a.alloc(4096).unwrap().unwrap();
+        a.free(s.ptr).unwrap();
+    }
+    let z = a.alloc(5 * MIB).unwrap().unwrap();
+    a.free(y.ptr).unwrap();
+    a.free(z.ptr).unwrap();
+    probe.faulty.set(BackendOp::QueryEvent, Fault::Always);
+    a.empty_cache().unwrap();
+    let mut live = Live::new();
+    check(&a, &live, "emptied with failing queries");
+    assert_eq!(probe.sim().live_regions(), 0, "every heap was empty");
+    probe.faulty.heal();
+    let w = a.alloc(7 * MIB).unwrap().unwrap();
+    live.insert(w.ptr, (w.size, w.requested));
+    check(&a, &live, "after the retirement completed");
+    drain(&a, &mut live, "end");
 }
 
 #[test]

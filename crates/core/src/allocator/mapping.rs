@@ -87,6 +87,8 @@ impl<B: Backend> State<B> {
         let region = self.pools[p as usize].heap(h).region.clone();
         backend.release(&region)?;
         let heap = self.pools[p as usize].remove_heap(h);
+        // A retirement left in the heap (its event could not be queried) goes with it.
+        self.retiring.retain(|r| r.pool != p || r.heap != h);
         let kind = self.pools[p as usize].kind;
         let g = kind.stat_group();
         for i in [0, g] {
@@ -159,7 +161,9 @@ impl<B: Backend> State<B> {
         let addr = heap.region.base + (run.0 * g) as u64;
         let pool = &mut self.pools[p as usize];
         if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
-            pages.mark_unmapped(run);
+            // Pages unmapped while retiring (a trim after a wait whose event query failed)
+            // are no longer retiring.
+            pool.retiring -= pages.mark_unmapped(run) * g;
         }
         let bytes = run.1 * g;
         pool.reserved -= bytes;
