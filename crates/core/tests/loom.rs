@@ -58,7 +58,7 @@ fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
     let start = std::time::Instant::now();
     let mut builder = loom::model::Builder::new();
     if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(3);
+        builder.preemption_bound = Some(4);
     }
     builder.check(move || {
         counted.fetch_add(1, Ordering::Relaxed);
