@@ -219,6 +219,27 @@ def _():
     return True
 
 
+@check("device_full_raises_out_of_memory")
+def _():
+    # Two 45 GiB tensors do not fit on an 80 GB device: the second must raise with the
+    # allocator's figures, and the process must go on working afterwards.
+    free, _total = torch.cuda.mem_get_info()
+    n = int(free * 0.6)
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    try:
+        b = torch.empty(n, dtype=torch.uint8, device=dev)
+        info["device_full"] = {"raised": None, "data_ptr": b.data_ptr()}
+        del b
+        ok = False
+    except Exception as e:  # noqa: BLE001
+        info["device_full"] = {"raised": type(e).__name__, "message": str(e)[:2000]}
+        ok = "out of memory" in str(e)
+    del a
+    bufferheap.empty_cache()
+    y = torch.ones(MiB, device=dev)
+    return ok and float(y.sum()) == MiB
+
+
 @check("impossible_allocation")
 def _():
     before = bufferheap.memory_stats().get("num_ooms")
