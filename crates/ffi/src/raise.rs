@@ -28,9 +28,21 @@ fn torch_check_fail() -> Option<TorchCheckFail> {
         if std::env::var("BUFFERHEAP_OOM").is_ok_and(|v| v.trim() == "null") {
             return None;
         }
-        // SAFETY: dlsym with RTLD_DEFAULT only looks the name up among the objects already
-        // loaded into the process; the name is a NUL-terminated constant.
-        let p: *mut c_void = unsafe { libc::dlsym(libc::RTLD_DEFAULT, SYMBOL.as_ptr()) };
+        // PyTorch's libraries are loaded with RTLD_LOCAL, out of reach of RTLD_DEFAULT: ask
+        // for the already loaded libc10 by its name (RTLD_NOLOAD never loads anything).
+        // SAFETY: dlopen with RTLD_NOLOAD only returns a handle to an object already in the
+        // process (or null); the name is a NUL-terminated constant.
+        let lib =
+            unsafe { libc::dlopen(c"libc10.so".as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+        let handle = if lib.is_null() {
+            libc::RTLD_DEFAULT
+        } else {
+            lib
+        };
+        // SAFETY: dlsym only looks the name up in that object (or the global scope); the
+        // name is a NUL-terminated constant. The handle from RTLD_NOLOAD is never closed:
+        // the library stays loaded with the process, as PyTorch keeps it.
+        let p: *mut c_void = unsafe { libc::dlsym(handle, SYMBOL.as_ptr()) };
         (!p.is_null()).then_some(p as usize)
     });
     // SAFETY: the address is that of `c10::detail::torchCheckFail`'s `const char*` overload
