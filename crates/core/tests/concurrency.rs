@@ -14,14 +14,16 @@
 //! the run counts as a deadlock (default 120).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use bufferheap_core::{Allocator, Backend, CallbackEvent, Config, Error, Policy};
 use bufferheap_host::HostBackend;
 use bufferheap_sim::SimBackend;
+// The engine's own lock types: ThreadSanitizer sees them (the standard library comes
+// uninstrumented, so its locks, barrier and channels would read as races).
+use parking_lot::{Condvar, Mutex};
 
 const MIB: usize = 1 << 20;
 const THREADS: usize = 8;
@@ -55,7 +57,7 @@ type Shadow = Mutex<BTreeMap<u64, (u64, usize)>>;
 
 fn shadow_insert(shadow: &Shadow, ptr: u64, size: usize, owner: usize) {
     let end = ptr + size as u64;
-    let mut m = shadow.lock().unwrap();
+    let mut m = shadow.lock();
     if let Some((&p, &(e, o))) = m.range(..end).next_back() {
         assert!(
             e <= ptr,
@@ -63,6 +65,38 @@ fn shadow_insert(shadow: &Shadow, ptr: u64, size: usize, owner: usize) {
         );
     }
     m.insert(ptr, (end, owner));
+}
+
+/// A reusable barrier on the engine's lock types.
+struct Barrier {
+    /// (threads arrived, generation)
+    state: Mutex<(usize, u64)>,
+    cv: Condvar,
+    n: usize,
+}
+
+impl Barrier {
+    fn new(n: usize) -> Barrier {
+        Barrier {
+            state: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+            n,
+        }
+    }
+
+    fn wait(&self) {
+        let mut g = self.state.lock();
+        let generation = g.1;
+        g.0 += 1;
+        if g.0 == self.n {
+            *g = (0, generation + 1);
+            self.cv.notify_all();
+        } else {
+            while g.1 == generation {
+                self.cv.wait(&mut g);
+            }
+        }
+    }
 }
 
 /// A buffer a thread owns.
@@ -113,7 +147,7 @@ impl Device for HostBackend {
 }
 
 fn check_quiescent<B: Device>(a: &Allocator<B>, shadow: &Shadow, round: usize) {
-    let m = shadow.lock().unwrap();
+    let m = shadow.lock();
     let u = a.usage();
     let live: u64 = m.iter().map(|(p, (e, _))| e - p).sum();
     assert_eq!(u.allocated as u64, live, "round {round}: in-use bytes");
@@ -148,7 +182,7 @@ fn worker<B: Device>(
         assert_eq!(a.buffer_id(b.ptr), Some(b.id), "thread {t}");
         assert_eq!(a.shape(b.ptr), Some(b.shape.clone()), "thread {t}");
         // Out of the model first: once freed, another thread may get the bytes.
-        shadow.lock().unwrap().remove(&b.ptr);
+        shadow.lock().remove(&b.ptr);
         a.free(b.ptr).unwrap();
         done.frees += 1;
     };
@@ -296,43 +330,57 @@ fn hammer<B: Device>(a: Allocator<B>, name: &str) {
             .and_then(|s| s.parse().ok())
             .unwrap_or(120),
     );
-    let (tx, rx) = mpsc::channel();
-    for t in 0..THREADS {
-        let (a, shadow, barrier, tx) = (a.clone(), shadow.clone(), barrier.clone(), tx.clone());
-        std::thread::spawn(move || {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                worker(a, t, ops, shadow, barrier)
-            }));
-            let _ = tx.send((t, r));
-        });
-    }
-    drop(tx);
+    // Each thread's outcome: its figures, or its panic message.
+    type Outcome = (usize, Result<Done, String>);
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::new(Mutex::new(Vec::new()));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (a, shadow, barrier) = (a.clone(), shadow.clone(), barrier.clone());
+            let outcomes = outcomes.clone();
+            std::thread::spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker(a, t, ops, shadow, barrier)
+                }))
+                .map_err(|p| {
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
+                });
+                outcomes.lock().push((t, r));
+            })
+        })
+        .collect();
     let mut total = Done::default();
-    for _ in 0..THREADS {
-        match rx.recv_timeout(timeout) {
-            Ok((_, Ok(d))) => {
-                total.ops += d.ops;
-                total.allocs += d.allocs;
-                total.frees += d.frees;
-                total.ooms += d.ooms;
-            }
-            Ok((t, Err(p))) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+    let mut seen = 0;
+    while seen < THREADS {
+        let batch: Vec<Outcome> = std::mem::take(&mut *outcomes.lock());
+        for (t, r) in batch {
+            seen += 1;
+            match r {
+                Ok(d) => {
+                    total.ops += d.ops;
+                    total.allocs += d.allocs;
+                    total.frees += d.frees;
+                    total.ooms += d.ooms;
+                }
                 // The other threads may be stuck at a barrier: end the process.
-                fatal(&format!("{name}: thread {t} failed: {msg}"));
+                Err(msg) => fatal(&format!("{name}: thread {t} failed: {msg}")),
             }
-            Err(_) => fatal(&format!(
-                "{name}: no progress in {} s: deadlock",
-                timeout.as_secs()
-            )),
         }
+        if start.elapsed() > timeout {
+            fatal(&format!(
+                "{name}: not finished after {} s: deadlock",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in handles {
+        h.join().expect("caught inside");
     }
     a.unregister_callback("reenter");
-    assert!(shadow.lock().unwrap().is_empty());
+    assert!(shadow.lock().is_empty());
     assert_eq!(total.allocs, total.frees, "{name}");
     a.backend().progress();
     a.free_inactive_buffers();
