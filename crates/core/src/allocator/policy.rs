@@ -27,6 +27,8 @@ pub const MPS_REUSE_SLACK: usize = 32 * MIB;
 const FIT_CANDIDATES: usize = 64;
 /// A cached buffer up to `size / REUSE_SLACK_DIV` larger than a request may serve it.
 const REUSE_SLACK_DIV: usize = 8;
+/// The same for small pools (buffers of at most 1 MiB), where a little slack costs little.
+const SMALL_SLACK_DIV: usize = 4;
 /// Growth events closer than this many allocations form a burst.
 const BURST_WINDOW: u64 = 64;
 /// Where a trim brings reserved bytes back to, as a fraction of the budget's band.
@@ -99,12 +101,20 @@ impl<B: Backend> State<B> {
             self.recycle(slot, requested, notes);
             return Ok(Some(slot));
         }
-        // A cached buffer at most 1/REUSE_SLACK_DIV larger serves too: a size seen again with
+        // A cached buffer at most 1/REUSE_SLACK_DIV larger (1/SMALL_SLACK_DIV in small pools)
+        // serves too: a size seen again with
         // a little variation is recycled rather than placed anew (its slack is counted as in
         // use, and bounded).
         let pool = &mut self.pools[p as usize];
         if let Some(found) = pool.cache.smallest_at_least(size)
-            && found <= size + size / REUSE_SLACK_DIV
+            && found
+                <= size
+                    + size
+                        / if pool.kind.is_small() {
+                            SMALL_SLACK_DIV
+                        } else {
+                            REUSE_SLACK_DIV
+                        }
             && let Some(slot) = pool.cache.take_exact(found)
         {
             self.recycle(slot, requested, notes);
