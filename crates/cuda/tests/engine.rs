@@ -4,6 +4,8 @@
 //! engine's), and scalar buffers hold their value. Skips, saying so, where no CUDA device is present.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bufferheap_core::{Allocator, Config, Policy};
 use bufferheap_cuda::CudaBackend;
@@ -127,4 +129,88 @@ fn scalar_buffers_hold_their_value_on_the_device() {
     assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
     assert_eq!(out, value);
     a.free(s.ptr).unwrap();
+}
+
+/// A host function queued on a stream: holds the stream until the flag opens (or 20 s pass).
+unsafe extern "C" fn gate(user: *mut c_void) {
+    // SAFETY: `user` points to a leaked (never freed) `AtomicBool`.
+    let open = unsafe { &*(user as *const AtomicBool) };
+    let start = Instant::now();
+    while !open.load(Ordering::Acquire) && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn new_stream(backend: &CudaBackend) -> sys::CUstream {
+    backend.bind_to_thread().expect("context");
+    let mut stream: sys::CUstream = std::ptr::null_mut();
+    // SAFETY: `stream` is a valid out-pointer; the context is current.
+    let r = unsafe {
+        sys::cuStreamCreate(
+            &mut stream,
+            sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+        )
+    };
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+    stream
+}
+
+#[test]
+fn a_buffer_in_use_on_another_stream_is_not_handed_out() {
+    for policy in [Policy::Default, Policy::Mps] {
+        let Some(backend) = device() else { return };
+        let a = Allocator::new(
+            backend,
+            Config {
+                policy,
+                ..Config::default()
+            },
+        )
+        .expect("allocator");
+        let (s1, s2) = (new_stream(a.backend()), new_stream(a.backend()));
+        let (id1, id2) = (s1 as usize as u64, s2 as usize as u64);
+        let size = 4 << 20;
+        let x = a.alloc_on(size, id1).unwrap().unwrap();
+        // Work on stream 2 still uses `x` (held back by the gate, then writing into it).
+        let open: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        a.backend().bind_to_thread().expect("context");
+        // SAFETY: `gate` only reads the leaked flag; the stream is live.
+        let r = unsafe {
+            sys::cuLaunchHostFunc(s2, Some(gate), open as *const AtomicBool as *mut c_void)
+        };
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+        // SAFETY: `x.ptr` is a live device buffer of `size` bytes; the memset is queued on s2.
+        let r = unsafe { sys::cuMemsetD8Async(x.ptr, 0xab, size, s2) };
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+        a.record_stream(x.ptr, id2).unwrap();
+        a.free(x.ptr).unwrap();
+        let y = a.alloc_on(size, id1).unwrap().unwrap();
+        assert_ne!(
+            y.ptr, x.ptr,
+            "{policy}: handed out while stream 2 still writes it"
+        );
+        assert_eq!(
+            a.usage().active,
+            2 * y.size,
+            "{policy}: the freed buffer stays active"
+        );
+        open.store(true, Ordering::Release);
+        a.backend().bind_to_thread().expect("context");
+        // SAFETY: the stream is live; waiting for its work.
+        let r = unsafe { sys::cuStreamSynchronize(s2) };
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+        a.free_inactive_buffers();
+        let z = a.alloc_on(size, id1).unwrap().unwrap();
+        assert_eq!(z.ptr, x.ptr, "{policy}: reusable once stream 2 is done");
+        for p in [y.ptr, z.ptr] {
+            a.free(p).unwrap();
+        }
+        a.empty_cache().unwrap();
+        a.backend().bind_to_thread().expect("context");
+        for s in [s1, s2] {
+            // SAFETY: each stream was created above, is idle, and is destroyed once.
+            let r = unsafe { sys::cuStreamDestroy_v2(s) };
+            assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+        }
+    }
 }
