@@ -3,10 +3,10 @@
 # copies, the engine driving it):
 #   1. valgrind memcheck over the host backend's tests, the engine's interface and lifetime
 #      tests and the eight-thread host-memory test (a debug build; any error or definite leak
-#      fails, except the known one in tools/valgrind.supp);
+#      fails; tools/valgrind.supp lists accepted exceptions, none at present);
 #   2. with --sanitizers and a nightly toolchain that has the sanitizer runtimes: the same tests
-#      (and the engine's own) under AddressSanitizer with LeakSanitizer (tools/lsan.supp: the
-#      same known leak), and the concurrency tests under ThreadSanitizer (tools/tsan.supp:
+#      (and the engine's own) under AddressSanitizer with LeakSanitizer (tools/lsan.supp, none
+#      at present), and the concurrency tests under ThreadSanitizer (tools/tsan.supp:
 #      reports inside the uninstrumented standard library only).
 # Miri needs the nightly `miri` component, which this machine's nightly lacks (and cannot
 # fetch); the script says so when asked for it.

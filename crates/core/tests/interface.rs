@@ -252,10 +252,10 @@ fn all_five_callback_events_fire_outside_the_lock() {
         .unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
-        let inner = a.clone();
+        let inner = a.downgrade();
         a.register_callback("log", move |ptr, event| {
             // Calling back into the allocator must not deadlock.
-            let _ = inner.usage();
+            let _ = inner.upgrade().map(|a| a.usage());
             log.lock().unwrap().push((ptr, event));
         });
         let b = a.alloc(MIB + 1).unwrap().unwrap();
@@ -303,13 +303,17 @@ fn allocation_failed_callback_can_free_memory() {
     )
     .unwrap();
     let hog = a.alloc(48 * MIB).unwrap().unwrap();
-    let inner = a.clone();
+    let inner = a.downgrade();
     let released = Arc::new(Mutex::new(false));
     let flag = released.clone();
     a.register_callback("trim", move |_, event| {
         if event == CallbackEvent::AllocationFailed && !*flag.lock().unwrap() {
             *flag.lock().unwrap() = true;
-            inner.free(hog.ptr).unwrap();
+            inner
+                .upgrade()
+                .expect("allocator alive")
+                .free(hog.ptr)
+                .unwrap();
         }
     });
     let b = a.alloc(40 * MIB).unwrap();

@@ -65,6 +65,41 @@ pub struct Allocator<B: Backend> {
     storage: Storage,
 }
 
+/// A handle that does not keep the engine alive: for callbacks that call back into the
+/// allocator. A callback capturing an [`Allocator`] would form a cycle (engine -> callback ->
+/// engine) and the engine, with all its memory, would outlive every user handle.
+pub struct WeakAllocator<B: Backend> {
+    engine: std::sync::Weak<Engine<B>>,
+    storage: Storage,
+}
+
+impl<B: Backend> WeakAllocator<B> {
+    /// The allocator, while any strong handle on its engine exists.
+    pub fn upgrade(&self) -> Option<Allocator<B>> {
+        self.engine.upgrade().map(|engine| Allocator {
+            engine,
+            storage: self.storage,
+        })
+    }
+}
+
+impl<B: Backend> Clone for WeakAllocator<B> {
+    fn clone(&self) -> Self {
+        WeakAllocator {
+            engine: self.engine.clone(),
+            storage: self.storage,
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for WeakAllocator<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakAllocator")
+            .field("alive", &(self.engine.strong_count() > 0))
+            .finish()
+    }
+}
+
 impl<B: Backend> Clone for Allocator<B> {
     fn clone(&self) -> Self {
         Allocator {
@@ -145,6 +180,14 @@ impl<B: Backend> Allocator<B> {
         Allocator {
             engine: self.engine.clone(),
             storage: Storage::Private,
+        }
+    }
+
+    /// A handle that does not keep the engine alive (see [`WeakAllocator`]).
+    pub fn downgrade(&self) -> WeakAllocator<B> {
+        WeakAllocator {
+            engine: Arc::downgrade(&self.engine),
+            storage: self.storage,
         }
     }
 
@@ -532,6 +575,8 @@ impl<B: Backend> Allocator<B> {
     // ---- callbacks ---------------------------------------------------------------------------
 
     /// Registers a callback under `name` (replacing one of the same name; returns true then).
+    /// A callback that calls back into the allocator should capture [`Allocator::downgrade`],
+    /// not a clone: a clone inside the engine's own registry keeps the engine alive.
     pub fn register_callback(
         &self,
         name: &str,
