@@ -22,7 +22,7 @@ use crate::callbacks::{Callback, CallbackEvent, Notes, Registry};
 use crate::config::{Config, debug};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::format::format_size;
-use crate::pool::{ALIGN, PoolKind};
+use crate::pool::ALIGN;
 use crate::stats::{Stats, Usage};
 use crate::sync::Mutex;
 
@@ -715,15 +715,10 @@ impl<B: Backend> Allocator<B> {
     pub fn policy(&self) -> crate::Policy {
         self.engine.state.lock().policy
     }
-
-    /// Pool kinds in use, for reports.
-    pub fn pool_kinds() -> [PoolKind; 5] {
-        PoolKind::ALL
-    }
 }
 
-/// Formats a byte count like the seed (`formatSize`).
 impl<B: Backend> Allocator<B> {
+    /// Formats a byte count like the seed's `formatSize` ("1.50 KiB").
     pub fn format_size(&self, size: usize) -> String {
         format_size(size)
     }
