@@ -136,6 +136,28 @@ impl BackendError {
     }
 }
 
+/// Checks that `[offset, offset + len)` is a non-empty run of whole pages of `granularity`
+/// bytes inside a region of `region_size` bytes: what `map` and `unmap` may be given.
+pub fn check_page_range(
+    region_size: usize,
+    offset: usize,
+    len: usize,
+    granularity: usize,
+    op: BackendOp,
+) -> Result<(), BackendError> {
+    if len == 0
+        || !offset.is_multiple_of(granularity)
+        || !len.is_multiple_of(granularity)
+        || offset.checked_add(len).is_none_or(|e| e > region_size)
+    {
+        return Err(BackendError::new(
+            op,
+            format!("range [{offset:#x}, +{len:#x}) is unaligned or outside the region"),
+        ));
+    }
+    Ok(())
+}
+
 /// The memory system under one allocator: a device, host memory, or a simulation.
 pub trait Backend: Send + Sync + 'static {
     /// A marker recorded on a stream; complete once the work queued before it has finished.

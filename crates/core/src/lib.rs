@@ -39,6 +39,7 @@ pub use allocator::{
 };
 pub use backend::{
     Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
+    check_page_range,
 };
 pub use callbacks::{Callback, CallbackEvent};
 pub use config::{Config, Policy};

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 
 use bufferheap_core::{
     Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
+    check_page_range,
 };
 use parking_lot::Mutex;
 
@@ -126,17 +127,7 @@ impl HostBackend {
         op: BackendOp,
         prot: libc::c_int,
     ) -> Result<(), BackendError> {
-        let g = self.granularity;
-        if len == 0
-            || !offset.is_multiple_of(g)
-            || !len.is_multiple_of(g)
-            || offset.checked_add(len).is_none_or(|e| e > region.size)
-        {
-            return Err(BackendError::new(
-                op,
-                format!("range [{offset:#x}, +{len:#x}) is unaligned or outside the region"),
-            ));
-        }
+        check_page_range(region.size, offset, len, self.granularity, op)?;
         let addr = (region.base as usize + offset) as *mut libc::c_void;
         if prot == libc::PROT_NONE {
             // SAFETY: [addr, addr+len) lies inside a mapping this backend created (checked

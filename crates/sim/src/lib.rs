@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bufferheap_core::{
     Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
+    check_page_range,
 };
 use parking_lot::Mutex;
 
@@ -138,17 +139,7 @@ impl SimBackend {
         len: usize,
         op: BackendOp,
     ) -> Result<(), BackendError> {
-        let g = self.granularity;
-        if len == 0
-            || !offset.is_multiple_of(g)
-            || !len.is_multiple_of(g)
-            || offset.checked_add(len).is_none_or(|e| e > region.size)
-        {
-            return Err(BackendError::new(
-                op,
-                format!("range [{offset:#x}, +{len:#x}) is unaligned or outside the region"),
-            ));
-        }
+        check_page_range(region.size, offset, len, self.granularity, op)?;
         Ok(())
     }
 }
