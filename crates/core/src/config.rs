@@ -67,6 +67,8 @@ pub struct Config {
     pub high_watermark_ratio: Option<f64>,
     /// Debug mask, see [`debug`].
     pub debug: u32,
+    /// Allocation history kept for snapshots: the last this many events (0: none).
+    pub history: usize,
     /// Default policy on page-mapped heaps: reserved bytes may exceed the most bytes ever
     /// placed in a pool by this fraction before idle pages are given back (the budget). Below
     /// the budget growth only maps; above it, the idle pages unused the longest are unmapped
@@ -90,6 +92,7 @@ impl Default for Config {
             low_watermark_ratio: None,
             high_watermark_ratio: None,
             debug: 0,
+            history: 0,
             idle_page_fraction: 0.01,
             map_chunk: 32 << 20,
             min_idle_age: 0,
@@ -109,6 +112,7 @@ pub const ENV_LOW: [&str; 2] = [
 ];
 pub const ENV_DEBUG: [&str; 2] = ["BUFFERHEAP_DEBUG", "PYTORCH_DEBUG_MPS_ALLOCATOR"];
 pub const ENV_POLICY: &str = "BUFFERHEAP_POLICY";
+pub const ENV_HISTORY: &str = "BUFFERHEAP_HISTORY";
 
 impl Config {
     /// The default configuration overridden by the environment.
@@ -141,6 +145,9 @@ impl Config {
         if let Some((var, value)) = first(&ENV_DEBUG) {
             config.debug = parse_mask(&var, &value)?;
         }
+        if let Some(value) = lookup(ENV_HISTORY) {
+            config.history = parse_count(ENV_HISTORY, &value)?;
+        }
         Ok(config)
     }
 
@@ -158,12 +165,13 @@ impl Config {
             "low_watermark_ratio" => self.low_watermark_ratio = Some(parse_ratio(key, value)?),
             "high_watermark_ratio" => self.high_watermark_ratio = Some(parse_ratio(key, value)?),
             "debug" => self.debug = parse_mask(key, value)?,
+            "history" => self.history = parse_count(key, value)?,
             other => {
                 return Err(Error::InvalidConfig {
                     variable: other.into(),
                     value: value.into(),
                     reason: "unknown setting (expected policy, low_watermark_ratio, \
-                             high_watermark_ratio or debug)"
+                             high_watermark_ratio, debug or history)"
                         .into(),
                 });
             }
@@ -183,6 +191,14 @@ fn parse_ratio(variable: &str, value: &str) -> Result<f64> {
         return Err(invalid("must be a finite number >= 0"));
     }
     Ok(ratio)
+}
+
+fn parse_count(variable: &str, value: &str) -> Result<usize> {
+    value.trim().parse().map_err(|_| Error::InvalidConfig {
+        variable: variable.into(),
+        value: value.into(),
+        reason: "expected a number of entries such as 100000 (0: none)".into(),
+    })
 }
 
 fn parse_mask(variable: &str, value: &str) -> Result<u32> {

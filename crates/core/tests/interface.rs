@@ -409,3 +409,39 @@ fn host_backend_end_to_end() {
 }
 
 fn _generic<B: Backend>(_: &Allocator<B>) {}
+
+#[test]
+fn history_records_allocator_events_in_order() {
+    let a = Allocator::new(
+        SimBackend::new(GIB),
+        Config {
+            history: 100,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let b = a.alloc(3 * MIB).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    let c = a.alloc(3 * MIB).unwrap().unwrap();
+    a.free(c.ptr).unwrap();
+    a.empty_cache().unwrap();
+    use bufferheap_core::TraceAction::*;
+    let actions: Vec<_> = a.history().iter().map(|e| e.action).collect();
+    assert_eq!(
+        actions,
+        vec![
+            SegmentMap,
+            Alloc,
+            FreeRequested,
+            FreeCompleted,
+            Alloc,
+            FreeRequested,
+            FreeCompleted,
+            SegmentUnmap
+        ]
+    );
+    assert!(a.history().iter().all(|e| e.time_us > 0));
+    a.set_history(0);
+    let _ = a.alloc(4096).unwrap().unwrap();
+    assert!(a.history().is_empty(), "history off");
+}

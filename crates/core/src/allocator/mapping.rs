@@ -11,6 +11,7 @@ use crate::callbacks::{CallbackEvent, Notes};
 use crate::config::debug;
 use crate::error::{OomCause, Result};
 use crate::format::format_size;
+use crate::history::TraceAction;
 use crate::pages::{PageRun, Pages};
 use crate::pool::ALIGN;
 
@@ -56,6 +57,11 @@ impl<B: Backend> State<B> {
         }
         if !paged {
             self.stats.num_device_alloc += 1;
+            let (base, stream) = (
+                self.pools[p as usize].heap(h).region.base,
+                self.pools[p as usize].stream,
+            );
+            self.trace(TraceAction::SegmentAlloc, base, size, stream);
         }
         if self.debug & debug::ALLOCATIONS != 0 {
             tracing::info!(
@@ -98,6 +104,8 @@ impl<B: Backend> State<B> {
         if heap.pages.is_none() {
             self.stats.num_device_free += 1;
             notes.push(region.base, CallbackEvent::Released);
+            let stream = self.pools[p as usize].stream;
+            self.trace(TraceAction::SegmentFree, region.base, region.size, stream);
         }
         if self.debug & debug::RELEASES != 0 {
             tracing::info!(
@@ -139,6 +147,16 @@ impl<B: Backend> State<B> {
         }
         self.stats.num_map_calls += 1;
         self.stats.num_device_alloc += 1;
+        let (base, stream) = (
+            self.pools[p as usize].heap(h).region.base,
+            self.pools[p as usize].stream,
+        );
+        self.trace(
+            TraceAction::SegmentMap,
+            base + (run.0 * g) as u64,
+            bytes,
+            stream,
+        );
         Ok(true)
     }
 
@@ -174,6 +192,8 @@ impl<B: Backend> State<B> {
         self.stats.num_unmap_calls += 1;
         self.stats.num_device_free += 1;
         notes.push(addr, CallbackEvent::Released);
+        let stream = self.pools[p as usize].stream;
+        self.trace(TraceAction::SegmentUnmap, addr, bytes, stream);
         Ok(())
     }
 

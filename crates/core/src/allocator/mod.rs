@@ -302,6 +302,8 @@ impl<B: Backend> Allocator<B> {
         let oom = {
             let mut st = self.engine.state.lock();
             st.stats.num_ooms += 1;
+            let free = self.engine.backend.memory_info().free;
+            st.trace(crate::TraceAction::Oom, free as u64, aligned, stream);
             self.out_of_memory(&mut st, aligned, storage)
         };
         self.fire(notes);
@@ -699,6 +701,25 @@ impl<B: Backend> Allocator<B> {
             buffers: s.allocation[0].current as usize,
             heaps: s.segment[0].current as usize,
         }
+    }
+
+    /// Keeps the last `max_entries` allocator events from now on (0: none; replaces any
+    /// history kept so far).
+    pub fn set_history(&self, max_entries: usize) {
+        self.engine.state.lock().history =
+            (max_entries > 0).then(|| crate::history::History::new(max_entries));
+    }
+
+    /// The allocation history, oldest first (empty unless one is kept): PyTorch's
+    /// `device_traces` entries, so `bufferheap replay` can replay a snapshot taken here.
+    pub fn history(&self) -> Vec<crate::TraceEntry> {
+        self.engine
+            .state
+            .lock()
+            .history
+            .as_ref()
+            .map(|h| h.entries())
+            .unwrap_or_default()
     }
 
     /// Every counter.

@@ -23,6 +23,7 @@ use crate::callbacks::{CallbackEvent, Notes};
 use crate::config::{Config, Policy, debug};
 use crate::error::{Error, OomCause, Result};
 use crate::format::format_size;
+use crate::history::{History, TraceAction};
 use crate::pages::PageRun;
 use crate::pool::{Pool, PoolKind};
 use crate::stats::Stats;
@@ -121,6 +122,8 @@ pub(crate) struct State<B: Backend> {
     /// Page runs to unmap once their event completes.
     pub retiring: Vec<Retiring<B::Event>>,
     pub stats: Stats,
+    /// The allocation history, when asked for.
+    pub history: Option<History>,
     pub limits: Limits,
     /// Driver-reported memory in use that is not ours, sampled on slow paths.
     pub external: usize,
@@ -145,6 +148,7 @@ impl<B: Backend> std::fmt::Debug for State<B> {
 impl<B: Backend> State<B> {
     pub fn new(caps: BackendCaps, config: Config, limits: Limits, total_memory: usize) -> Self {
         let pools = PoolKind::ALL.iter().map(|&k| Pool::new(k, 0)).collect();
+        let history = (config.history > 0).then(|| History::new(config.history));
         State {
             policy: config.policy,
             caps,
@@ -158,6 +162,7 @@ impl<B: Backend> State<B> {
             pending: Vec::new(),
             retiring: Vec::new(),
             stats: Stats::default(),
+            history,
             limits,
             external: 0,
             total_memory,
@@ -209,6 +214,14 @@ impl<B: Backend> State<B> {
             (Storage::Private, false) => PoolKind::PrivateLarge,
             (Storage::Shared, true) => PoolKind::SharedSmall,
             (Storage::Shared, false) => PoolKind::SharedLarge,
+        }
+    }
+
+    /// Appends to the history, when one is kept.
+    #[inline]
+    pub fn trace(&mut self, action: TraceAction, addr: u64, size: usize, stream: StreamId) {
+        if let Some(h) = self.history.as_mut() {
+            h.push(action, addr, size, stream);
         }
     }
 
@@ -271,6 +284,10 @@ impl<B: Backend> State<B> {
             s.active[i].add(1);
         }
         notes.push(ptr, CallbackEvent::Recycled);
+        if self.history.is_some() {
+            let stream = self.records[slot as usize].stream;
+            self.trace(TraceAction::Alloc, ptr, size as usize, stream);
+        }
         if self.logs(debug::RECYCLES, kind) {
             let rec = &self.records[slot as usize];
             tracing::info!(
@@ -343,6 +360,7 @@ impl<B: Backend> State<B> {
             s.active[i].add(1);
         }
         notes.push(ptr, CallbackEvent::Allocated);
+        self.trace(TraceAction::Alloc, ptr, size, stream);
         if self.logs(debug::ALLOCATIONS, kind) {
             tracing::info!(
                 target: "bufferheap",
@@ -357,6 +375,11 @@ impl<B: Backend> State<B> {
     /// Takes a buffer out of use. Returns true if it went to the cache (false: it waits on
     /// events in `pending`).
     pub fn retire(&mut self, backend: &B, slot: u32, notes: &mut Notes) -> Result<bool> {
+        if self.history.is_some() {
+            let rec = &self.records[slot as usize];
+            let (ptr, size, stream) = (rec.ptr, rec.size, rec.stream);
+            self.trace(TraceAction::FreeRequested, ptr, size, stream);
+        }
         let rec = &mut self.records[slot as usize];
         if rec.streams.is_empty()
             && rec.events.is_empty()
@@ -452,6 +475,10 @@ impl<B: Backend> State<B> {
             s.cached_bytes[i].add(size);
         }
         notes.push(ptr, CallbackEvent::Freed);
+        if self.history.is_some() {
+            let stream = self.records[slot as usize].stream;
+            self.trace(TraceAction::FreeCompleted, ptr, size as usize, stream);
+        }
     }
 
     /// Returns a cached buffer's space to its heap (the seed's `release_buffer`); the heap

@@ -1,0 +1,87 @@
+//! The allocation history: the last N allocator events, in the shape of PyTorch's memory
+//! snapshot traces, so a snapshot taken under bufferheap can be replayed and viewed.
+//!
+//! Invariants: off unless asked for (`Config::history` or `Allocator::set_history`), and then
+//! bounded: the oldest entries go first once `max` are kept. Entries are appended under the
+//! engine's lock, in the order the engine changed its state.
+
+use std::collections::VecDeque;
+
+use crate::backend::StreamId;
+
+/// What happened, named as in PyTorch's `device_traces`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceAction {
+    Alloc,
+    FreeRequested,
+    FreeCompleted,
+    SegmentAlloc,
+    SegmentFree,
+    SegmentMap,
+    SegmentUnmap,
+    Oom,
+}
+
+/// One event of the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TraceEntry {
+    pub action: TraceAction,
+    /// The buffer or range address (for `Oom`: the device's free bytes, as PyTorch records).
+    pub addr: u64,
+    /// Bytes (the buffer's rounded size, as PyTorch records a block's size).
+    pub size: usize,
+    pub stream: StreamId,
+    /// Microseconds since the Unix epoch.
+    pub time_us: i64,
+}
+
+#[derive(Debug)]
+pub(crate) struct History {
+    entries: VecDeque<TraceEntry>,
+    max: usize,
+}
+
+impl History {
+    pub fn new(max: usize) -> History {
+        History {
+            entries: VecDeque::with_capacity(max.min(1 << 16)),
+            max,
+        }
+    }
+
+    pub fn push(&mut self, action: TraceAction, addr: u64, size: usize, stream: StreamId) {
+        if self.entries.len() == self.max {
+            self.entries.pop_front();
+        }
+        let time_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        self.entries.push_back(TraceEntry {
+            action,
+            addr,
+            size,
+            stream,
+            time_us,
+        });
+    }
+
+    pub fn entries(&self) -> Vec<TraceEntry> {
+        self.entries.iter().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_entries() {
+        let mut h = History::new(2);
+        for addr in 1..=3 {
+            h.push(TraceAction::Alloc, addr, 512, 0);
+        }
+        let addrs: Vec<u64> = h.entries().iter().map(|e| e.addr).collect();
+        assert_eq!(addrs, vec![2, 3]);
+    }
+}

@@ -1,0 +1,61 @@
+//! A snapshot made from the engine's own history replays to the engine's own figures: what
+//! `bufferheap.snapshot()` writes can be fed back to `bufferheap replay`.
+
+use bufferheap_core::{Allocator, Config, TraceAction};
+use bufferheap_replay::{ReplayOptions, replay};
+use bufferheap_sim::SimBackend;
+use bufferheap_trace::{Action, Snapshot, TraceEvent};
+
+#[test]
+fn a_history_replays_to_the_engines_own_peak() {
+    let a = Allocator::new(
+        SimBackend::new(16 << 30),
+        Config {
+            history: 1 << 20,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let mut live = Vec::new();
+    let mut x: u64 = 7;
+    for i in 0..5000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if live.len() < 64 || (x.is_multiple_of(2) && live.len() < 256) {
+            let size = 512 + (x % (64 << 20)) as usize / (1 + (i % 7) as usize);
+            live.push(a.alloc(size).unwrap().unwrap().ptr);
+        } else {
+            let k = (x as usize / 2) % live.len();
+            a.free(live.swap_remove(k)).unwrap();
+        }
+    }
+    let events: Vec<TraceEvent> = a
+        .history()
+        .iter()
+        .map(|e| TraceEvent {
+            action: match e.action {
+                TraceAction::Alloc => Action::Alloc,
+                TraceAction::FreeRequested => Action::FreeRequested,
+                TraceAction::FreeCompleted => Action::FreeCompleted,
+                TraceAction::SegmentAlloc => Action::SegmentAlloc,
+                TraceAction::SegmentFree => Action::SegmentFree,
+                TraceAction::SegmentMap => Action::SegmentMap,
+                TraceAction::SegmentUnmap => Action::SegmentUnmap,
+                TraceAction::Oom => Action::Oom,
+            },
+            addr: e.addr,
+            size: e.size as u64,
+            stream: e.stream,
+            time_us: e.time_us,
+        })
+        .collect();
+    let snap = Snapshot {
+        segments: Vec::new(),
+        device_traces: vec![events],
+        allocator_settings: Vec::new(),
+    };
+    let r = replay(&snap, 0, &ReplayOptions::default(), &mut |_, _| {}).unwrap();
+    assert_eq!(r.peak_live_bytes, a.stats().allocated_bytes[0].peak);
+    assert_eq!(r.orphan_frees, 0);
+}
