@@ -37,6 +37,7 @@ def configuration(
     low_watermark_ratio: Optional[Number] = None,
     high_watermark_ratio: Optional[Number] = None,
     debug: Union[None, bool, int] = None,
+    history: Optional[int] = None,
 ) -> List[Tuple[str, str]]:
     """The (key, value) pairs for bufferheap_configure, in the order they are applied.
 
@@ -55,6 +56,10 @@ def configuration(
         if not isinstance(debug, (bool, int)) or int(debug) < 0:
             raise ValueError(f"debug must be a bool or a non-negative int (verbosity flags); got {debug!r}")
         pairs.append(("debug", str(int(debug))))
+    if history is not None:
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise ValueError(f"history must be a non-negative int (allocator events kept for snapshots); got {history!r}")
+        pairs.append(("history", str(history)))
     return pairs
 
 

@@ -47,15 +47,19 @@ def install(
     low_watermark_ratio: Optional[float] = None,
     high_watermark_ratio: Optional[float] = None,
     debug: Union[None, bool, int] = None,
+    history: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Make bufferheap PyTorch's CUDA allocator for this process.
+
+    `history=N` keeps the last N allocator events, so that `bufferheap.snapshot()` writes a
+    trace that `bufferheap replay` and PyTorch's memory viewer can play back.
 
     Must run before CUDA is initialized. A second call with the same settings does nothing;
     with other settings it raises RuntimeError. Returns what was installed: the library
     path, the settings and the optional hooks PyTorch accepted.
     """
     global _installed, _allocator, _hooks
-    wanted = _config.as_dict(_config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug))
+    wanted = _config.as_dict(_config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug, history))
     if _installed is not None:
         if wanted != _installed:
             raise RuntimeError(

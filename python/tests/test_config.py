@@ -59,3 +59,11 @@ def test_low_above_high():
 def test_bad_debug(debug):
     with pytest.raises(ValueError, match="debug must be"):
         _config.configuration(debug=debug)
+
+
+def test_history_is_sent_as_a_count():
+    assert ("history", "5000") in _config.configuration(history=5000)
+    assert all(k != "history" for k, _ in _config.configuration())
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="history"):
+            _config.configuration(history=bad)

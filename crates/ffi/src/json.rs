@@ -105,8 +105,9 @@ impl Segment {
     }
 }
 
-/// `{"segments": [...], "device_traces": [[]...], "allocator_settings": {...}}` of one device,
-/// or of every device for -1 (then one empty trace list per device).
+/// `{"segments": [...], "device_traces": [[...]...], "allocator_settings": {...}}` of one
+/// device, or of every device for -1 (one trace list per device: its allocation history,
+/// empty unless a history is kept).
 pub fn snapshot_json(reg: &Registry, sys: &System, device: i32) -> FfiResult<String> {
     let devices = sys.devices_of(device)?;
     let traces = if device == -1 { sys.count() } else { 1 };
@@ -120,15 +121,41 @@ pub fn snapshot_json(reg: &Registry, sys: &System, device: i32) -> FfiResult<Str
         Some(a) => a.policy(),
         None => reg.config()?.policy,
     };
+    let mut device_traces = vec![Vec::<Value>::new(); traces];
+    for (i, d) in sys.devices_of(device)?.enumerate() {
+        if let Some(a) = sys.existing(d) {
+            device_traces[i] = a.history().iter().map(trace_entry).collect();
+        }
+    }
     let answer = json!({
         "segments": segments,
-        "device_traces": vec![Vec::<Value>::new(); traces],
+        "device_traces": device_traces,
         "allocator_settings": {
             "policy": policy.to_string(),
             "memory_backend": sys.kind.to_string(),
         },
     });
     to_string(&answer)
+}
+
+/// One history entry as PyTorch writes a `device_traces` entry (an `oom` names the device's
+/// free bytes `device_free`, not an address).
+fn trace_entry(e: &bufferheap_core::TraceEntry) -> Value {
+    let action = serde_json::to_value(e.action).unwrap_or(Value::Null);
+    let mut entry = json!({
+        "action": action,
+        "size": e.size,
+        "stream": e.stream,
+        "time_us": e.time_us,
+        "frames": [],
+    });
+    let key = if e.action == bufferheap_core::TraceAction::Oom {
+        "device_free"
+    } else {
+        "addr"
+    };
+    entry[key] = json!(e.addr);
+    entry
 }
 
 fn to_string(value: &impl Serialize) -> FfiResult<String> {

@@ -62,6 +62,7 @@ fn setup() {
             last_error()
         );
         assert_eq!(configure("debug", "0"), 0, "{}", last_error());
+        assert_eq!(configure("history", "10000"), 0, "{}", last_error());
         assert_eq!(configure("policy", "bogus"), -1);
         assert!(last_error().contains("unknown policy"), "{}", last_error());
         assert_eq!(configure("no_such_key", "1"), -1);
@@ -290,7 +291,25 @@ fn stats_snapshot_and_empty_cache() {
     assert!(s["high_watermark_limit"].as_u64().unwrap() > 0);
 
     let snap = take_json(bufferheap_snapshot_json(d)).unwrap();
-    assert_eq!(snap["device_traces"], serde_json::json!([[]]));
+    // The allocation history is kept (configured in setup): our three allocations are in it,
+    // in PyTorch's trace shape.
+    let traces = snap["device_traces"].as_array().unwrap();
+    assert_eq!(traces.len(), 1);
+    let allocs: Vec<&Value> = traces[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "alloc")
+        .collect();
+    for (&p, &n) in ptrs.iter().zip(&sizes) {
+        let e = allocs
+            .iter()
+            .find(|e| e["addr"] == p as u64)
+            .unwrap_or_else(|| panic!("alloc of {p:?} missing from the trace"));
+        assert_eq!(e["size"], rounded(n));
+        assert!(e["time_us"].as_i64().unwrap() > 0);
+        assert_eq!(e["frames"], serde_json::json!([]));
+    }
     let segments = snap["segments"].as_array().unwrap();
     assert!(!segments.is_empty());
     for seg in segments {
