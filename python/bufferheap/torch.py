@@ -73,7 +73,7 @@ def install(
         raise RuntimeError(_TOO_LATE)
 
     library = _ffi.lib()
-    bufferheap.configure(policy, low_watermark_ratio, high_watermark_ratio, debug)
+    bufferheap.configure(policy, low_watermark_ratio, high_watermark_ratio, debug, history)
 
     alloc = torch.cuda.memory.CUDAPluggableAllocator(str(library.path), "bufferheap_malloc", "bufferheap_free")
     raw = alloc.allocator()
