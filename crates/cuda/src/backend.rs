@@ -143,6 +143,10 @@ pub struct CudaBackend {
     table: Mutex<Table>,
     events: Arc<EventPool>,
     counters: Counters,
+    /// Other devices that can reach this one's memory as peers: page-mapped memory is made
+    /// accessible to them too, so that cross-device copies and peer kernels work on it, as
+    /// they do on `cuMemAlloc` memory.
+    peers: Vec<sys::CUdevice>,
 }
 
 impl CudaBackend {
@@ -212,6 +216,26 @@ impl CudaBackend {
         } else {
             FALLBACK_GRANULARITY
         };
+        let mut peers = Vec::new();
+        for other in 0..count {
+            if other == ordinal {
+                continue;
+            }
+            let other_c = std::ffi::c_int::try_from(other).unwrap_or(std::ffi::c_int::MAX);
+            let mut peer: sys::CUdevice = 0;
+            call(BackendOp::Init, "cuDeviceGet", || {
+                // SAFETY: `peer` is a valid out-pointer; `other` is below the device count.
+                unsafe { sys::cuDeviceGet(&mut peer, other_c) }
+            })?;
+            let mut can: std::ffi::c_int = 0;
+            call(BackendOp::Init, "cuDeviceCanAccessPeer", || {
+                // SAFETY: `can` is a valid out-pointer; both devices came from `cuDeviceGet`.
+                unsafe { sys::cuDeviceCanAccessPeer(&mut can, peer, device) }
+            })?;
+            if can != 0 {
+                peers.push(peer);
+            }
+        }
         let ctx = Arc::new(PrimaryContext::retain(device)?);
         let free = {
             let _guard = ctx.enter(BackendOp::Init)?;
@@ -238,6 +262,7 @@ impl CudaBackend {
             events: EventPool::new(Arc::clone(&ctx)),
             ctx,
             counters: Counters::default(),
+            peers,
         })
     }
 
@@ -363,6 +388,7 @@ impl CudaBackend {
         DevicePages {
             base,
             device: self.ctx.device,
+            peers: &self.peers,
             counters: &self.counters,
             sync: self.options.sync_before_unmap,
         }

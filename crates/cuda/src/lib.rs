@@ -13,7 +13,7 @@
 //! | `reserve(size, Private, false)` | `cuMemAddressReserve` (address space only) |
 //! | `reserve(size, Private, true)` | `cuMemAlloc_v2` |
 //! | `reserve(size, Shared, _)` | `cuMemHostAlloc(DEVICEMAP \| PORTABLE)` + `cuMemHostGetDevicePointer`; `host_base` is the host address, `base` the device address |
-//! | `map` | `cuMemCreate` + `cuMemMap` per page (per allocation with [`PhysicalGranularity::PerMap`]), then one `cuMemSetAccess` (this device, read/write) over the whole new range |
+//! | `map` | `cuMemCreate` + `cuMemMap` per page (per allocation with [`PhysicalGranularity::PerMap`]), then one `cuMemSetAccess` (this device and its peers, read/write) over the whole new range |
 //! | `unmap` | `cuCtxSynchronize` only with [`CudaOptions::sync_before_unmap`], then one `cuMemUnmap` per run of adjacent allocations left with no mapped page, and `cuMemRelease` of each; with `PerMap`, partly covered allocations follow [`PartialUnmap`] |
 //! | `release` | everything above undone, then `cuMemAddressFree` / `cuMemFree_v2` / `cuMemFreeHost` |
 //! | `record_event` | a pooled `CU_EVENT_DISABLE_TIMING` event, `cuEventRecord` on the stream (0 = legacy default stream) |

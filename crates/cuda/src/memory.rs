@@ -38,6 +38,8 @@ pub(crate) struct Counters {
 pub(crate) struct DevicePages<'a> {
     pub(crate) base: u64,
     pub(crate) device: sys::CUdevice,
+    /// Devices granted access besides `device` (its peers).
+    pub(crate) peers: &'a [sys::CUdevice],
     pub(crate) counters: &'a Counters,
     pub(crate) sync: bool,
 }
@@ -80,21 +82,25 @@ impl PageDriver for DevicePages<'_> {
         Ok(())
     }
 
-    /// Grants this device read/write access with one call, however many mappings the range
-    /// spans: the driver takes any fully mapped range ("The range must be a fully mapped
-    /// address range containing all allocations created by cuMemMap / cuMemCreate"). Peers
-    /// are not granted access: a kernel on another device cannot read these pages directly
-    /// (copies through the driver still work).
+    /// Grants this device, and the devices that can reach it as peers, read/write access with
+    /// one call, however many mappings the range spans: the driver takes any fully mapped range
+    /// ("The range must be a fully mapped address range containing all allocations created by
+    /// cuMemMap / cuMemCreate") and one descriptor per device. Peers get access so that
+    /// PyTorch's cross-device copies and peer kernels work on these pages, as expandable
+    /// segments grant them.
     fn set_access(&mut self, offset: usize, len: usize) -> Result<(), BackendError> {
         let ptr = self.base + offset as u64;
-        let desc = sys::CUmemAccessDesc {
-            location: device_location(self.device),
-            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
+        let descs: Vec<sys::CUmemAccessDesc> = std::iter::once(self.device)
+            .chain(self.peers.iter().copied())
+            .map(|d| sys::CUmemAccessDesc {
+                location: device_location(d),
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            })
+            .collect();
         call(BackendOp::Map, "cuMemSetAccess", || {
             // SAFETY: `[ptr, ptr + len)` is fully mapped (whole, adjacent mappings of this
-            // region, just made); `desc` is one initialised descriptor.
-            unsafe { sys::cuMemSetAccess(ptr, len, &desc, 1) }
+            // region, just made); `descs` holds `descs.len()` initialised descriptors.
+            unsafe { sys::cuMemSetAccess(ptr, len, descs.as_ptr(), descs.len()) }
         })?;
         self.counters.set_access.fetch_add(1, Relaxed);
         Ok(())
