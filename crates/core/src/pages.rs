@@ -314,7 +314,7 @@ mod tests {
         let runs = pages.unmapped_runs(g / 2, 2 * g, 4);
         assert_eq!(runs, vec![(0, 4)]);
         pages.mark_mapped(runs[0], 0);
-        let _ = pages.occupy(g / 2, 2 * g);
+        assert_eq!(pages.occupy(g / 2, 2 * g), 0, "no page was retiring");
         assert_eq!(pages.mapped_bytes(), 4 * g);
         assert_eq!(pages.idle_bytes(), g);
         assert!(pages.is_mapped(0, 3 * g));
