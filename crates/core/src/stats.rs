@@ -78,6 +78,16 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// A buffer of `size` rounded bytes (`requested` asked for) in pool group `g` leaves use.
+    #[inline]
+    pub(crate) fn buffer_out_of_use(&mut self, g: usize, size: u64, requested: u64) {
+        for i in [0, g] {
+            self.allocated_bytes[i].sub(size);
+            self.requested_bytes[i].sub(requested);
+            self.allocation[i].sub(1);
+        }
+    }
+
     /// Resets every peak to its current value.
     pub fn reset_peak(&mut self) {
         for group in [

@@ -394,12 +394,7 @@ impl<B: Backend> State<B> {
             if !rec.shape.is_empty() {
                 rec.shape = Vec::new();
             }
-            let s = &mut self.stats;
-            for i in [0, g] {
-                s.allocated_bytes[i].sub(size);
-                s.requested_bytes[i].sub(requested);
-                s.allocation[i].sub(1);
-            }
+            self.stats.buffer_out_of_use(g, size, requested);
             self.cache(slot, notes);
             return Ok(true);
         }
@@ -424,13 +419,8 @@ impl<B: Backend> State<B> {
                 }
             }
         }
-        let g = kind.stat_group();
-        let s = &mut self.stats;
-        for i in [0, g] {
-            s.allocated_bytes[i].sub(size);
-            s.requested_bytes[i].sub(requested);
-            s.allocation[i].sub(1);
-        }
+        self.stats
+            .buffer_out_of_use(kind.stat_group(), size, requested);
         let rec = &mut self.records[slot as usize];
         rec.state = BufState::Pending;
         let mut idle = true;
