@@ -110,35 +110,38 @@ impl std::str::FromStr for BackendKind {
     }
 }
 
-/// The host backend with a 64 GiB budget.
+/// The host backend with a 64 GiB budget, default configuration with `policy`.
 pub fn host_allocator(policy: Policy) -> Allocator<HostBackend> {
-    Allocator::new(
-        HostBackend::with_memory(DEVICE_BYTES),
-        Config {
-            policy,
-            ..Config::default()
-        },
-    )
-    .expect("host allocator")
+    host_allocator_with(Config {
+        policy,
+        ..Config::default()
+    })
+}
+
+/// The host backend with a 64 GiB budget.
+pub fn host_allocator_with(config: Config) -> Allocator<HostBackend> {
+    Allocator::new(HostBackend::with_memory(DEVICE_BYTES), config).expect("host allocator")
+}
+
+/// The simulated backend with 64 GiB, default configuration with `policy`.
+pub fn sim_allocator(policy: Policy) -> Allocator<SimBackend> {
+    sim_allocator_with(Config {
+        policy,
+        ..Config::default()
+    })
 }
 
 /// The simulated backend with 64 GiB.
-pub fn sim_allocator(policy: Policy) -> Allocator<SimBackend> {
-    Allocator::new(
-        SimBackend::new(DEVICE_BYTES),
-        Config {
-            policy,
-            ..Config::default()
-        },
-    )
-    .expect("sim allocator")
+pub fn sim_allocator_with(config: Config) -> Allocator<SimBackend> {
+    Allocator::new(SimBackend::new(DEVICE_BYTES), config).expect("sim allocator")
 }
 
 /// One ring of live buffers and its size sequence.
 #[derive(Debug)]
 pub struct Ring {
     sizes: Vec<usize>,
-    slots: Vec<Option<u64>>,
+    /// Live buffers: address and requested size (freed with the size, as PyTorch does).
+    slots: Vec<Option<(u64, usize)>>,
     next: usize,
     next_slot: usize,
 }
@@ -165,13 +168,14 @@ impl Ring {
     pub fn step<B: Backend>(&mut self, a: &Allocator<B>) {
         let (i, j) = (self.next, self.next_slot);
         let slot = &mut self.slots[j];
-        if let Some(ptr) = slot.take() {
-            a.free(ptr).expect("free of a live buffer");
+        if let Some((ptr, size)) = slot.take() {
+            a.free_sized(ptr, size).expect("free of a live buffer");
         }
+        let size = self.sizes[i];
         *slot = a
-            .alloc(self.sizes[i])
+            .alloc(size)
             .expect("allocation within the budget")
-            .map(|b| b.ptr);
+            .map(|b| (b.ptr, size));
         // Slot = step % live without a division; a new pass starts again at slot 0, as the
         // C++ loop's second pass does.
         if i + 1 == self.sizes.len() {
@@ -197,8 +201,8 @@ impl Ring {
     /// Frees every live buffer of the ring.
     pub fn clear<B: Backend>(&mut self, a: &Allocator<B>) {
         for slot in &mut self.slots {
-            if let Some(ptr) = slot.take() {
-                a.free(ptr).expect("free of a live buffer");
+            if let Some((ptr, size)) = slot.take() {
+                a.free_sized(ptr, size).expect("free of a live buffer");
             }
         }
     }

@@ -17,8 +17,8 @@ use std::sync::Barrier;
 use std::time::Instant;
 
 use bufferheap_benches::ring::{
-    BackendKind, Ring, SCENARIOS, SEED, STEPS, Scenario, host_allocator, profile_pass,
-    sim_allocator,
+    BackendKind, Ring, SCENARIOS, SEED, STEPS, Scenario, host_allocator_with, profile_pass,
+    sim_allocator_with,
 };
 use bufferheap_core::{Allocator, Backend, Policy};
 
@@ -125,6 +125,15 @@ fn main() {
     let backend: BackendKind = flag(&args, "--backend", BackendKind::Host);
     let policy: Policy = flag(&args, "--policy", Policy::Default);
     let which: String = flag(&args, "--scenario", "all".to_string());
+    let config = bufferheap_core::Config {
+        policy,
+        front_cache_bytes: flag(
+            &args,
+            "--front-cache",
+            bufferheap_core::Config::default().front_cache_bytes,
+        ),
+        ..bufferheap_core::Config::default()
+    };
     let p = Params {
         threads: flag(&args, "--threads", 1usize).max(1),
         own_allocators: args.iter().any(|a| a == "--own-allocators"),
@@ -143,10 +152,18 @@ fn main() {
     for s in scenarios {
         // A fresh allocator per scenario, as a fresh process would have.
         match backend {
-            BackendKind::Host => {
-                report(&format!("host {policy}"), &|| host_allocator(policy), s, &p)
-            }
-            BackendKind::Sim => report(&format!("sim {policy}"), &|| sim_allocator(policy), s, &p),
+            BackendKind::Host => report(
+                &format!("host {policy}"),
+                &|| host_allocator_with(config.clone()),
+                s,
+                &p,
+            ),
+            BackendKind::Sim => report(
+                &format!("sim {policy}"),
+                &|| sim_allocator_with(config.clone()),
+                s,
+                &p,
+            ),
         }
     }
 }

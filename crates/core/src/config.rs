@@ -83,6 +83,9 @@ pub struct Config {
     /// Default policy on page-mapped heaps: pages without a buffer for this many allocations
     /// are given back even when the pool is not growing (`u64::MAX`: never).
     pub stale_page_age: u64,
+    /// Bytes of freed small buffers each thread may keep in its front cache, in front of the
+    /// engine's lock (0: no front caches; every call takes the lock). See `allocator::front`.
+    pub front_cache_bytes: usize,
 }
 
 impl Default for Config {
@@ -97,6 +100,7 @@ impl Default for Config {
             map_chunk: 32 << 20,
             min_idle_age: 0,
             stale_page_age: u64::MAX,
+            front_cache_bytes: 1 << 20,
         }
     }
 }
@@ -113,6 +117,7 @@ pub const ENV_LOW: [&str; 2] = [
 pub const ENV_DEBUG: [&str; 2] = ["BUFFERHEAP_DEBUG", "PYTORCH_DEBUG_MPS_ALLOCATOR"];
 pub const ENV_POLICY: &str = "BUFFERHEAP_POLICY";
 pub const ENV_HISTORY: &str = "BUFFERHEAP_HISTORY";
+pub const ENV_FRONT_CACHE: &str = "BUFFERHEAP_FRONT_CACHE_BYTES";
 
 impl Config {
     /// The default configuration overridden by the environment.
@@ -148,6 +153,9 @@ impl Config {
         if let Some(value) = lookup(ENV_HISTORY) {
             config.history = parse_count(ENV_HISTORY, &value)?;
         }
+        if let Some(value) = lookup(ENV_FRONT_CACHE) {
+            config.front_cache_bytes = parse_bytes(ENV_FRONT_CACHE, &value)?;
+        }
         Ok(config)
     }
 
@@ -166,12 +174,13 @@ impl Config {
             "high_watermark_ratio" => self.high_watermark_ratio = Some(parse_ratio(key, value)?),
             "debug" => self.debug = parse_mask(key, value)?,
             "history" => self.history = parse_count(key, value)?,
+            "front_cache_bytes" => self.front_cache_bytes = parse_bytes(key, value)?,
             other => {
                 return Err(Error::InvalidConfig {
                     variable: other.into(),
                     value: value.into(),
                     reason: "unknown setting (expected policy, low_watermark_ratio, \
-                             high_watermark_ratio, debug or history)"
+                             high_watermark_ratio, debug, history or front_cache_bytes)"
                         .into(),
                 });
             }
@@ -198,6 +207,14 @@ fn parse_count(variable: &str, value: &str) -> Result<usize> {
         variable: variable.into(),
         value: value.into(),
         reason: "expected a number of entries such as 100000 (0: none)".into(),
+    })
+}
+
+fn parse_bytes(variable: &str, value: &str) -> Result<usize> {
+    value.trim().parse().map_err(|_| Error::InvalidConfig {
+        variable: variable.into(),
+        value: value.into(),
+        reason: "expected a number of bytes such as 1048576 (0: none)".into(),
     })
 }
 

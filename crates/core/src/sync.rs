@@ -2,11 +2,12 @@
 //! replace them: `parking_lot` normally (no poisoning, so a panic in one thread does not make
 //! every later call fail), `loom`'s instrumented versions under `--cfg loom`.
 //!
-//! Invariant: the engine takes these locks in one order only — the state lock, released
-//! before the callback registry's read lock is taken to fire callbacks — so no cycle exists.
+//! Invariant: the engine takes these locks in one order only — the state lock, then a
+//! thread's front cache; the state lock is released before the callback registry's read lock
+//! is taken to fire callbacks — so no cycle exists.
 
 #[cfg(not(loom))]
-pub(crate) use parking_lot::{Mutex, RwLock};
+pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock};
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,6 +27,9 @@ mod model {
         pub fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
         }
+        pub fn try_lock(&self) -> Option<loom::sync::MutexGuard<'_, T>> {
+            self.0.try_lock().ok()
+        }
     }
 
     /// `loom`'s read-write lock with `parking_lot`'s signature.
@@ -42,5 +46,7 @@ mod model {
     }
 }
 
+#[cfg(loom)]
+pub(crate) use loom::sync::MutexGuard;
 #[cfg(loom)]
 pub(crate) use model::{Mutex, RwLock};

@@ -118,8 +118,10 @@ enum Freed {
     Failed(FfiError),
 }
 
-fn free_in(allocator: &DeviceAllocator, d: usize, ptr: u64) -> Freed {
-    match allocator.free(ptr) {
+fn free_in(allocator: &DeviceAllocator, d: usize, ptr: u64, size: isize) -> Freed {
+    // PyTorch passes the size it asked for: a hint that lets large buffers skip the thread's
+    // front cache (a wrong one is still freed correctly).
+    match allocator.free_sized(ptr, usize::try_from(size).unwrap_or(0)) {
         Ok(()) => Freed::Done,
         Err(Error::UnknownPointer(_)) => Freed::NotHere,
         Err(Error::DoubleFree(_)) => Freed::Failed(FfiError::new(format!(
@@ -141,14 +143,14 @@ fn free(ptr: u64, size: isize, device: c_int) -> FfiResult<()> {
     if let Some(d) = hint
         && let Some(allocator) = sys.existing(d)
     {
-        match free_in(allocator, d, ptr) {
+        match free_in(allocator, d, ptr, size) {
             Freed::Done => return Ok(()),
             Freed::Failed(e) => return Err(e),
             Freed::NotHere => {}
         }
     }
     for (d, allocator) in sys.all_existing().filter(|(d, _)| Some(*d) != hint) {
-        match free_in(allocator, d, ptr) {
+        match free_in(allocator, d, ptr, size) {
             Freed::Done => {
                 if reg.debug() != 0 {
                     eprint_lines(&format!(

@@ -9,10 +9,12 @@
 //! events of `wait_for_events`; every public method takes it at most once per step, so a
 //! callback may call any method. Unknown pointers give `None`/an error, never a panic.
 
+mod front;
 mod limits;
 mod mapping;
 mod policy;
 mod report;
+mod settings;
 mod state;
 
 use std::sync::Arc;
@@ -23,13 +25,13 @@ use crate::config::{Config, debug};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::format::format_size;
 use crate::pool::ALIGN;
-use crate::stats::{Stats, Usage};
-use crate::sync::Mutex;
+use crate::sync::{AtomicBool, Mutex, MutexGuard, Ordering};
 
 pub use limits::{DEFAULT_HIGH, DEFAULT_LOW_DISCRETE, DEFAULT_LOW_UNIFIED, MAX_RATIO};
 pub use policy::MPS_REUSE_SLACK;
 pub use report::{BlockInfo, BlockState, HeapReport, PoolReport, Report, SegmentInfo};
 
+use front::Freed;
 use limits::Limits;
 use policy::Phase;
 use state::{BufState, State};
@@ -56,6 +58,62 @@ pub(crate) struct Engine<B: Backend> {
     caps: BackendCaps,
     state: Mutex<State<B>>,
     callbacks: Registry,
+    /// Unique among engines of the process: the key of threads' front caches.
+    id: u64,
+    policy: crate::Policy,
+    /// Bytes a thread's front cache may hold cached (0: no front caches).
+    front_capacity: usize,
+    /// True while threads may use front caches (see [`Engine::front_allowed`]).
+    front_on: AtomicBool,
+}
+
+/// The engine's state, locked, with every front cache that is not busy folded in.
+pub(crate) struct Locked<'a, B: Backend> {
+    guard: MutexGuard<'a, State<B>>,
+}
+
+impl<B: Backend> std::ops::Deref for Locked<'_, B> {
+    type Target = State<B>;
+    fn deref(&self) -> &State<B> {
+        &self.guard
+    }
+}
+
+impl<B: Backend> std::ops::DerefMut for Locked<'_, B> {
+    fn deref_mut(&mut self) -> &mut State<B> {
+        &mut self.guard
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    fn lock(&self) -> Locked<'_, B> {
+        let mut guard = self.state.lock();
+        if !guard.fronts.is_empty() {
+            guard.fold_fronts(false);
+        }
+        Locked { guard }
+    }
+
+    /// Front caches are used only where they cannot hide anything: no callbacks (which see
+    /// every event), no history, no per-allocation logging.
+    fn front_allowed(&self, st: &State<B>) -> bool {
+        !cfg!(loom)
+            && self.front_capacity > 0
+            && !self.callbacks.active()
+            && st.history.is_none()
+            && st.debug & (debug::ALLOCATIONS | debug::RECYCLES) == 0
+    }
+
+    /// Turns front caches on or off after a change of the conditions above; turning them
+    /// off takes back every buffer they hold.
+    fn refresh_front(&self) {
+        let mut st = self.lock();
+        let allowed = self.front_allowed(&st);
+        self.front_on.store(allowed, Ordering::Relaxed);
+        if !allowed {
+            st.return_fronts(true, true);
+        }
+    }
 }
 
 /// A front-end on one device's engine: allocates private or shared buffers; every other
@@ -139,14 +197,21 @@ impl<B: Backend> Allocator<B> {
                 caps.granularity
             )));
         }
+        static NEXT_ENGINE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let debug_mask = config.debug;
+        let (policy, front_capacity) = (config.policy, config.front_cache_bytes);
         let state = State::new(caps, config, limits, info.total);
         let engine = Arc::new(Engine {
             backend,
             caps,
             state: Mutex::new(state),
             callbacks: Registry::default(),
+            id: NEXT_ENGINE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            policy,
+            front_capacity,
+            front_on: AtomicBool::new(false),
         });
+        engine.refresh_front();
         let allocator = Allocator {
             engine,
             storage: Storage::Private,
@@ -157,7 +222,7 @@ impl<B: Backend> Allocator<B> {
                 "Initializing heap allocator on {} device memory of size {} ({} policy)",
                 if caps.unified_memory { "unified" } else { "discrete" },
                 format_size(info.recommended_max),
-                allocator.engine.state.lock().policy
+                allocator.engine.policy
             );
             if debug_mask & debug::PROFILING != 0 {
                 allocator.log_limits();
@@ -239,16 +304,35 @@ impl<B: Backend> Allocator<B> {
                 });
             }
         };
-        let backend = &self.engine.backend;
-        let mut notes = Notes::new(self.engine.callbacks.active());
         let storage = if scalar {
             Storage::Shared
         } else {
             self.storage
         };
+        if !scalar
+            && aligned <= front::largest_delegated(self.engine.front_capacity)
+            && self.engine.front_on.load(Ordering::Relaxed)
         {
-            // The hot path: a cached buffer of exactly this size.
-            let mut st = self.engine.state.lock();
+            // The hot path: this thread's front cache, without the engine's lock.
+            let kind = state::select_kind(
+                self.engine.policy,
+                &self.engine.caps,
+                size,
+                aligned,
+                storage,
+                false,
+            );
+            if let Some(Some(buffer)) =
+                front::with_own(self.engine.id, |fr| fr.alloc(stream, kind, aligned, size))
+            {
+                return Ok(Some(buffer));
+            }
+        }
+        let backend = &self.engine.backend;
+        let mut notes = Notes::new(self.engine.callbacks.active());
+        {
+            // The engine's hot path: a cached buffer of exactly this size.
+            let mut st = self.engine.lock();
             let kind = st.select_kind(size, aligned, storage, scalar);
             let p = st.pool_for(kind, stream);
             if let Some(slot) = st.pools[p as usize].cache.take_exact(aligned) {
@@ -266,13 +350,17 @@ impl<B: Backend> Allocator<B> {
             Phase::ReleaseAll,
         ] {
             let result = {
-                let mut st = self.engine.state.lock();
+                let mut st = self.engine.lock();
                 let kind = st.select_kind(size, aligned, storage, scalar);
                 let p = st.pool_for(kind, stream);
                 if phase == Phase::Normal {
                     st.shortfall = None;
-                } else if phase == Phase::AfterCallbacks {
-                    st.stats.num_alloc_retries += 1;
+                } else {
+                    // Memory is short: what threads' front caches hold is needed too.
+                    st.return_fronts(false, false);
+                    if phase == Phase::AfterCallbacks {
+                        st.stats.num_alloc_retries += 1;
+                    }
                 }
                 match st.alloc_step(backend, p, aligned, size, phase, &mut notes) {
                     Ok(Some(slot)) => Ok(Some(self.describe(&st, slot))),
@@ -300,7 +388,7 @@ impl<B: Backend> Allocator<B> {
             }
         }
         let oom = {
-            let mut st = self.engine.state.lock();
+            let mut st = self.engine.lock();
             st.stats.num_ooms += 1;
             let free = self.engine.backend.memory_info().free;
             st.trace(crate::TraceAction::Oom, free as u64, aligned, stream);
@@ -353,17 +441,38 @@ impl<B: Backend> Allocator<B> {
 
     /// Frees a buffer: it goes back to its pool's cache, or waits there for its events.
     pub fn free(&self, ptr: u64) -> Result<()> {
-        let mut notes = Notes::new(self.engine.callbacks.active());
+        self.free_sized(ptr, 0)
+    }
+
+    /// Frees a buffer whose requested size the caller knows (PyTorch passes it): buffers too
+    /// large for a thread's front cache skip looking there. The size is only a hint; a wrong
+    /// one still frees the right buffer. 0: unknown.
+    pub fn free_sized(&self, ptr: u64, size: usize) -> Result<()> {
+        let engine = &*self.engine;
+        if size <= front::largest_delegated(engine.front_capacity)
+            && engine.front_on.load(Ordering::Relaxed)
+        {
+            match front::with_own(engine.id, |fr| fr.free(ptr)) {
+                Some(Freed::Done) => return Ok(()),
+                Some(Freed::DoubleFree) => return Err(Error::DoubleFree(ptr)),
+                Some(Freed::Miss) | None => {}
+            }
+        }
+        let mut notes = Notes::new(engine.callbacks.active());
         let result = {
-            let mut st = self.engine.state.lock();
-            match st.slot_of(ptr) {
+            let mut st = engine.lock();
+            match st.resolve(ptr) {
                 None => Err(Error::UnknownPointer(ptr)),
                 Some(slot) if st.records[slot as usize].state != BufState::InUse => {
                     Err(Error::DoubleFree(ptr))
                 }
-                Some(slot) => st
-                    .retire(&self.engine.backend, slot, &mut notes)
-                    .map(|_| ()),
+                Some(slot) => {
+                    let cached = st.retire(&engine.backend, slot, &mut notes);
+                    if matches!(cached, Ok(true)) && engine.front_on.load(Ordering::Relaxed) {
+                        st.delegate(slot, engine.id, engine.front_capacity);
+                    }
+                    cached.map(|_| ())
+                }
             }
         };
         self.fire(notes);
@@ -383,7 +492,7 @@ impl<B: Backend> Allocator<B> {
             return Ok(None);
         };
         let region = {
-            let st = self.engine.state.lock();
+            let st = self.engine.lock();
             st.slot_of(buffer.ptr).map(|slot| {
                 let (region, offset) = st.region_of(slot);
                 (region.clone(), offset)
@@ -405,8 +514,9 @@ impl<B: Backend> Allocator<B> {
     pub fn empty_cache(&self) -> Result<()> {
         let mut notes = Notes::new(self.engine.callbacks.active());
         let result = {
-            let mut st = self.engine.state.lock();
+            let mut st = self.engine.lock();
             let backend = &self.engine.backend;
+            st.return_fronts(false, false);
             st.wait_all_pending(backend, &mut notes);
             let mut result = Ok(());
             for q in 0..st.pools.len() as u32 {
@@ -428,7 +538,6 @@ impl<B: Backend> Allocator<B> {
     pub fn free_inactive_buffers(&self) {
         let mut notes = Notes::new(self.engine.callbacks.active());
         self.engine
-            .state
             .lock()
             .poll_pending(&self.engine.backend, &mut notes);
         self.fire(notes);
@@ -437,8 +546,8 @@ impl<B: Backend> Allocator<B> {
     // ---- per-buffer queries --------------------------------------------------------------
 
     fn with_record<T>(&self, ptr: u64, f: impl FnOnce(&State<B>, u32) -> T) -> Option<T> {
-        let st = self.engine.state.lock();
-        st.slot_of(ptr).map(|slot| f(&st, slot))
+        let mut st = self.engine.lock();
+        st.resolve(ptr).map(|slot| f(&st, slot))
     }
 
     /// What the caller asked for (not the rounded size), of a known buffer.
@@ -458,8 +567,8 @@ impl<B: Backend> Allocator<B> {
 
     /// Stores a shape with a buffer in use.
     pub fn set_shape(&self, ptr: u64, shape: &[i64]) -> Result<()> {
-        let mut st = self.engine.state.lock();
-        let slot = st.slot_of(ptr).ok_or(Error::UnknownPointer(ptr))?;
+        let mut st = self.engine.lock();
+        let slot = st.resolve(ptr).ok_or(Error::UnknownPointer(ptr))?;
         st.records[slot as usize].shape = shape.to_vec();
         Ok(())
     }
@@ -488,7 +597,7 @@ impl<B: Backend> Allocator<B> {
     /// The host address of a shared buffer and the number of its uses still in flight
     /// (events not yet complete). `None` for unknown or private buffers.
     pub fn shared_host_ptr(&self, ptr: u64) -> Option<(u64, u32)> {
-        let st = self.engine.state.lock();
+        let st = self.engine.lock();
         let slot = st.slot_of(ptr)?;
         let (region, offset) = st.region_of(slot);
         let host = region.host_base? + offset as u64;
@@ -503,7 +612,7 @@ impl<B: Backend> Allocator<B> {
 
     /// The heap a pointer lies in: (heap base, heap size). Any address inside a buffer works.
     pub fn base_allocation(&self, ptr: u64) -> Option<(u64, usize)> {
-        let st = self.engine.state.lock();
+        let st = self.engine.lock();
         st.pools
             .iter()
             .flat_map(|p| p.heaps.iter().flatten())
@@ -518,11 +627,11 @@ impl<B: Backend> Allocator<B> {
     /// Records an event on `stream` for each known buffer; the buffer is not reused until the
     /// event completes. Returns true if any event was recorded.
     pub fn record_events(&self, ptrs: &[u64], stream: StreamId) -> Result<bool> {
-        let mut st = self.engine.state.lock();
+        let mut st = self.engine.lock();
         let backend = &self.engine.backend;
         let mut recorded = false;
         for &ptr in ptrs {
-            let Some(slot) = st.slot_of(ptr) else {
+            let Some(slot) = st.resolve(ptr) else {
                 continue;
             };
             let event = backend.record_event(stream)?;
@@ -540,7 +649,7 @@ impl<B: Backend> Allocator<B> {
     pub fn wait_for_events(&self, ptrs: &[u64]) -> Result<bool> {
         let backend = &self.engine.backend;
         let events: Vec<_> = {
-            let st = self.engine.state.lock();
+            let st = self.engine.lock();
             ptrs.iter()
                 .filter_map(|&p| st.slot_of(p))
                 .flat_map(|slot| st.records[slot as usize].events.to_vec())
@@ -562,8 +671,8 @@ impl<B: Backend> Allocator<B> {
     /// Marks a buffer as used by another stream (PyTorch's `record_stream`): when it is freed,
     /// an event is recorded on that stream and the buffer waits for it before reuse.
     pub fn record_stream(&self, ptr: u64, stream: StreamId) -> Result<()> {
-        let mut st = self.engine.state.lock();
-        let slot = st.slot_of(ptr).ok_or(Error::UnknownPointer(ptr))?;
+        let mut st = self.engine.lock();
+        let slot = st.resolve(ptr).ok_or(Error::UnknownPointer(ptr))?;
         let rec = &mut st.records[slot as usize];
         if rec.state != BufState::InUse {
             return Err(Error::DoubleFree(ptr));
@@ -585,156 +694,23 @@ impl<B: Backend> Allocator<B> {
         callback: impl Fn(u64, CallbackEvent) + Send + Sync + 'static,
     ) -> bool {
         let callback: Callback = Arc::new(callback);
-        self.engine.callbacks.register(name, callback)
+        // Off first, so no front-cache event can slip past the new callback for long.
+        self.engine.front_on.store(false, Ordering::Relaxed);
+        let replaced = self.engine.callbacks.register(name, callback);
+        self.engine.refresh_front();
+        replaced
     }
 
     /// Removes the callback called `name`; returns true if there was one.
     pub fn unregister_callback(&self, name: &str) -> bool {
-        self.engine.callbacks.unregister(name)
+        let removed = self.engine.callbacks.unregister(name);
+        self.engine.refresh_front();
+        removed
     }
 
     /// Names of the registered callbacks.
     pub fn callback_names(&self) -> Vec<String> {
         self.engine.callbacks.names()
-    }
-
-    // ---- watermarks --------------------------------------------------------------------------
-
-    /// Sets the low watermark ratio (0 disables; at most the high ratio).
-    pub fn set_low_watermark_ratio(&self, ratio: f64) -> Result<()> {
-        self.engine.state.lock().limits.set_low(ratio)?;
-        self.log_limits();
-        Ok(())
-    }
-
-    /// Sets the high watermark ratio (0 disables; at most 2.0; not below the low ratio).
-    pub fn set_high_watermark_ratio(&self, ratio: f64) -> Result<()> {
-        self.engine.state.lock().limits.set_high(ratio)?;
-        self.log_limits();
-        Ok(())
-    }
-
-    /// Sets both ratios at once, validated together.
-    pub fn set_watermark_ratios(&self, low: f64, high: f64) -> Result<()> {
-        self.engine.state.lock().limits.set_both(low, high)?;
-        self.log_limits();
-        Ok(())
-    }
-
-    /// (low, high) ratios.
-    pub fn watermark_ratios(&self) -> (f64, f64) {
-        let st = self.engine.state.lock();
-        (st.limits.low_ratio, st.limits.high_ratio)
-    }
-
-    fn log_limits(&self) {
-        let st = self.engine.state.lock();
-        if st.debug & debug::PROFILING != 0 {
-            let show = |l: usize| {
-                if l == usize::MAX {
-                    "unlimited".to_string()
-                } else {
-                    format_size(l)
-                }
-            };
-            tracing::info!(
-                target: "bufferheap",
-                "High watermark memory allocation limit: {}; low watermark limit: {}",
-                show(st.limits.high_limit),
-                show(st.limits.low_limit)
-            );
-        }
-    }
-
-    /// MiB of headroom below the low limit; `usize::MAX` when the low watermark is disabled.
-    pub fn low_watermark_value(&self) -> usize {
-        let st = self.engine.state.lock();
-        if st.limits.low_ratio == 0.0 {
-            return usize::MAX;
-        }
-        let driver = self.engine.backend.memory_info().driver_allocated();
-        st.limits.low_limit.saturating_sub(driver) / (1 << 20)
-    }
-
-    /// Low limit in bytes; `usize::MAX` when disabled.
-    pub fn low_watermark_limit(&self) -> usize {
-        self.engine.state.lock().limits.low_limit
-    }
-
-    /// High limit in bytes; `usize::MAX` when disabled.
-    pub fn high_watermark_limit(&self) -> usize {
-        self.engine.state.lock().limits.high_limit
-    }
-
-    // ---- figures ---------------------------------------------------------------------------
-
-    /// Bytes held from the backend (in use + cached; mapped bytes on page-mapped heaps).
-    pub fn total_allocated(&self) -> usize {
-        self.engine.state.lock().reserved_total()
-    }
-
-    /// Bytes of buffers in use (rounded sizes).
-    pub fn current_allocated(&self) -> usize {
-        self.engine.state.lock().stats.allocated_bytes[0].current as usize
-    }
-
-    /// What the driver says the process holds.
-    pub fn driver_allocated(&self) -> usize {
-        self.engine.backend.memory_info().driver_allocated()
-    }
-
-    /// The device's recommended working set.
-    pub fn recommended_max_memory(&self) -> usize {
-        self.engine.state.lock().limits.recommended
-    }
-
-    /// The cheap figures.
-    pub fn usage(&self) -> Usage {
-        let st = self.engine.state.lock();
-        let s = &st.stats;
-        Usage {
-            allocated: s.allocated_bytes[0].current as usize,
-            requested: s.requested_bytes[0].current as usize,
-            reserved: s.reserved_bytes[0].current as usize,
-            active: s.active_bytes[0].current as usize,
-            cached: s.cached_bytes[0].current as usize,
-            buffers: s.allocation[0].current as usize,
-            heaps: s.segment[0].current as usize,
-        }
-    }
-
-    /// Keeps the last `max_entries` allocator events from now on (0: none; replaces any
-    /// history kept so far).
-    pub fn set_history(&self, max_entries: usize) {
-        self.engine.state.lock().history =
-            (max_entries > 0).then(|| crate::history::History::new(max_entries));
-    }
-
-    /// The allocation history, oldest first (empty unless one is kept): PyTorch's
-    /// `device_traces` entries, so `bufferheap replay` can replay a snapshot taken here.
-    pub fn history(&self) -> Vec<crate::TraceEntry> {
-        self.engine
-            .state
-            .lock()
-            .history
-            .as_ref()
-            .map(|h| h.entries())
-            .unwrap_or_default()
-    }
-
-    /// Every counter.
-    pub fn stats(&self) -> Stats {
-        self.engine.state.lock().stats.clone()
-    }
-
-    /// Resets every peak counter to its current value.
-    pub fn reset_peak(&self) {
-        self.engine.state.lock().stats.reset_peak();
-    }
-
-    /// The policy in force.
-    pub fn policy(&self) -> crate::Policy {
-        self.engine.state.lock().policy
     }
 }
 
@@ -747,7 +723,8 @@ impl<B: Backend> Allocator<B> {
 
 impl<B: Backend> Drop for Engine<B> {
     fn drop(&mut self) {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
+        st.return_fronts(true, true);
         let st = &mut *st;
         report::report_leaks(st);
         report::release_everything(st, &self.backend);

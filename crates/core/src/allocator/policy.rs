@@ -140,6 +140,14 @@ impl<B: Backend> State<B> {
         if let Some(slot) = self.place_mapped(p, size, requested, notes) {
             return Ok(Some(slot));
         }
+        // Small buffers cached in threads' front caches come back before memory grows (they
+        // would pin pages the pool then maps again elsewhere).
+        if self.pools[p as usize].kind.is_small() && self.return_fronts(false, false) > 0 {
+            self.dissolve_cache(p);
+            if let Some(slot) = self.place_mapped(p, size, requested, notes) {
+                return Ok(Some(slot));
+            }
+        }
         // Over the low watermark, growing is the last resort: give back idle memory first.
         if self.limits.low_limit != usize::MAX
             && self.driver_estimate() + size > self.limits.low_limit
@@ -544,6 +552,8 @@ impl<B: Backend> State<B> {
             return Ok(());
         }
         let target = driver - self.limits.low_limit;
+        // Buffers cached in threads' front caches are candidates too.
+        self.return_fronts(false, false);
         let clock = self.pools[p as usize].clock;
         let mut candidates: Vec<(usize, u32, u64)> = self.pools[p as usize]
             .cache

@@ -162,7 +162,9 @@ pub struct SegmentInfo {
 impl<B: Backend> Allocator<B> {
     /// Every pool and heap, with fragmentation figures. Takes the lock for a while.
     pub fn report(&self) -> Report {
-        let st = self.engine.state.lock();
+        let mut st = self.engine.lock();
+        // Per-heap figures need every buffer where the engine sees it.
+        st.return_fronts(true, false);
         let pools = st
             .pools
             .iter()
@@ -194,7 +196,8 @@ impl<B: Backend> Allocator<B> {
             })
             .collect();
         drop(st);
-        let st = self.engine.state.lock();
+        let mut st = self.engine.lock();
+        st.fold_fronts(true);
         Report {
             policy: st.policy,
             usage: Usage {
@@ -216,7 +219,8 @@ impl<B: Backend> Allocator<B> {
     /// Heaps as PyTorch snapshot segments, with their blocks (buffers and free ranges) in
     /// address order. A page-mapped heap is reported up to its last mapped page.
     pub fn segments(&self) -> Vec<SegmentInfo> {
-        let st = self.engine.state.lock();
+        let mut st = self.engine.lock();
+        st.return_fronts(true, false);
         let mut by_heap: std::collections::HashMap<(u32, u32), Vec<BlockInfo>> = Default::default();
         for rec in st.records.iter().filter(|r| r.state != BufState::Vacant) {
             let state = match rec.state {

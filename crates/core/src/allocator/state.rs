@@ -4,11 +4,13 @@
 //! long as the buffer is placed (in use, cached or pending), like the seed's
 //! `m_allocated_buffers`. A record moves `InUse -> Cached` (or `InUse -> Pending -> Cached`
 //! when events guard its reuse), `Cached -> InUse` when recycled, and `Cached -> Vacant` when
-//! dissolved back into its heap's free space.
+//! dissolved back into its heap's free space. `Cached <-> Delegated` while a thread's front
+//! cache holds it (`front`).
 //!
 //! Invariants (checked by the property tests against a shadow model):
 //! - placed buffers never overlap and lie inside their heap; `ptr = heap.base + offset`;
-//! - `stats.allocated_bytes.all.current` = sum of sizes of `InUse` records; `active_bytes` =
+//! - with every front folded (`State::fold_fronts`), and counting each delegated buffer as its
+//!   front says: `stats.allocated_bytes.all.current` = sum of sizes of `InUse` records; `active_bytes` =
 //!   `InUse` + `Pending`; `cached_bytes` = `Cached`; `reserved_bytes` = sum of heaps'
 //!   reserved bytes (mapped bytes on page-mapped heaps);
 //! - a `Cached` record is in its pool's cache exactly once; a `Pending` record is in
@@ -56,6 +58,8 @@ pub(crate) enum BufState {
     InUse,
     Cached,
     Pending,
+    /// Handed to a thread's front cache, which knows whether it is in use (see `front`).
+    Delegated,
 }
 
 #[derive(Debug)]
@@ -77,6 +81,8 @@ pub(crate) struct Record<E> {
     /// The pool's clock when the buffer was cached (its age is measured from here).
     pub cached_at: u64,
     pub use_count: u32,
+    /// The front cache holding a `Delegated` buffer (0 otherwise).
+    pub front: u64,
 }
 
 impl<E> Record<E> {
@@ -91,6 +97,30 @@ impl<E> Record<E> {
                 }
                 Err(_) => true,
             });
+    }
+}
+
+/// The seed's pool selection (with its unified-memory rule for tiny tensors under `mps`).
+pub(crate) fn select_kind(
+    policy: Policy,
+    caps: &BackendCaps,
+    requested: usize,
+    aligned: usize,
+    storage: Storage,
+    scalar: bool,
+) -> PoolKind {
+    if scalar {
+        return PoolKind::Scalar;
+    }
+    if policy == Policy::Mps && requested <= 8 && caps.unified_memory && caps.shared_storage {
+        return PoolKind::SharedSmall;
+    }
+    let small = aligned <= crate::cache::SMALL_LIMIT;
+    match (storage, small) {
+        (Storage::Private, true) => PoolKind::PrivateSmall,
+        (Storage::Private, false) => PoolKind::PrivateLarge,
+        (Storage::Shared, true) => PoolKind::SharedSmall,
+        (Storage::Shared, false) => PoolKind::SharedLarge,
     }
 }
 
@@ -122,6 +152,8 @@ pub(crate) struct State<B: Backend> {
     /// Page runs to unmap once their event completes.
     pub retiring: Vec<Retiring<B::Event>>,
     pub stats: Stats,
+    /// Front caches of the threads using this engine (see `front`).
+    pub fronts: Vec<Arc<super::front::Front>>,
     /// The allocation history, when asked for.
     pub history: Option<History>,
     pub limits: Limits,
@@ -162,6 +194,7 @@ impl<B: Backend> State<B> {
             pending: Vec::new(),
             retiring: Vec::new(),
             stats: Stats::default(),
+            fronts: Vec::new(),
             history,
             limits,
             external: 0,
@@ -190,7 +223,7 @@ impl<B: Backend> State<B> {
         p
     }
 
-    /// The seed's pool selection (with its unified-memory rule for tiny tensors under `mps`).
+    /// The seed's pool selection (see [`select_kind`]).
     pub fn select_kind(
         &self,
         requested: usize,
@@ -198,23 +231,7 @@ impl<B: Backend> State<B> {
         storage: Storage,
         scalar: bool,
     ) -> PoolKind {
-        if scalar {
-            return PoolKind::Scalar;
-        }
-        if self.policy == Policy::Mps
-            && requested <= 8
-            && self.caps.unified_memory
-            && self.caps.shared_storage
-        {
-            return PoolKind::SharedSmall;
-        }
-        let small = aligned <= crate::cache::SMALL_LIMIT;
-        match (storage, small) {
-            (Storage::Private, true) => PoolKind::PrivateSmall,
-            (Storage::Private, false) => PoolKind::PrivateLarge,
-            (Storage::Shared, true) => PoolKind::SharedSmall,
-            (Storage::Shared, false) => PoolKind::SharedLarge,
-        }
+        select_kind(self.policy, &self.caps, requested, aligned, storage, scalar)
     }
 
     /// Appends to the history, when one is kept.
@@ -338,6 +355,7 @@ impl<B: Backend> State<B> {
             events: Vec::new(),
             cached_at: 0,
             use_count: 1,
+            front: 0,
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {

@@ -1,0 +1,656 @@
+//! Front caches: the hot path of a thread that frees and reallocates small buffers, in front
+//! of the engine's lock.
+//!
+//! The engine serialises every call on one lock, so threads allocating at once would take
+//! turns and bounce its cache lines between cores. Instead, a small buffer freed in the plain
+//! way (small pool, used on its own stream only, no events to wait for) is *delegated* to the
+//! freeing thread's front cache for this engine: a cache of exact sizes behind a mutex that
+//! only its own thread takes on the hot path, so that lock is uncontended and no two threads
+//! touch the same memory. The buffer is then allocated again from the front and freed into it
+//! without the engine, until the engine takes it back.
+//!
+//! Invariants:
+//! - A delegated buffer's record has state `Delegated` and names its front; the front's entry
+//!   holds its true state (in use or cached), requested size and use count. Every engine path
+//!   that acts on a record takes a delegated one back first (`State::reclaim`), so the engine
+//!   never acts on stale fields. A delegated buffer is never in a pool's cache.
+//! - Counters: the engine's statistics plus every front's [`Delta`] are the true statistics.
+//!   Delegating and reclaiming move a buffer without changing any counter; the hot path
+//!   changes only its front's delta; [`State::fold_fronts`] adds deltas into the engine's
+//!   statistics. Every read of the statistics folds every front first, so currents and
+//!   cumulative counts are exact.
+//! - Peaks: a delta keeps the highest value it reached since its last fold; the fold adds
+//!   that to the engine's counter as it is then. Every engine call folds every front that is
+//!   not busy first, so with one thread calling this is the exact peak; with several calling
+//!   at once a peak can be off by what a front changed while another thread's engine call
+//!   ran (bounded by the front's capacity).
+//! - A front's cached bytes never exceed its capacity; buffers it hands out are not limited
+//!   (they are the caller's).
+//! - Lock order: engine state, then a front. The hot path holds only its own front and never
+//!   waits for the engine while holding it.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::Buffer;
+use super::state::{AddrMap, BufState, State};
+use crate::backend::{Backend, Storage, StreamId};
+use crate::pool::{ALIGN, PoolKind};
+use crate::stats::Stats;
+
+/// The counters the hot path changes, in [`Delta`] order (and `fold_into`'s).
+const ALLOCATED_BYTES: usize = 0;
+const ACTIVE_BYTES: usize = 1;
+const REQUESTED_BYTES: usize = 2;
+const ALLOCATION: usize = 3;
+const ACTIVE: usize = 4;
+const CACHED_BYTES: usize = 5;
+const COUNTERS: usize = 6;
+/// The pool groups those counters are kept for: "all" and "small_pool" (only small buffers
+/// are delegated).
+const GROUPS: [usize; 2] = [0, 1];
+/// A buffer is delegated only if at least this many of its size fit in a front: a front
+/// must hold several buffers of each size it serves to be hit, and larger buffers are fewer
+/// and do more work per call, so the engine's lock costs them relatively little.
+const DELEGATED_PER_CAPACITY: usize = 64;
+
+/// The largest buffer a front of `capacity` bytes takes.
+#[inline]
+pub(crate) fn largest_delegated(capacity: usize) -> usize {
+    capacity / DELEGATED_PER_CAPACITY
+}
+
+/// What a front's hot path changed since its last fold.
+#[derive(Debug, Default)]
+struct Delta {
+    current: [i64; COUNTERS],
+    added: [u64; COUNTERS],
+    removed: [u64; COUNTERS],
+    /// The highest `current` since the last fold. The engine's counters do not change
+    /// between folds while this thread alone calls (every engine call folds first), so the
+    /// engine's value at the fold plus this is the true peak of the window.
+    high: [i64; COUNTERS],
+    dirty: bool,
+}
+
+impl Delta {
+    #[inline]
+    fn add(&mut self, c: usize, n: u64) {
+        self.current[c] += n as i64;
+        self.added[c] += n;
+        self.high[c] = self.high[c].max(self.current[c]);
+    }
+
+    #[inline]
+    fn sub(&mut self, c: usize, n: u64) {
+        self.current[c] -= n as i64;
+        self.removed[c] += n;
+    }
+
+    /// Adds this delta into the engine's statistics and clears it.
+    fn fold_into(&mut self, stats: &mut Stats) {
+        if !self.dirty {
+            return;
+        }
+        for (c, group) in [
+            &mut stats.allocated_bytes,
+            &mut stats.active_bytes,
+            &mut stats.requested_bytes,
+            &mut stats.allocation,
+            &mut stats.active,
+            &mut stats.cached_bytes,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for &g in &GROUPS {
+                let s = &mut group[g];
+                let high = s.current.saturating_add_signed(self.high[c]);
+                s.current = s.current.saturating_add_signed(self.current[c]);
+                s.allocated += self.added[c];
+                s.freed += self.removed[c];
+                s.peak = s.peak.max(high).max(s.current);
+            }
+        }
+        *self = Delta::default();
+    }
+}
+
+/// A delegated buffer, as its front knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub ptr: u64,
+    pub slot: u32,
+    pub size: usize,
+    pub requested: usize,
+    pub id: u64,
+    pub use_count: u32,
+    pub stream: StreamId,
+    pub kind: PoolKind,
+    pub storage: Storage,
+    pub host_ptr: Option<u64>,
+    pub in_use: bool,
+    /// Index of its (stream, kind) in the front's bins.
+    bins: u32,
+}
+
+/// Cached entries of one (stream, pool kind), by size class, with a bitmap of the classes
+/// that hold any (so emptying a front visits only those).
+#[derive(Debug)]
+struct Bins {
+    stream: StreamId,
+    kind: PoolKind,
+    by_class: Vec<Vec<u32>>,
+    nonempty: Vec<u64>,
+}
+
+impl Bins {
+    #[inline]
+    fn pop(&mut self, class: usize) -> Option<u32> {
+        let stack = self.by_class.get_mut(class)?;
+        let idx = stack.pop()?;
+        if stack.is_empty() {
+            self.nonempty[class / 64] &= !(1 << (class % 64));
+        }
+        Some(idx)
+    }
+
+    #[inline]
+    fn push(&mut self, class: usize, idx: u32) {
+        if self.by_class.len() <= class {
+            self.by_class.resize_with(class + 1, Vec::new);
+            self.nonempty.resize(class / 64 + 1, 0);
+        }
+        self.by_class[class].push(idx);
+        self.nonempty[class / 64] |= 1 << (class % 64);
+    }
+
+    fn remove(&mut self, class: usize, idx: u32) {
+        if let Some(stack) = self.by_class.get_mut(class) {
+            stack.retain(|&i| i != idx);
+            if stack.is_empty() {
+                self.nonempty[class / 64] &= !(1 << (class % 64));
+            }
+        }
+    }
+
+    /// Empties every class; calls `f` on each entry.
+    fn drain(&mut self, mut f: impl FnMut(u32)) {
+        for w in 0..self.nonempty.len() {
+            let mut bits = std::mem::take(&mut self.nonempty[w]);
+            while bits != 0 {
+                let class = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                for idx in self.by_class[class].drain(..) {
+                    f(idx);
+                }
+            }
+        }
+    }
+}
+
+/// A front's contents, under its mutex.
+#[derive(Debug, Default)]
+struct Magazine {
+    closed: bool,
+    /// Slab of entries; `index` maps a delegated buffer's address to its entry.
+    entries: Vec<Entry>,
+    vacant: Vec<u32>,
+    index: AddrMap<u32>,
+    bins: Vec<Bins>,
+    cached_bytes: usize,
+    delta: Delta,
+    usage: Usefulness,
+}
+
+/// Whether a front earns its keep: of the buffers that entered its cache in a window, how
+/// many were allocated from it again. A thread whose sizes rarely repeat (a front that only
+/// fills and evicts) makes every free slower for nothing; such a front stops taking new
+/// buffers from the engine, except one in [`PROBE_EVERY`] to notice when sizes repeat again.
+#[derive(Debug)]
+struct Usefulness {
+    entered: u32,
+    reused: u32,
+    taking: bool,
+    probe: u32,
+}
+
+/// Buffers that enter a front per judgement of its usefulness.
+const WINDOW: u32 = 256;
+/// A front takes new buffers while at least 1 in this many of those entering it is reused.
+const REUSE_RATIO: u32 = 2;
+/// A front that does not take new buffers still takes one in this many.
+const PROBE_EVERY: u32 = 8;
+
+impl Default for Usefulness {
+    fn default() -> Self {
+        Usefulness {
+            entered: 0,
+            reused: 0,
+            taking: true,
+            probe: 0,
+        }
+    }
+}
+
+impl Usefulness {
+    #[inline]
+    fn entered(&mut self) {
+        self.entered += 1;
+        if self.entered >= WINDOW {
+            self.taking = self.reused * REUSE_RATIO >= self.entered;
+            self.entered = 0;
+            self.reused = 0;
+        }
+    }
+
+    /// Whether to take one more buffer from the engine.
+    fn take(&mut self) -> bool {
+        if self.taking {
+            return true;
+        }
+        self.probe += 1;
+        self.probe.is_multiple_of(PROBE_EVERY)
+    }
+}
+
+impl Magazine {
+    fn bins_index(&mut self, stream: StreamId, kind: PoolKind) -> u32 {
+        let i = match self
+            .bins
+            .iter()
+            .position(|b| b.stream == stream && b.kind == kind)
+        {
+            Some(i) => i,
+            None => {
+                self.bins.push(Bins {
+                    stream,
+                    kind,
+                    by_class: Vec::new(),
+                    nonempty: Vec::new(),
+                });
+                self.bins.len() - 1
+            }
+        };
+        i as u32
+    }
+
+    #[inline]
+    fn push_cached(&mut self, idx: u32) {
+        let e = &self.entries[idx as usize];
+        let (bins, class, size) = (e.bins, e.size / ALIGN, e.size);
+        self.bins[bins as usize].push(class, idx);
+        self.cached_bytes += size;
+    }
+
+    /// Removes every entry (cached ones, and those in use too with `in_use`).
+    fn remove_all(&mut self, in_use: bool) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let (entries, index, vacant) = (&self.entries, &mut self.index, &mut self.vacant);
+        for bins in &mut self.bins {
+            bins.drain(|idx| {
+                let e = &entries[idx as usize];
+                index.remove(&e.ptr);
+                vacant.push(idx);
+                out.push(e.clone());
+            });
+        }
+        self.cached_bytes = 0;
+        if in_use {
+            for (_, idx) in self.index.drain() {
+                self.vacant.push(idx);
+                out.push(self.entries[idx as usize].clone());
+            }
+        }
+        out
+    }
+}
+
+/// What the hot path of `free` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Freed {
+    /// Freed into the front.
+    Done,
+    /// The buffer is delegated here and already free.
+    DoubleFree,
+    /// Not this front's to free (or the front is full or closed): ask the engine.
+    Miss,
+}
+
+/// One thread's front cache on one engine.
+#[derive(Debug)]
+pub(crate) struct Front {
+    pub engine: u64,
+    pub id: u64,
+    capacity: usize,
+    closed: AtomicBool,
+    /// A spin lock: its owner holds it for tens of nanoseconds, and unlocking it is a plain
+    /// store, not an atomic read-modify-write (half the cost of the uncontended hot path).
+    magazine: spin::mutex::SpinMutex<Magazine>,
+}
+
+impl Front {
+    pub fn new(engine: u64, capacity: usize) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Front {
+            engine,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            capacity,
+            closed: AtomicBool::new(false),
+            magazine: spin::mutex::SpinMutex::new(Magazine::default()),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// The hot path of an allocation: a cached buffer of exactly `aligned` bytes.
+    #[inline]
+    pub fn alloc(
+        &self,
+        stream: StreamId,
+        kind: PoolKind,
+        aligned: usize,
+        requested: usize,
+    ) -> Option<Buffer> {
+        let mut guard = self.magazine.lock();
+        let m = &mut *guard;
+        let bins = m
+            .bins
+            .iter_mut()
+            .find(|b| b.stream == stream && b.kind == kind)?;
+        let idx = bins.pop(aligned / ALIGN)?;
+        m.usage.reused += 1;
+        m.cached_bytes -= aligned;
+        let e = &mut m.entries[idx as usize];
+        e.in_use = true;
+        e.requested = requested;
+        e.use_count += 1;
+        let buffer = Buffer {
+            ptr: e.ptr,
+            size: e.size,
+            requested,
+            id: e.id,
+            storage: e.storage,
+            host_ptr: e.host_ptr,
+        };
+        let (size, d) = (aligned as u64, &mut m.delta);
+        d.dirty = true;
+        d.sub(CACHED_BYTES, size);
+        d.add(ALLOCATED_BYTES, size);
+        d.add(ACTIVE_BYTES, size);
+        d.add(REQUESTED_BYTES, requested as u64);
+        d.add(ALLOCATION, 1);
+        d.add(ACTIVE, 1);
+        Some(buffer)
+    }
+
+    /// The hot path of a free: a buffer delegated to this front goes back into it.
+    #[inline]
+    pub fn free(&self, ptr: u64) -> Freed {
+        let mut guard = self.magazine.lock();
+        let m = &mut *guard;
+        if m.closed {
+            return Freed::Miss;
+        }
+        let Some(&idx) = m.index.get(&ptr) else {
+            return Freed::Miss;
+        };
+        let e = &mut m.entries[idx as usize];
+        if !e.in_use {
+            return Freed::DoubleFree;
+        }
+        if m.cached_bytes + e.size > self.capacity {
+            return Freed::Miss;
+        }
+        e.in_use = false;
+        let (size, requested) = (e.size as u64, e.requested as u64);
+        m.push_cached(idx);
+        m.usage.entered();
+        let d = &mut m.delta;
+        d.dirty = true;
+        d.sub(ALLOCATED_BYTES, size);
+        d.sub(ACTIVE_BYTES, size);
+        d.sub(REQUESTED_BYTES, requested);
+        d.sub(ALLOCATION, 1);
+        d.sub(ACTIVE, 1);
+        d.add(CACHED_BYTES, size);
+        Freed::Done
+    }
+}
+
+thread_local! {
+    /// This thread's fronts, one per engine it freed small buffers on.
+    static FRONTS: RefCell<Vec<Arc<Front>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's front for `engine`, if it has one.
+#[inline]
+pub(crate) fn with_own<R>(engine: u64, f: impl FnOnce(&Front) -> R) -> Option<R> {
+    FRONTS
+        .try_with(|fronts| {
+            let fronts = fronts.try_borrow().ok()?;
+            fronts.iter().find(|fr| fr.engine == engine).map(|fr| f(fr))
+        })
+        .ok()
+        .flatten()
+}
+
+/// This thread's open front for `engine`, created (and returned as new) if it has none.
+/// `None` while the thread is exiting.
+fn own_or_new(engine: u64, capacity: usize) -> Option<(Arc<Front>, bool)> {
+    FRONTS
+        .try_with(|fronts| {
+            let mut fronts = fronts.try_borrow_mut().ok()?;
+            if let Some(fr) = fronts
+                .iter()
+                .find(|fr| fr.engine == engine && !fr.is_closed())
+            {
+                return Some((fr.clone(), false));
+            }
+            fronts.retain(|fr| !fr.is_closed());
+            let fr = Arc::new(Front::new(engine, capacity));
+            fronts.push(fr.clone());
+            Some((fr, true))
+        })
+        .ok()
+        .flatten()
+}
+
+impl<B: Backend> State<B> {
+    /// Adds every front's delta into the statistics; with `wait`, waits for fronts in use by
+    /// their threads, otherwise skips them.
+    pub fn fold_fronts(&mut self, wait: bool) {
+        for fr in &self.fronts {
+            let guard = if wait {
+                Some(fr.magazine.lock())
+            } else {
+                fr.magazine.try_lock()
+            };
+            if let Some(mut m) = guard {
+                m.delta.fold_into(&mut self.stats);
+            }
+        }
+    }
+
+    /// Takes a delegated buffer back from its front: it becomes an engine record again, in
+    /// use or cached as it was there.
+    pub fn reclaim(&mut self, slot: u32) {
+        let rec = &self.records[slot as usize];
+        if rec.state != BufState::Delegated {
+            return;
+        }
+        let (ptr, front) = (rec.ptr, rec.front);
+        let entry = self.fronts.iter().find(|fr| fr.id == front).and_then(|fr| {
+            let mut guard = fr.magazine.lock();
+            let m = &mut *guard;
+            m.delta.fold_into(&mut self.stats);
+            let idx = m.index.remove(&ptr)?;
+            m.vacant.push(idx);
+            let e = m.entries[idx as usize].clone();
+            if !e.in_use {
+                m.bins[e.bins as usize].remove(e.size / ALIGN, idx);
+                m.cached_bytes -= e.size;
+            }
+            Some(e)
+        });
+        match entry {
+            Some(e) => self.take_back(e),
+            None => {
+                // Not found: never hand the memory out again on a guess; keep it in use.
+                debug_assert!(false, "delegated buffer {ptr:#x} missing from its front");
+                self.records[slot as usize].state = BufState::InUse;
+            }
+        }
+    }
+
+    /// Makes a front's entry an engine record again.
+    fn take_back(&mut self, e: Entry) {
+        let rec = &mut self.records[e.slot as usize];
+        rec.requested = e.requested;
+        rec.use_count = e.use_count;
+        rec.front = 0;
+        if e.in_use {
+            rec.state = BufState::InUse;
+        } else {
+            let pool = &mut self.pools[rec.pool as usize];
+            rec.state = BufState::Cached;
+            rec.cached_at = pool.clock;
+            pool.cache.push(rec.size, e.slot);
+        }
+    }
+
+    /// Looks a pointer up, taking a delegated buffer back from its front first.
+    pub fn resolve(&mut self, ptr: u64) -> Option<u32> {
+        let slot = self.slot_of(ptr)?;
+        self.reclaim(slot);
+        Some(slot)
+    }
+
+    /// Takes back everything the fronts hold cached (and, with `in_use`, in use too; with
+    /// `close`, the fronts are closed and forgotten: their threads go to the engine again).
+    /// Returns the number of buffers taken back.
+    pub fn return_fronts(&mut self, in_use: bool, close: bool) -> usize {
+        if self.fronts.is_empty() {
+            return 0;
+        }
+        let mut returned = 0;
+        let fronts = if close {
+            std::mem::take(&mut self.fronts)
+        } else {
+            self.fronts.clone()
+        };
+        for fr in fronts {
+            let entries = {
+                let mut m = fr.magazine.lock();
+                m.delta.fold_into(&mut self.stats);
+                if close {
+                    m.closed = true;
+                    fr.closed.store(true, Ordering::Relaxed);
+                }
+                m.remove_all(in_use)
+            };
+            returned += entries.len();
+            for e in entries {
+                self.take_back(e);
+            }
+        }
+        returned
+    }
+
+    /// Delegates a buffer just cached by `retire` to the calling thread's front.
+    pub fn delegate(&mut self, slot: u32, engine: u64, capacity: usize) {
+        let rec = &self.records[slot as usize];
+        let (size, pool) = (rec.size, rec.pool);
+        let kind = self.pools[pool as usize].kind;
+        if rec.state != BufState::Cached
+            || kind.stat_group() != GROUPS[1]
+            || size > largest_delegated(capacity)
+        {
+            return;
+        }
+        let Some((fr, new)) = own_or_new(engine, capacity) else {
+            return;
+        };
+        if new {
+            self.forget_orphans();
+            self.fronts.push(fr.clone());
+        }
+        if !fr.magazine.lock().usage.take() || !self.pools[pool as usize].cache.remove(size, slot) {
+            return;
+        }
+        let (region, offset) = self.region_of(slot);
+        let host_ptr = region.host_base.map(|h| h + offset as u64);
+        let rec = &mut self.records[slot as usize];
+        let entry = Entry {
+            ptr: rec.ptr,
+            slot,
+            size,
+            requested: rec.requested,
+            id: rec.id,
+            use_count: rec.use_count,
+            stream: rec.stream,
+            kind,
+            storage: kind.storage(),
+            host_ptr,
+            in_use: false,
+            bins: 0,
+        };
+        rec.state = BufState::Delegated;
+        rec.front = fr.id;
+        let evicted = {
+            let mut guard = fr.magazine.lock();
+            let m = &mut *guard;
+            // Full: the front's cached buffers go back to the engine (sizes in use change
+            // over a program's phases; the new one is the likeliest to be asked for again).
+            let evicted = if m.cached_bytes + size > capacity {
+                m.delta.fold_into(&mut self.stats);
+                m.remove_all(false)
+            } else {
+                Vec::new()
+            };
+            let mut entry = entry;
+            entry.bins = m.bins_index(entry.stream, entry.kind);
+            let idx = match m.vacant.pop() {
+                Some(i) => {
+                    m.entries[i as usize] = entry;
+                    i
+                }
+                None => {
+                    m.entries.push(entry);
+                    (m.entries.len() - 1) as u32
+                }
+            };
+            m.index.insert(rec.ptr, idx);
+            m.push_cached(idx);
+            m.usage.entered();
+            evicted
+        };
+        for e in evicted {
+            self.take_back(e);
+        }
+    }
+
+    /// Forgets the fronts of threads that have exited (only the engine holds them now),
+    /// taking back everything they held.
+    fn forget_orphans(&mut self) {
+        let (orphans, live): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fronts)
+            .into_iter()
+            .partition(|fr| Arc::strong_count(fr) == 1);
+        self.fronts = live;
+        for fr in orphans {
+            let entries = {
+                let mut m = fr.magazine.lock();
+                m.delta.fold_into(&mut self.stats);
+                m.closed = true;
+                fr.closed.store(true, Ordering::Relaxed);
+                m.remove_all(true)
+            };
+            for e in entries {
+                self.take_back(e);
+            }
+        }
+    }
+}

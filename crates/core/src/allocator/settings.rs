@@ -1,0 +1,163 @@
+//! Watermarks, figures and history of an allocator: the seed's getters and setters and the
+//! statistics reads.
+//!
+//! Invariant: every read of a counter folds the threads' front caches first (see `front`), so
+//! the figures are exact, not the engine's partial view.
+
+use super::Allocator;
+use crate::backend::Backend;
+use crate::config::debug;
+use crate::error::Result;
+use crate::format::format_size;
+use crate::stats::{Stats, Usage};
+
+impl<B: Backend> Allocator<B> {
+    // ---- watermarks --------------------------------------------------------------------------
+
+    /// Sets the low watermark ratio (0 disables; at most the high ratio).
+    pub fn set_low_watermark_ratio(&self, ratio: f64) -> Result<()> {
+        self.engine.lock().limits.set_low(ratio)?;
+        self.log_limits();
+        Ok(())
+    }
+
+    /// Sets the high watermark ratio (0 disables; at most 2.0; not below the low ratio).
+    pub fn set_high_watermark_ratio(&self, ratio: f64) -> Result<()> {
+        self.engine.lock().limits.set_high(ratio)?;
+        self.log_limits();
+        Ok(())
+    }
+
+    /// Sets both ratios at once, validated together.
+    pub fn set_watermark_ratios(&self, low: f64, high: f64) -> Result<()> {
+        self.engine.lock().limits.set_both(low, high)?;
+        self.log_limits();
+        Ok(())
+    }
+
+    /// (low, high) ratios.
+    pub fn watermark_ratios(&self) -> (f64, f64) {
+        let st = self.engine.lock();
+        (st.limits.low_ratio, st.limits.high_ratio)
+    }
+
+    pub(super) fn log_limits(&self) {
+        let st = self.engine.lock();
+        if st.debug & debug::PROFILING != 0 {
+            let show = |l: usize| {
+                if l == usize::MAX {
+                    "unlimited".to_string()
+                } else {
+                    format_size(l)
+                }
+            };
+            tracing::info!(
+                target: "bufferheap",
+                "High watermark memory allocation limit: {}; low watermark limit: {}",
+                show(st.limits.high_limit),
+                show(st.limits.low_limit)
+            );
+        }
+    }
+
+    /// MiB of headroom below the low limit; `usize::MAX` when the low watermark is disabled.
+    pub fn low_watermark_value(&self) -> usize {
+        let st = self.engine.lock();
+        if st.limits.low_ratio == 0.0 {
+            return usize::MAX;
+        }
+        let driver = self.engine.backend.memory_info().driver_allocated();
+        st.limits.low_limit.saturating_sub(driver) / (1 << 20)
+    }
+
+    /// Low limit in bytes; `usize::MAX` when disabled.
+    pub fn low_watermark_limit(&self) -> usize {
+        self.engine.lock().limits.low_limit
+    }
+
+    /// High limit in bytes; `usize::MAX` when disabled.
+    pub fn high_watermark_limit(&self) -> usize {
+        self.engine.lock().limits.high_limit
+    }
+
+    // ---- figures ---------------------------------------------------------------------------
+
+    /// Bytes held from the backend (in use + cached; mapped bytes on page-mapped heaps).
+    pub fn total_allocated(&self) -> usize {
+        self.engine.lock().reserved_total()
+    }
+
+    /// Bytes of buffers in use (rounded sizes).
+    pub fn current_allocated(&self) -> usize {
+        let mut st = self.engine.lock();
+        st.fold_fronts(true);
+        st.stats.allocated_bytes[0].current as usize
+    }
+
+    /// What the driver says the process holds.
+    pub fn driver_allocated(&self) -> usize {
+        self.engine.backend.memory_info().driver_allocated()
+    }
+
+    /// The device's recommended working set.
+    pub fn recommended_max_memory(&self) -> usize {
+        self.engine.lock().limits.recommended
+    }
+
+    /// The cheap figures.
+    pub fn usage(&self) -> Usage {
+        let mut st = self.engine.lock();
+        st.fold_fronts(true);
+        let s = &st.stats;
+        Usage {
+            allocated: s.allocated_bytes[0].current as usize,
+            requested: s.requested_bytes[0].current as usize,
+            reserved: s.reserved_bytes[0].current as usize,
+            active: s.active_bytes[0].current as usize,
+            cached: s.cached_bytes[0].current as usize,
+            buffers: s.allocation[0].current as usize,
+            heaps: s.segment[0].current as usize,
+        }
+    }
+
+    /// Keeps the last `max_entries` allocator events from now on (0: none; replaces any
+    /// history kept so far).
+    pub fn set_history(&self, max_entries: usize) {
+        self.engine
+            .front_on
+            .store(false, crate::sync::Ordering::Relaxed);
+        self.engine.lock().history =
+            (max_entries > 0).then(|| crate::history::History::new(max_entries));
+        self.engine.refresh_front();
+    }
+
+    /// The allocation history, oldest first (empty unless one is kept): PyTorch's
+    /// `device_traces` entries, so `bufferheap replay` can replay a snapshot taken here.
+    pub fn history(&self) -> Vec<crate::TraceEntry> {
+        self.engine
+            .lock()
+            .history
+            .as_ref()
+            .map(|h| h.entries())
+            .unwrap_or_default()
+    }
+
+    /// Every counter.
+    pub fn stats(&self) -> Stats {
+        let mut st = self.engine.lock();
+        st.fold_fronts(true);
+        st.stats.clone()
+    }
+
+    /// Resets every peak counter to its current value.
+    pub fn reset_peak(&self) {
+        let mut st = self.engine.lock();
+        st.fold_fronts(true);
+        st.stats.reset_peak();
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> crate::Policy {
+        self.engine.lock().policy
+    }
+}

@@ -1,0 +1,307 @@
+//! Threads' front caches: what a user relies on stays true when small buffers are freed and
+//! reallocated without the engine's lock — reuse, exact statistics and peaks, frees from
+//! other threads, lookups, stream safety, `empty_cache`, memory before out-of-memory,
+//! callbacks, threads that exit.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use bufferheap_core::{Allocator, CallbackEvent, Config, Error, Policy};
+use bufferheap_sim::SimBackend;
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+
+fn sim(total: usize, policy: Policy) -> Allocator<SimBackend> {
+    Allocator::new(
+        SimBackend::new(total).with_manual_events(),
+        Config {
+            policy,
+            ..Config::default()
+        },
+    )
+    .unwrap()
+}
+
+fn policies() -> [Policy; 2] {
+    [Policy::Default, Policy::Mps]
+}
+
+#[test]
+fn a_freed_small_buffer_comes_back_to_its_thread_with_exact_counters() {
+    for policy in policies() {
+        let a = sim(1 << 30, policy);
+        let first = a.alloc(3000).unwrap().unwrap();
+        a.free(first.ptr).unwrap();
+        for i in 0..100 {
+            let b = a.alloc(2600 + i).unwrap().unwrap();
+            assert_eq!(b.ptr, first.ptr, "{policy}: the same buffer each time");
+            assert_eq!(b.id, first.id);
+            assert_eq!(b.requested, 2600 + i);
+            a.free(b.ptr).unwrap();
+        }
+        let s = a.stats();
+        assert_eq!(
+            s.allocation[0].allocated, 101,
+            "{policy}: every allocation counted"
+        );
+        assert_eq!(s.allocation[0].freed, 101);
+        assert_eq!(s.allocation[1].allocated, 101, "{policy}: small pool too");
+        assert_eq!(s.allocated_bytes[0].current, 0);
+        assert_eq!(s.allocated_bytes[0].peak, 3072);
+        assert_eq!(
+            s.requested_bytes[0].allocated,
+            3000 + (0..100).map(|i| 2600 + i).sum::<u64>()
+        );
+        assert_eq!(s.cached_bytes[0].current, 3072);
+        assert_eq!(a.usage().cached, 3072);
+    }
+}
+
+#[test]
+fn peaks_reached_only_inside_the_front_cache_are_exact() {
+    for policy in policies() {
+        let a = sim(1 << 30, policy);
+        // Put a 1 KiB and a 2 KiB buffer into this thread's front cache.
+        let x = a.alloc(KIB).unwrap().unwrap();
+        a.free(x.ptr).unwrap();
+        let z = a.alloc(2 * KIB).unwrap().unwrap();
+        a.free(z.ptr).unwrap();
+        a.reset_peak();
+        assert_eq!(a.stats().allocated_bytes[0].peak, 0);
+        // Both again, from the front cache: 3 KiB at once, then nothing; no read in between.
+        let x2 = a.alloc(KIB).unwrap().unwrap();
+        let z2 = a.alloc(2 * KIB).unwrap().unwrap();
+        assert_eq!((x2.ptr, z2.ptr), (x.ptr, z.ptr));
+        a.free(x2.ptr).unwrap();
+        a.free(z2.ptr).unwrap();
+        let s = a.stats();
+        assert_eq!(s.allocated_bytes[0].current, 0);
+        assert_eq!(s.allocated_bytes[0].peak, 3 * KIB as u64, "{policy}");
+        assert_eq!(
+            s.allocated_bytes[1].peak,
+            3 * KIB as u64,
+            "{policy}: small pool"
+        );
+        assert_eq!(s.allocation[0].peak, 2);
+        assert_eq!(s.active_bytes[0].peak, 3 * KIB as u64);
+        assert_eq!(s.cached_bytes[0].peak, 3 * KIB as u64);
+    }
+}
+
+#[test]
+fn a_buffer_freed_by_another_thread_is_freed_exactly_once() {
+    let a = sim(1 << 30, Policy::Default);
+    let b = a.alloc(4000).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    // Now delegated to this thread's front; allocate it from there and free it elsewhere.
+    let b = a.alloc(4000).unwrap().unwrap();
+    let other = a.clone();
+    std::thread::spawn(move || other.free(b.ptr).unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(a.free(b.ptr), Err(Error::DoubleFree(b.ptr)));
+    assert_eq!(a.usage().allocated, 0);
+    assert_eq!(a.usage().buffers, 0);
+    // The other thread's free made it the other thread's: this thread still gets it back.
+    let again = a.alloc(4000).unwrap().unwrap();
+    assert_eq!(again.ptr, b.ptr);
+    assert_eq!(a.usage().allocated, 4096);
+    a.free(again.ptr).unwrap();
+    assert_eq!(a.free(again.ptr), Err(Error::DoubleFree(again.ptr)));
+}
+
+#[test]
+fn lookups_and_shapes_see_a_buffer_served_by_the_front_cache() {
+    let a = sim(1 << 30, Policy::Default);
+    let b = a.alloc(700).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    let b = a.alloc(900).unwrap().unwrap();
+    assert_eq!(a.requested_size(b.ptr), Some(900));
+    assert_eq!(a.buffer_size(b.ptr), Some(1024));
+    a.set_shape(b.ptr, &[3, 300]).unwrap();
+    assert_eq!(a.shape(b.ptr), Some(vec![3, 300]));
+    a.free(b.ptr).unwrap();
+    assert_eq!(a.free(b.ptr), Err(Error::DoubleFree(b.ptr)));
+}
+
+#[test]
+fn a_buffer_used_by_another_stream_waits_for_its_event() {
+    let a = sim(1 << 30, Policy::Default);
+    let b = a.alloc(2048).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    let b = a.alloc(2048).unwrap().unwrap();
+    a.record_stream(b.ptr, 7).unwrap();
+    a.free(b.ptr).unwrap();
+    let c = a.alloc(2048).unwrap().unwrap();
+    assert_ne!(c.ptr, b.ptr, "reused while stream 7 may still use it");
+    a.backend().complete_events();
+    a.free_inactive_buffers();
+    let d = a.alloc(2048).unwrap().unwrap();
+    assert_eq!(d.ptr, b.ptr, "reused once its event completed");
+}
+
+#[test]
+fn empty_cache_takes_back_what_other_threads_hold() {
+    let a = sim(1 << 30, Policy::Default);
+    let (done_tx, done_rx) = mpsc::channel();
+    let (exit_tx, exit_rx) = mpsc::channel::<()>();
+    let other = a.clone();
+    let worker = std::thread::spawn(move || {
+        for size in [512, 1024, 4096, 16 * KIB] {
+            let b = other.alloc(size).unwrap().unwrap();
+            other.free(b.ptr).unwrap();
+            let b = other.alloc(size).unwrap().unwrap();
+            other.free(b.ptr).unwrap();
+        }
+        done_tx.send(()).unwrap();
+        exit_rx.recv().unwrap();
+    });
+    done_rx.recv().unwrap();
+    // The worker is alive and holds its cached buffers.
+    assert!(a.usage().cached > 0);
+    a.empty_cache().unwrap();
+    assert_eq!(a.usage().cached, 0);
+    assert_eq!(a.usage().reserved, 0, "every page given back");
+    exit_tx.send(()).unwrap();
+    worker.join().unwrap();
+}
+
+#[test]
+fn what_an_exited_thread_held_is_taken_back() {
+    let a = sim(1 << 30, Policy::Default);
+    let other = a.clone();
+    let kept = std::thread::spawn(move || {
+        let b = other.alloc(1500).unwrap().unwrap();
+        other.free(b.ptr).unwrap();
+        let kept = other.alloc(1500).unwrap().unwrap();
+        let c = other.alloc(6000).unwrap().unwrap();
+        other.free(c.ptr).unwrap();
+        kept.ptr
+    })
+    .join()
+    .unwrap();
+    // A buffer the exited thread still had in use is freed here; its cached one is reused.
+    a.free(kept).unwrap();
+    let x = a.alloc(100).unwrap().unwrap();
+    a.free(x.ptr).unwrap();
+    let c = a.alloc(6000).unwrap().unwrap();
+    a.free(c.ptr).unwrap();
+    assert_eq!(a.usage().allocated, 0);
+    a.empty_cache().unwrap();
+    assert_eq!(a.usage().reserved, 0);
+}
+
+#[test]
+fn memory_held_by_front_caches_is_used_before_running_out() {
+    for policy in policies() {
+        let total = 64 * MIB;
+        let a = Allocator::new(
+            SimBackend::new(total),
+            Config {
+                policy,
+                low_watermark_ratio: Some(0.0),
+                high_watermark_ratio: Some(0.0),
+                ..Config::default()
+            },
+        )
+        .unwrap();
+        let small: Vec<_> = (0..2048)
+            .map(|_| a.alloc(8 * KIB).unwrap().unwrap().ptr)
+            .collect();
+        for ptr in small {
+            a.free(ptr).unwrap();
+        }
+        // Every byte of the device, which only fits if the small buffers' memory returns.
+        let big = a.alloc(total - 2 * MIB);
+        assert!(big.is_ok(), "{policy}: {:?}", big.err());
+    }
+}
+
+#[test]
+fn a_new_callback_sees_every_later_event() {
+    let a = sim(1 << 30, Policy::Default);
+    let b = a.alloc(1024).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    a.register_callback("watch", move |ptr, event| {
+        s.lock().unwrap().push((ptr, event))
+    });
+    let c = a.alloc(1024).unwrap().unwrap();
+    a.free(c.ptr).unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            (b.ptr, CallbackEvent::Recycled),
+            (b.ptr, CallbackEvent::Freed)
+        ]
+    );
+    a.unregister_callback("watch");
+    let d = a.alloc(1024).unwrap().unwrap();
+    assert_eq!(d.ptr, b.ptr);
+    a.free(d.ptr).unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn no_front_caches_with_zero_bytes() {
+    let a = Allocator::new(
+        SimBackend::new(1 << 30),
+        Config {
+            front_cache_bytes: 0,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let b = a.alloc(1024).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    let c = a.alloc(1024).unwrap().unwrap();
+    assert_eq!(c.ptr, b.ptr, "the engine's own cache still reuses it");
+    a.free(c.ptr).unwrap();
+    assert_eq!(a.stats().allocation[0].allocated, 2);
+}
+
+#[test]
+fn many_threads_leave_exact_totals() {
+    let a = sim(1 << 30, Policy::Default);
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                for i in 0..5000usize {
+                    let size = 512 * (1 + (i * 7 + t) % 16);
+                    held.push(a.alloc(size).unwrap().unwrap().ptr);
+                    if held.len() > 8 {
+                        let ptr = held.remove((i * 13) % held.len());
+                        a.free(ptr).unwrap();
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    // Each thread's leftovers are freed by another thread.
+    let leftovers: Vec<Vec<u64>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for ptrs in leftovers {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            for ptr in ptrs {
+                a.free(ptr).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+    }
+    let s = a.stats();
+    assert_eq!(s.allocation[0].allocated, 20_000);
+    assert_eq!(s.allocation[0].freed, 20_000);
+    assert_eq!(s.allocated_bytes[0].current, 0);
+    assert_eq!(s.requested_bytes[0].current, 0);
+    assert_eq!(s.active[0].current, 0);
+    assert_eq!(s.allocated_bytes[0].allocated, s.allocated_bytes[0].freed);
+    a.empty_cache().unwrap();
+    assert_eq!(a.usage().reserved, 0);
+    assert_eq!(a.stats().cached_bytes[0].current, 0);
+}
