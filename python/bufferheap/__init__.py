@@ -72,6 +72,7 @@ def configure(
     high_watermark_ratio: Optional[float] = None,
     debug: Union[None, bool, int] = None,
     history: Optional[int] = None,
+    front_cache_bytes: Optional[int] = None,
 ) -> Dict[str, str]:
     """Apply allocator settings; they take effect only before the first allocation.
 
@@ -79,7 +80,9 @@ def configure(
     raise BufferheapError. Returns the settings as sent to the library.
     """
     global _applied
-    wanted = _config.as_dict(_config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug, history))
+    wanted = _config.as_dict(
+        _config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes)
+    )
     if _applied is not None:
         if wanted == _applied:
             return dict(_applied)

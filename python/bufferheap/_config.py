@@ -38,6 +38,7 @@ def configuration(
     high_watermark_ratio: Optional[Number] = None,
     debug: Union[None, bool, int] = None,
     history: Optional[int] = None,
+    front_cache_bytes: Optional[int] = None,
 ) -> List[Tuple[str, str]]:
     """The (key, value) pairs for bufferheap_configure, in the order they are applied.
 
@@ -60,6 +61,13 @@ def configuration(
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise ValueError(f"history must be a non-negative int (allocator events kept for snapshots); got {history!r}")
         pairs.append(("history", str(history)))
+    if front_cache_bytes is not None:
+        if isinstance(front_cache_bytes, bool) or not isinstance(front_cache_bytes, int) or front_cache_bytes < 0:
+            raise ValueError(
+                f"front_cache_bytes must be a non-negative int (bytes each thread may keep cached, 0: none); "
+                f"got {front_cache_bytes!r}"
+            )
+        pairs.append(("front_cache_bytes", str(front_cache_bytes)))
     return pairs
 
 

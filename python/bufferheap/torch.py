@@ -48,18 +48,23 @@ def install(
     high_watermark_ratio: Optional[float] = None,
     debug: Union[None, bool, int] = None,
     history: Optional[int] = None,
+    front_cache_bytes: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Make bufferheap PyTorch's CUDA allocator for this process.
 
     `history=N` keeps the last N allocator events, so that `bufferheap.snapshot()` writes a
     trace that `bufferheap replay` and PyTorch's memory viewer can play back.
+    `front_cache_bytes` sets what each thread may keep cached in front of the allocator's lock
+    (default 1 MiB; 0 turns these caches off).
 
     Must run before CUDA is initialized. A second call with the same settings does nothing;
     with other settings it raises RuntimeError. Returns what was installed: the library
     path, the settings and the optional hooks PyTorch accepted.
     """
     global _installed, _allocator, _hooks
-    wanted = _config.as_dict(_config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug, history))
+    wanted = _config.as_dict(_config.configuration(
+            policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes
+        ))
     if _installed is not None:
         if wanted != _installed:
             raise RuntimeError(

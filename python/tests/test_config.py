@@ -67,3 +67,11 @@ def test_history_is_sent_as_a_count():
     for bad in (-1, 1.5, True, "10"):
         with pytest.raises(ValueError, match="history"):
             _config.configuration(history=bad)
+
+
+def test_front_cache_bytes_is_sent_as_bytes():
+    assert ("front_cache_bytes", "0") in _config.configuration(front_cache_bytes=0)
+    assert all(k != "front_cache_bytes" for k, _ in _config.configuration())
+    for bad in (-1, 2.5, False, "1"):
+        with pytest.raises(ValueError, match="front_cache_bytes"):
+            _config.configuration(front_cache_bytes=bad)

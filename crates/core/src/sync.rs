@@ -27,9 +27,6 @@ mod model {
         pub fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
         }
-        pub fn try_lock(&self) -> Option<loom::sync::MutexGuard<'_, T>> {
-            self.0.try_lock().ok()
-        }
     }
 
     /// `loom`'s read-write lock with `parking_lot`'s signature.
