@@ -19,8 +19,8 @@
 //!   changes only its front's delta; [`State::fold_fronts`] adds deltas into the engine's
 //!   statistics. Every read of the statistics folds every front first, so currents and
 //!   cumulative counts are exact.
-//! - Peaks: a delta keeps the highest value it reached since its last fold; the fold adds
-//!   that to the engine's counter as it is then. Every engine call folds every front that is
+//! - Peaks: a delta keeps the extremes it reached since its last fold; the fold adds them to
+//!   the engine's counters as they are then. Every engine call folds every front that is
 //!   not busy first, so with one thread calling this is the exact peak; with several calling
 //!   at once a peak can be off by what a front changed while another thread's engine call
 //!   ran (bounded by the front's capacity).
@@ -39,16 +39,8 @@ use crate::backend::{Backend, Storage, StreamId};
 use crate::pool::{ALIGN, PoolKind};
 use crate::stats::Stats;
 
-/// The counters the hot path changes, in [`Delta`] order (and `fold_into`'s).
-const ALLOCATED_BYTES: usize = 0;
-const ACTIVE_BYTES: usize = 1;
-const REQUESTED_BYTES: usize = 2;
-const ALLOCATION: usize = 3;
-const ACTIVE: usize = 4;
-const CACHED_BYTES: usize = 5;
-const COUNTERS: usize = 6;
-/// The pool groups those counters are kept for: "all" and "small_pool" (only small buffers
-/// are delegated).
+/// The pool groups a front's counters are kept for: "all" and "small_pool" (only small
+/// buffers are delegated).
 const GROUPS: [usize; 2] = [0, 1];
 /// A buffer is delegated only if at least this many of its size fit in a front: a front
 /// must hold several buffers of each size it serves to be hit, and larger buffers are fewer
@@ -61,31 +53,49 @@ pub(crate) fn largest_delegated(capacity: usize) -> usize {
     capacity / DELEGATED_PER_CAPACITY
 }
 
-/// What a front's hot path changed since its last fold.
+/// What a front's hot path did since its last fold. Every hot-path move is a cached buffer
+/// going into use or back, so three running sums say it all: bytes, buffers and requested
+/// bytes that went into use (negative: back to the cache). Allocated and active bytes move
+/// with `bytes`, cached bytes against it; buffers in use and active buffers with `buffers`.
 #[derive(Debug, Default)]
 struct Delta {
-    current: [i64; COUNTERS],
-    added: [u64; COUNTERS],
-    removed: [u64; COUNTERS],
-    /// The highest `current` since the last fold. The engine's counters do not change
-    /// between folds while this thread alone calls (every engine call folds first), so the
-    /// engine's value at the fold plus this is the true peak of the window.
-    high: [i64; COUNTERS],
+    /// Running sums: bytes, buffers, requested bytes.
+    now: [i64; 3],
+    /// Their highest values since the last fold; `bytes_low` the lowest of `now[0]` (where
+    /// cached bytes peaked). The engine's counters do not change between folds while this
+    /// thread alone calls (every engine call folds first), so the engine's value at the fold
+    /// plus these is the true peak of the window.
+    high: [i64; 3],
+    bytes_low: i64,
+    /// Cumulative: into use (bytes, buffers, requested), back to the cache (the same).
+    taken: [u64; 3],
+    returned: [u64; 3],
     dirty: bool,
 }
 
 impl Delta {
+    /// A cached buffer of `size` bytes goes into use for `requested`.
     #[inline]
-    fn add(&mut self, c: usize, n: u64) {
-        self.current[c] += n as i64;
-        self.added[c] += n;
-        self.high[c] = self.high[c].max(self.current[c]);
+    fn take(&mut self, size: u64, requested: u64) {
+        let moved = [size, 1, requested];
+        for i in 0..3 {
+            self.now[i] += moved[i] as i64;
+            self.taken[i] += moved[i];
+            self.high[i] = self.high[i].max(self.now[i]);
+        }
+        self.dirty = true;
     }
 
+    /// A buffer in use goes back to the cache.
     #[inline]
-    fn sub(&mut self, c: usize, n: u64) {
-        self.current[c] -= n as i64;
-        self.removed[c] += n;
+    fn give(&mut self, size: u64, requested: u64) {
+        let moved = [size, 1, requested];
+        for i in 0..3 {
+            self.now[i] -= moved[i] as i64;
+            self.returned[i] += moved[i];
+        }
+        self.bytes_low = self.bytes_low.min(self.now[0]);
+        self.dirty = true;
     }
 
     /// Adds this delta into the engine's statistics and clears it.
@@ -93,24 +103,33 @@ impl Delta {
         if !self.dirty {
             return;
         }
-        for (c, group) in [
-            &mut stats.allocated_bytes,
-            &mut stats.active_bytes,
-            &mut stats.requested_bytes,
-            &mut stats.allocation,
-            &mut stats.active,
-            &mut stats.cached_bytes,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        // (counter, sum it follows, +1 with the sum or -1 against it)
+        let moves: [(&mut crate::stats::GroupStat, usize, i64); 6] = [
+            (&mut stats.allocated_bytes, 0, 1),
+            (&mut stats.active_bytes, 0, 1),
+            (&mut stats.requested_bytes, 2, 1),
+            (&mut stats.allocation, 1, 1),
+            (&mut stats.active, 1, 1),
+            (&mut stats.cached_bytes, 0, -1),
+        ];
+        for (group, i, sign) in moves {
+            let (now, high, up, down) = if sign > 0 {
+                (self.now[i], self.high[i], self.taken[i], self.returned[i])
+            } else {
+                (
+                    -self.now[i],
+                    -self.bytes_low,
+                    self.returned[i],
+                    self.taken[i],
+                )
+            };
             for &g in &GROUPS {
                 let s = &mut group[g];
-                let high = s.current.saturating_add_signed(self.high[c]);
-                s.current = s.current.saturating_add_signed(self.current[c]);
-                s.allocated += self.added[c];
-                s.freed += self.removed[c];
-                s.peak = s.peak.max(high).max(s.current);
+                let peak = s.current.saturating_add_signed(high);
+                s.current = s.current.saturating_add_signed(now);
+                s.allocated += up;
+                s.freed += down;
+                s.peak = s.peak.max(peak).max(s.current);
             }
         }
         *self = Delta::default();
@@ -376,14 +395,7 @@ impl Front {
             storage: e.storage,
             host_ptr: e.host_ptr,
         };
-        let (size, d) = (aligned as u64, &mut m.delta);
-        d.dirty = true;
-        d.sub(CACHED_BYTES, size);
-        d.add(ALLOCATED_BYTES, size);
-        d.add(ACTIVE_BYTES, size);
-        d.add(REQUESTED_BYTES, requested as u64);
-        d.add(ALLOCATION, 1);
-        d.add(ACTIVE, 1);
+        m.delta.take(aligned as u64, requested as u64);
         Some(buffer)
     }
 
@@ -409,14 +421,7 @@ impl Front {
         let (size, requested) = (e.size as u64, e.requested as u64);
         m.push_cached(idx);
         m.usage.entered();
-        let d = &mut m.delta;
-        d.dirty = true;
-        d.sub(ALLOCATED_BYTES, size);
-        d.sub(ACTIVE_BYTES, size);
-        d.sub(REQUESTED_BYTES, requested);
-        d.sub(ALLOCATION, 1);
-        d.sub(ACTIVE, 1);
-        d.add(CACHED_BYTES, size);
+        m.delta.give(size, requested);
         Freed::Done
     }
 }
