@@ -305,3 +305,19 @@ fn many_threads_leave_exact_totals() {
     assert_eq!(a.usage().reserved, 0);
     assert_eq!(a.stats().cached_bytes[0].current, 0);
 }
+
+#[test]
+fn a_slightly_larger_cached_buffer_serves_as_the_engine_would() {
+    let a = sim(1 << 30, Policy::Default);
+    let b = a.alloc(4608).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    // 4000 bytes round to 4096: the cached 4608 is within a quarter more, so it serves.
+    let c = a.alloc(4000).unwrap().unwrap();
+    assert_eq!((c.ptr, c.size, c.requested), (b.ptr, 4608, 4000));
+    assert_eq!(a.usage().allocated, 4608);
+    a.free(c.ptr).unwrap();
+    // 2048 is far smaller: not this buffer.
+    let d = a.alloc(2048).unwrap().unwrap();
+    assert_ne!(d.ptr, b.ptr);
+    assert_eq!(d.size, 2048);
+}

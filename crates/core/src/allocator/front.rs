@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::Buffer;
+use super::policy::SMALL_SLACK_DIV;
 use super::state::{AddrMap, BufState, State};
 use crate::backend::{Backend, Storage, StreamId};
 use crate::pool::{ALIGN, PoolKind};
@@ -183,6 +184,21 @@ impl Bins {
         }
         self.by_class[class].push(idx);
         self.nonempty[class / 64] |= 1 << (class % 64);
+    }
+
+    /// The smallest class in `(class, last]` that holds a buffer.
+    fn next_nonempty(&self, class: usize, last: usize) -> Option<usize> {
+        let last = last.min(self.by_class.len().checked_sub(1)?);
+        let mut c = class + 1;
+        while c <= last {
+            let bits = self.nonempty[c / 64] >> (c % 64);
+            if bits != 0 {
+                let found = c + bits.trailing_zeros() as usize;
+                return (found <= last).then_some(found);
+            }
+            c = (c / 64 + 1) * 64;
+        }
+        None
     }
 
     fn remove(&mut self, class: usize, idx: u32) {
@@ -380,13 +396,22 @@ impl Front {
             .bins
             .iter_mut()
             .find(|b| b.stream == stream && b.kind == kind)?;
-        let idx = bins.pop(aligned / ALIGN)?;
+        // Exactly this size, or one at most 1/SMALL_SLACK_DIV larger, as the engine's small
+        // pools serve.
+        let class = aligned / ALIGN;
+        let idx = match bins.pop(class) {
+            Some(idx) => idx,
+            None => {
+                let larger = bins.next_nonempty(class, class + class / SMALL_SLACK_DIV)?;
+                bins.pop(larger)?
+            }
+        };
         m.usage.reused += 1;
-        m.cached_bytes -= aligned;
         let e = &mut m.entries[idx as usize];
         e.in_use = true;
         e.requested = requested;
         e.use_count += 1;
+        let size = e.size;
         let buffer = Buffer {
             ptr: e.ptr,
             size: e.size,
@@ -395,7 +420,8 @@ impl Front {
             storage: e.storage,
             host_ptr: e.host_ptr,
         };
-        m.delta.take(aligned as u64, requested as u64);
+        m.cached_bytes -= size;
+        m.delta.take(size as u64, requested as u64);
         Some(buffer)
     }
 

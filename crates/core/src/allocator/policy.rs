@@ -28,7 +28,7 @@ const FIT_CANDIDATES: usize = 64;
 /// A cached buffer up to `size / REUSE_SLACK_DIV` larger than a request may serve it.
 const REUSE_SLACK_DIV: usize = 8;
 /// The same for small pools (buffers of at most 1 MiB), where a little slack costs little.
-const SMALL_SLACK_DIV: usize = 4;
+pub(crate) const SMALL_SLACK_DIV: usize = 4;
 /// Growth events closer than this many allocations form a burst.
 const BURST_WINDOW: u64 = 64;
 /// Where a trim brings reserved bytes back to, as a fraction of the budget's band.
