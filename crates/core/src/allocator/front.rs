@@ -78,10 +78,9 @@ impl Delta {
     /// A cached buffer of `size` bytes goes into use for `requested`.
     #[inline]
     fn take(&mut self, size: u64, requested: u64) {
-        let moved = [size, 1, requested];
-        for i in 0..3 {
-            self.now[i] += moved[i] as i64;
-            self.taken[i] += moved[i];
+        for (i, moved) in [size, 1, requested].into_iter().enumerate() {
+            self.now[i] += moved as i64;
+            self.taken[i] += moved;
             self.high[i] = self.high[i].max(self.now[i]);
         }
         self.dirty = true;
@@ -90,10 +89,9 @@ impl Delta {
     /// A buffer in use goes back to the cache.
     #[inline]
     fn give(&mut self, size: u64, requested: u64) {
-        let moved = [size, 1, requested];
-        for i in 0..3 {
-            self.now[i] -= moved[i] as i64;
-            self.returned[i] += moved[i];
+        for (i, moved) in [size, 1, requested].into_iter().enumerate() {
+            self.now[i] -= moved as i64;
+            self.returned[i] += moved;
         }
         self.bytes_low = self.bytes_low.min(self.now[0]);
         self.dirty = true;
