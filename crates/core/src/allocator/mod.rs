@@ -280,16 +280,19 @@ impl<B: Backend> Allocator<B> {
     // ---- allocation ----------------------------------------------------------------------
 
     /// Allocates `size` bytes on the default stream. 0 bytes: no allocation, `Ok(None)`.
+    #[inline]
     pub fn alloc(&self, size: usize) -> Result<Option<Buffer>> {
         self.alloc_on(size, 0)
     }
 
     /// Allocates `size` bytes for use on `stream`. A buffer freed on a stream is reused at once
     /// by that stream; other streams get it only after the events recorded for it complete.
+    #[inline]
     pub fn alloc_on(&self, size: usize, stream: StreamId) -> Result<Option<Buffer>> {
         self.alloc_inner(size, stream, false)
     }
 
+    #[inline]
     fn alloc_inner(&self, size: usize, stream: StreamId, scalar: bool) -> Result<Option<Buffer>> {
         if size == 0 {
             return Ok(None);
@@ -328,6 +331,20 @@ impl<B: Backend> Allocator<B> {
                 return Ok(Some(buffer));
             }
         }
+        self.alloc_in_engine(size, aligned, stream, storage, scalar)
+    }
+
+    /// Everything but the front cache: the engine's cache, placement, growth, the fallback
+    /// chain. Kept out of line so the hot path above stays small.
+    #[inline(never)]
+    fn alloc_in_engine(
+        &self,
+        size: usize,
+        aligned: usize,
+        stream: StreamId,
+        storage: Storage,
+        scalar: bool,
+    ) -> Result<Option<Buffer>> {
         let backend = &self.engine.backend;
         let mut notes = Notes::new(self.engine.callbacks.active());
         {
@@ -440,6 +457,7 @@ impl<B: Backend> Allocator<B> {
     }
 
     /// Frees a buffer: it goes back to its pool's cache, or waits there for its events.
+    #[inline]
     pub fn free(&self, ptr: u64) -> Result<()> {
         self.free_sized(ptr, 0)
     }
@@ -447,6 +465,7 @@ impl<B: Backend> Allocator<B> {
     /// Frees a buffer whose requested size the caller knows (PyTorch passes it): buffers too
     /// large for a thread's front cache skip looking there. The size is only a hint; a wrong
     /// one still frees the right buffer. 0: unknown.
+    #[inline]
     pub fn free_sized(&self, ptr: u64, size: usize) -> Result<()> {
         let engine = &*self.engine;
         if size <= front::largest_delegated(engine.front_capacity)
@@ -458,6 +477,13 @@ impl<B: Backend> Allocator<B> {
                 Some(Freed::Miss) | None => {}
             }
         }
+        self.free_in_engine(ptr)
+    }
+
+    /// A free that the front cache could not take.
+    #[inline(never)]
+    fn free_in_engine(&self, ptr: u64) -> Result<()> {
+        let engine = &*self.engine;
         let mut notes = Notes::new(engine.callbacks.active());
         let result = {
             let mut st = engine.lock();
