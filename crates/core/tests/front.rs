@@ -103,7 +103,7 @@ fn a_buffer_freed_by_another_thread_is_freed_exactly_once() {
     assert_eq!(a.free(b.ptr), Err(Error::DoubleFree(b.ptr)));
     assert_eq!(a.usage().allocated, 0);
     assert_eq!(a.usage().buffers, 0);
-    // The other thread's free made it the other thread's: this thread still gets it back.
+    // Freed by the other thread, it went back to this thread's front cache.
     let again = a.alloc(4000).unwrap().unwrap();
     assert_eq!(again.ptr, b.ptr);
     assert_eq!(a.usage().allocated, 4096);

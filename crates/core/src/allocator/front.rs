@@ -551,6 +551,21 @@ impl<B: Backend> State<B> {
         }
     }
 
+    /// A buffer delegated to another thread's front and freed here goes back into that
+    /// front: the thread that allocated it is the likeliest to ask for its size again (in a
+    /// training step, the Python thread allocates activations that the autograd thread frees).
+    /// `None` if the buffer is not delegated.
+    pub fn free_to_owner(&mut self, ptr: u64) -> Option<Freed> {
+        let slot = self.slot_of(ptr)?;
+        let rec = &self.records[slot as usize];
+        if rec.state != BufState::Delegated {
+            return None;
+        }
+        let front = rec.front;
+        let owner = self.fronts.iter().find(|fr| fr.id == front)?;
+        Some(owner.free(ptr))
+    }
+
     /// Looks a pointer up, taking a delegated buffer back from its front first.
     pub fn resolve(&mut self, ptr: u64) -> Option<u32> {
         let slot = self.slot_of(ptr)?;

@@ -487,6 +487,11 @@ impl<B: Backend> Allocator<B> {
         let mut notes = Notes::new(engine.callbacks.active());
         let result = {
             let mut st = engine.lock();
+            match st.free_to_owner(ptr) {
+                Some(Freed::Done) => return Ok(()),
+                Some(Freed::DoubleFree) => return Err(Error::DoubleFree(ptr)),
+                Some(Freed::Miss) | None => {}
+            }
             match st.resolve(ptr) {
                 None => Err(Error::UnknownPointer(ptr)),
                 Some(slot) if st.records[slot as usize].state != BufState::InUse => {
