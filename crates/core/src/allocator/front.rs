@@ -13,7 +13,9 @@
 //! - A delegated buffer's record has state `Delegated` and names its front; the front's entry
 //!   holds its true state (in use or cached), requested size and use count. Every engine path
 //!   that acts on a record takes a delegated one back first (`State::reclaim`), so the engine
-//!   never acts on stale fields. A delegated buffer is never in a pool's cache.
+//!   never acts on stale fields; the one exception is a free from another thread, which the
+//!   owning front performs itself (`State::free_to_owner`). A delegated buffer is never in a
+//!   pool's cache.
 //! - Counters: the engine's statistics plus every front's [`Delta`] are the true statistics.
 //!   Delegating and reclaiming move a buffer without changing any counter; the hot path
 //!   changes only its front's delta; [`State::fold_fronts`] adds deltas into the engine's
