@@ -206,6 +206,15 @@ impl Pages {
         }
     }
 
+    /// When the most recently idled page of `run` fell idle.
+    pub fn newest_idle_since(&self, run: PageRun) -> u64 {
+        self.idle_since[run.0..run.0 + run.1]
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Idle pages grouped in runs, highest addresses first, covering at most `max_pages`.
     pub fn idle_runs(&self, max_pages: usize) -> Vec<PageRun> {
         let mut runs: Vec<PageRun> = Vec::new();

@@ -4,7 +4,14 @@
 //! Invariants: the page table and the counters change only after the backend call they
 //! describe succeeded; a page is unmapped only once the work queued on its pool's stream
 //! before the page fell idle has completed (an event was waited on, or a retirement event
-//! completed and no buffer was placed on the page since — the ticket proves it).
+//! completed and no buffer was placed on the page since — the ticket proves it — or an
+//! epoch event recorded after the page fell idle completed).
+//!
+//! Epochs: every [`EPOCH_EVERY`] allocations a page-mapped pool records an event on its
+//! stream. A page idle since before a completed epoch event can be unmapped at once: all the
+//! work that used it was queued before that event. The device runs behind the host (by up to
+//! a training step), so an event recorded when pages are chosen would hold them — mapped and
+//! counted — while the growth that chose them maps new ones.
 
 use crate::backend::Backend;
 use crate::callbacks::{CallbackEvent, Notes};
@@ -16,6 +23,22 @@ use crate::pages::{PageRun, Pages};
 use crate::pool::ALIGN;
 
 use super::state::{Retiring, State};
+
+/// Allocations between two epoch events of a page-mapped pool.
+pub(crate) const EPOCH_EVERY: u64 = 256;
+/// Epoch events a pool keeps waiting on at most (older ones are dropped: they only help).
+const EPOCHS_PENDING: usize = 64;
+
+/// A pool's epoch events (see the module's note).
+#[derive(Debug)]
+pub(crate) struct Epochs<E> {
+    /// The clock at the last recording.
+    last: u64,
+    /// The clock of the newest epoch known complete (0: none).
+    done: u64,
+    /// Recorded, not known complete, oldest first.
+    pending: std::collections::VecDeque<(u64, E)>,
+}
 
 impl<B: Backend> State<B> {
     // ---- heaps and pages -----------------------------------------------------------------
@@ -239,13 +262,66 @@ impl<B: Backend> State<B> {
         self.process_retiring(backend, Some(p), notes)
     }
 
+    /// Records an epoch event on pool `p`'s stream if [`EPOCH_EVERY`] allocations passed
+    /// since the last one. A failed recording is only a lost opportunity.
+    pub fn mark_epoch(&mut self, backend: &B, p: u32) {
+        let now = self.clock();
+        let epochs = self.epochs.entry(p as u64).or_insert_with(|| Epochs {
+            last: 0,
+            done: 0,
+            pending: Default::default(),
+        });
+        if now < epochs.last + EPOCH_EVERY {
+            return;
+        }
+        epochs.last = now;
+        if let Ok(event) = backend.record_event(self.pools[p as usize].stream) {
+            if epochs.pending.len() == EPOCHS_PENDING {
+                epochs.pending.pop_front();
+            }
+            epochs.pending.push_back((now, event));
+        }
+    }
+
+    /// True if an epoch event of pool `p` recorded after clock `since` has completed.
+    fn epoch_passed(&mut self, backend: &B, p: u32, since: u64) -> bool {
+        let Some(epochs) = self.epochs.get_mut(&(p as u64)) else {
+            return false;
+        };
+        while let Some((clock, event)) = epochs.pending.front() {
+            if epochs.done > since || !matches!(backend.event_complete(event), Ok(true)) {
+                break;
+            }
+            epochs.done = *clock;
+            epochs.pending.pop_front();
+        }
+        epochs.done > since
+    }
+
     /// Schedules page runs of heap `h` for unmapping once the work queued so far on the
     /// pool's stream is done (buffers freed there may still be read or written by it). No
-    /// CPU wait: the runs are unmapped by a later [`State::process_retiring`].
-    pub fn retire_pages(&mut self, backend: &B, p: u32, h: u32, runs: Vec<PageRun>) -> Result<()> {
+    /// CPU wait: the runs are unmapped by a later [`State::process_retiring`]; runs idle since
+    /// before a completed epoch are unmapped now.
+    pub fn retire_pages(
+        &mut self,
+        backend: &B,
+        p: u32,
+        h: u32,
+        runs: Vec<PageRun>,
+        notes: &mut Notes,
+    ) -> Result<()> {
         let stream = self.pools[p as usize].stream;
         let g = self.caps.granularity;
         for run in runs {
+            let idle_since = self.pools[p as usize]
+                .heap(h)
+                .pages
+                .as_ref()
+                .map_or(u64::MAX, |pages| pages.newest_idle_since(run));
+            if self.epoch_passed(backend, p, idle_since) {
+                self.unmap_run(backend, p, h, run, notes)?;
+                continue;
+            }
             // One event per run keeps the bookkeeping simple; recording is cheap.
             let event = backend.record_event(stream)?;
             let ticket = self.next_ticket;

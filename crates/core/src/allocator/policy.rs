@@ -121,6 +121,9 @@ impl<B: Backend> State<B> {
             return Ok(Some(slot));
         }
         if self.caps.page_mapping {
+            if self.pools[p as usize].kind.storage() == crate::Storage::Private {
+                self.mark_epoch(backend, p);
+            }
             if !self.retiring.is_empty() {
                 self.process_retiring(backend, None, notes)?;
             }
@@ -238,7 +241,7 @@ impl<B: Backend> State<B> {
                 let min_age = self.config.min_idle_age;
                 let surplus =
                     pages_of(self, p, h).surplus_runs(over.div_ceil(g), off, size, now, min_age);
-                self.retire_pages(backend, p, h, surplus)?;
+                self.retire_pages(backend, p, h, surplus, notes)?;
                 self.process_retiring(backend, Some(p), notes)?;
             }
             let pool = &self.pools[p as usize];
@@ -311,7 +314,7 @@ impl<B: Backend> State<B> {
             .collect();
         for h in heaps {
             let runs = pages_of(self, p, h).surplus_runs(usize::MAX, 0, 0, now, age);
-            self.retire_pages(backend, p, h, runs)?;
+            self.retire_pages(backend, p, h, runs, notes)?;
         }
         self.process_retiring(backend, Some(p), notes)
     }

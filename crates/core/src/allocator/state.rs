@@ -151,6 +151,8 @@ pub(crate) struct State<B: Backend> {
     pub pending: Vec<u32>,
     /// Page runs to unmap once their event completes.
     pub retiring: Vec<Retiring<B::Event>>,
+    /// Epoch events of page-mapped pools, by pool (see `mapping`).
+    pub(super) epochs: AddrMap<super::mapping::Epochs<B::Event>>,
     pub stats: Stats,
     /// Front caches of the threads using this engine (see `front`).
     pub fronts: Vec<Arc<super::front::Front>>,
@@ -193,6 +195,7 @@ impl<B: Backend> State<B> {
             by_ptr: AddrMap::default(),
             pending: Vec::new(),
             retiring: Vec::new(),
+            epochs: AddrMap::default(),
             stats: Stats::default(),
             fronts: Vec::new(),
             history,
