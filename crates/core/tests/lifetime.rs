@@ -141,7 +141,7 @@ fn idle_pages_past_a_completed_epoch_are_unmapped_at_once() {
         // A miss in the large pool dissolves the first buffer (its pages fall idle); time
         // passes (allocations elsewhere); another miss records an epoch event after that.
         let small_large = a.alloc(3 * MIB).unwrap().unwrap();
-        for _ in 0..300 {
+        for _ in 0..100 {
             let b = a.alloc(4096).unwrap().unwrap();
             a.free(b.ptr).unwrap();
         }

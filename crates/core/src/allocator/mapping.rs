@@ -25,7 +25,7 @@ use crate::pool::ALIGN;
 use super::state::{Retiring, State};
 
 /// Allocations between two epoch events of a page-mapped pool.
-pub(crate) const EPOCH_EVERY: u64 = 256;
+pub(crate) const EPOCH_EVERY: u64 = 64;
 /// Epoch events a pool keeps waiting on at most (older ones are dropped: they only help).
 const EPOCHS_PENDING: usize = 64;
 
