@@ -22,10 +22,10 @@
 //!   statistics. Every read of the statistics folds every front first, so currents and
 //!   cumulative counts are exact.
 //! - Peaks: a delta keeps the extremes it reached since its last fold; the fold adds them to
-//!   the engine's counters as they are then. Every engine call folds every front that is
-//!   not busy first, so with one thread calling this is the exact peak; with several calling
-//!   at once a peak can be off by what a front changed while another thread's engine call
-//!   ran (bounded by the front's capacity).
+//!   the engine's counters as they are then. Every engine call folds the calling thread's
+//!   front first (and every 64th call the other fronts that are not busy), so with one thread
+//!   calling this is the exact peak; with several calling at once a peak can be off by what
+//!   other threads' fronts changed meanwhile (bounded by their capacity).
 //! - A front's cached bytes never exceed its capacity; buffers it hands out are not limited
 //!   (they are the caller's).
 //! - Lock order: engine state, then a front. The hot path holds only its own front and never
@@ -250,6 +250,9 @@ struct Usefulness {
     taking: bool,
     probe: u32,
 }
+
+/// Engine calls between two folds of other threads' fronts (see `State::fold_on_entry`).
+const FOLD_OTHERS_EVERY: u32 = 64;
 
 /// Buffers that enter a front per judgement of its usefulness.
 const WINDOW: u32 = 256;
@@ -506,6 +509,20 @@ impl<B: Backend> State<B> {
         }
     }
 
+    /// On the way into an engine call: folds the calling thread's front, and every
+    /// [`FOLD_OTHERS_EVERY`] calls the others that are not busy. Reaching into another
+    /// thread's front takes its cache line from under that thread's hot path, so it is done
+    /// rarely; reads of the statistics fold every front regardless.
+    pub fn fold_on_entry(&mut self, engine: u64) {
+        self.fold_round = self.fold_round.wrapping_add(1);
+        if self.fold_round.is_multiple_of(FOLD_OTHERS_EVERY) {
+            self.fold_fronts(false);
+            return;
+        }
+        let stats = &mut self.stats;
+        with_own(engine, |fr| fr.magazine.lock().delta.fold_into(stats));
+    }
+
     /// Takes a delegated buffer back from its front: it becomes an engine record again, in
     /// use or cached as it was there.
     pub fn reclaim(&mut self, slot: u32) {
@@ -557,8 +574,7 @@ impl<B: Backend> State<B> {
     /// front: the thread that allocated it is the likeliest to ask for its size again (in a
     /// training step, the Python thread allocates activations that the autograd thread frees).
     /// `None` if the buffer is not delegated.
-    pub fn free_to_owner(&mut self, ptr: u64) -> Option<Freed> {
-        let slot = self.slot_of(ptr)?;
+    pub fn free_to_owner(&mut self, slot: u32, ptr: u64) -> Option<Freed> {
         let rec = &self.records[slot as usize];
         if rec.state != BufState::Delegated {
             return None;

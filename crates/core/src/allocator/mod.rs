@@ -89,7 +89,7 @@ impl<B: Backend> Engine<B> {
     fn lock(&self) -> Locked<'_, B> {
         let mut guard = self.state.lock();
         if !guard.fronts.is_empty() {
-            guard.fold_fronts(false);
+            guard.fold_on_entry(self.id);
         }
         Locked { guard }
     }
@@ -487,12 +487,13 @@ impl<B: Backend> Allocator<B> {
         let mut notes = Notes::new(engine.callbacks.active());
         let result = {
             let mut st = engine.lock();
-            match st.free_to_owner(ptr) {
+            let slot = st.slot_of(ptr);
+            match slot.and_then(|slot| st.free_to_owner(slot, ptr)) {
                 Some(Freed::Done) => return Ok(()),
                 Some(Freed::DoubleFree) => return Err(Error::DoubleFree(ptr)),
                 Some(Freed::Miss) | None => {}
             }
-            match st.resolve(ptr) {
+            match slot.inspect(|&slot| st.reclaim(slot)) {
                 None => Err(Error::UnknownPointer(ptr)),
                 Some(slot) if st.records[slot as usize].state != BufState::InUse => {
                     Err(Error::DoubleFree(ptr))

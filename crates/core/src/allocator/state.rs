@@ -156,6 +156,8 @@ pub(crate) struct State<B: Backend> {
     pub stats: Stats,
     /// Front caches of the threads using this engine (see `front`).
     pub fronts: Vec<Arc<super::front::Front>>,
+    /// Engine calls since this engine was made, for `fold_on_entry`.
+    pub(super) fold_round: u32,
     /// The allocation history, when asked for.
     pub history: Option<History>,
     pub limits: Limits,
@@ -198,6 +200,7 @@ impl<B: Backend> State<B> {
             epochs: AddrMap::default(),
             stats: Stats::default(),
             fronts: Vec::new(),
+            fold_round: 0,
             history,
             limits,
             external: 0,
