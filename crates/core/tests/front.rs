@@ -321,3 +321,82 @@ fn a_slightly_larger_cached_buffer_serves_as_the_engine_would() {
     assert_ne!(d.ptr, b.ptr);
     assert_eq!(d.size, 2048);
 }
+
+#[test]
+fn threads_trading_buffers_while_another_reads_and_empties_stay_consistent() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let a = sim(1 << 30, Policy::Default);
+    let stop = Arc::new(AtomicBool::new(false));
+    // A reader that folds every front, takes buffers back and empties caches all the while.
+    let reader = {
+        let (a, stop) = (a.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let s = a.stats();
+                assert!(s.allocated_bytes[0].current <= s.allocated_bytes[0].peak);
+                let u = a.report().usage;
+                assert!(u.allocated <= u.active, "{u:?}");
+                assert!(u.active + u.cached <= u.reserved, "{u:?}");
+                if rounds % 4 == 0 {
+                    a.empty_cache().unwrap();
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    // Four threads in a ring: each frees half of what it allocates itself and hands the
+    // other half to its neighbour to free.
+    let n = 4;
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel::<u64>()).unzip();
+    let workers: Vec<_> = receivers
+        .into_iter()
+        .enumerate()
+        .map(|(t, rx)| {
+            let a = a.clone();
+            let next = senders[(t + 1) % n].clone();
+            std::thread::spawn(move || {
+                let mut mine = Vec::new();
+                for i in 0..4000usize {
+                    let size = 512 * (1 + (i * 5 + t) % 12);
+                    let b = a.alloc(size).unwrap().unwrap();
+                    assert_eq!(a.requested_size(b.ptr), Some(size));
+                    if i % 2 == 0 {
+                        next.send(b.ptr).unwrap();
+                    } else {
+                        mine.push(b.ptr);
+                    }
+                    if mine.len() > 6 {
+                        a.free(mine.remove(0)).unwrap();
+                    }
+                    while let Ok(ptr) = rx.try_recv() {
+                        a.free(ptr).unwrap();
+                    }
+                }
+                for ptr in mine {
+                    a.free(ptr).unwrap();
+                }
+                drop(next);
+                rx
+            })
+        })
+        .collect();
+    drop(senders);
+    let receivers: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    for rx in receivers {
+        while let Ok(ptr) = rx.try_recv() {
+            a.free(ptr).unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    let s = a.stats();
+    assert_eq!(s.allocation[0].allocated, 16_000);
+    assert_eq!(s.allocation[0].freed, 16_000);
+    assert_eq!(s.allocated_bytes[0].current, 0);
+    assert_eq!(s.active_bytes[0].current, 0);
+    a.empty_cache().unwrap();
+    assert_eq!(a.usage().reserved, 0);
+    assert_eq!(a.usage().cached, 0);
+}
