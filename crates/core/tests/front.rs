@@ -338,7 +338,7 @@ fn threads_trading_buffers_while_another_reads_and_empties_stay_consistent() {
                 let u = a.report().usage;
                 assert!(u.allocated <= u.active, "{u:?}");
                 assert!(u.active + u.cached <= u.reserved, "{u:?}");
-                if rounds % 4 == 0 {
+                if rounds.is_multiple_of(4) {
                     a.empty_cache().unwrap();
                 }
                 rounds += 1;
