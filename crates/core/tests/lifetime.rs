@@ -117,54 +117,77 @@ fn a_callback_holding_a_weak_handle_does_not_keep_the_engine_alive() {
     assert_eq!(sim.counters().held, 0);
 }
 
+/// The scenario of the two tests below: a 64 MiB buffer freed long ago (its pages idle), then
+/// growth beyond the budget. `earlier_peak` first reserves far more (in another pool) and
+/// gives it back, so the growth does not set a new peak of reserved bytes. Returns the unmap calls the growth made
+/// and the reserved bytes after it.
+fn grow_past_old_idle_pages(complete: bool, earlier_peak: bool) -> (u64, usize) {
+    use bufferheap_core::{Allocator, Config};
+    use bufferheap_sim::SimBackend;
+    const MIB: usize = 1 << 20;
+    let a = Allocator::new(
+        SimBackend::new(1 << 34).with_manual_events(),
+        Config {
+            map_chunk: 2 * MIB,
+            front_cache_bytes: 0,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    if earlier_peak {
+        // In the small pool, so the large pool's own budget stays as it is.
+        let small: Vec<_> = (0..400).map(|_| a.alloc(MIB).unwrap().unwrap()).collect();
+        for b in small {
+            a.free(b.ptr).unwrap();
+        }
+        a.empty_cache().unwrap();
+    }
+    let first = a.alloc(64 * MIB).unwrap().unwrap();
+    let _second = a.alloc(64 * MIB).unwrap().unwrap();
+    a.free(first.ptr).unwrap();
+    // A miss in the large pool dissolves the first buffer (its pages fall idle); time passes
+    // (allocations elsewhere); another miss records an epoch event after that.
+    let _a3 = a.alloc(3 * MIB).unwrap().unwrap();
+    for _ in 0..100 {
+        let b = a.alloc(4096).unwrap().unwrap();
+        a.free(b.ptr).unwrap();
+    }
+    let _a5 = a.alloc(5 * MIB).unwrap().unwrap();
+    if complete {
+        a.backend().complete_events();
+    }
+    let unmaps = a.stats().num_unmap_calls;
+    // Larger than the hole the first buffer left: the pool grows beyond its budget.
+    let _big = a.alloc(96 * MIB).unwrap().unwrap();
+    (a.stats().num_unmap_calls - unmaps, a.usage().reserved)
+}
+
 /// Pages idle since before a completed epoch event are given back at once when growth
 /// needs room; pages whose last use the device may not have finished stay mapped until it
 /// has (the sim's events complete only when told to, like a device running behind).
 #[test]
 fn idle_pages_past_a_completed_epoch_are_unmapped_at_once() {
-    use bufferheap_core::{Allocator, Config};
-    use bufferheap_sim::SimBackend;
-    const MIB: usize = 1 << 20;
-    for complete in [true, false] {
-        let a = Allocator::new(
-            SimBackend::new(1 << 34).with_manual_events(),
-            Config {
-                map_chunk: 2 * MIB,
-                front_cache_bytes: 0,
-                ..Config::default()
-            },
-        )
-        .unwrap();
-        let first = a.alloc(64 * MIB).unwrap().unwrap();
-        let _second = a.alloc(64 * MIB).unwrap().unwrap();
-        a.free(first.ptr).unwrap();
-        // A miss in the large pool dissolves the first buffer (its pages fall idle); time
-        // passes (allocations elsewhere); another miss records an epoch event after that.
-        let small_large = a.alloc(3 * MIB).unwrap().unwrap();
-        for _ in 0..100 {
-            let b = a.alloc(4096).unwrap().unwrap();
-            a.free(b.ptr).unwrap();
-        }
-        let other = a.alloc(5 * MIB).unwrap().unwrap();
-        if complete {
-            a.backend().complete_events();
-        }
-        let unmaps = a.stats().num_unmap_calls;
-        // Larger than the hole the first buffer left: the pool grows beyond its budget.
-        let _big = a.alloc(96 * MIB).unwrap().unwrap();
-        let unmapped = a.stats().num_unmap_calls - unmaps;
-        if complete {
-            assert!(
-                unmapped > 0,
-                "idle pages past a completed epoch stay mapped"
-            );
-        } else {
-            assert_eq!(
-                unmapped, 0,
-                "pages unmapped before the device is done with them"
-            );
-        }
-        a.free(small_large.ptr).unwrap();
-        a.free(other.ptr).unwrap();
-    }
+    let (unmapped, _) = grow_past_old_idle_pages(true, true);
+    assert!(
+        unmapped > 0,
+        "idle pages past a completed epoch stay mapped"
+    );
+    let (unmapped, reserved) = grow_past_old_idle_pages(false, true);
+    assert_eq!(
+        unmapped, 0,
+        "pages unmapped before the device is done with them"
+    );
+    assert!(
+        reserved >= (64 + 96 + 56) << 20,
+        "the idle pages are still held"
+    );
+}
+
+/// Where growth would set a new peak of reserved bytes while pages still wait for the
+/// device, the engine waits for the device and gives them back first.
+#[test]
+fn pages_waiting_for_the_device_never_set_a_new_peak() {
+    let (unmapped, reserved) = grow_past_old_idle_pages(false, false);
+    assert!(unmapped > 0);
+    assert!(reserved < (64 + 96 + 8 + 16) << 20, "reserved {reserved}");
 }

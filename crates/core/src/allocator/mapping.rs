@@ -342,6 +342,14 @@ impl<B: Backend> State<B> {
         Ok(())
     }
 
+    /// Waits for the events of pool `p`'s retiring runs, then unmaps them.
+    pub fn wait_retiring(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
+        for r in self.retiring.iter().filter(|r| r.pool == p) {
+            backend.wait_event(&r.event)?;
+        }
+        self.process_retiring(backend, Some(p), notes)
+    }
+
     /// Unmaps retiring runs whose event has completed (only in pool `only`, when given),
     /// skipping pages a buffer was placed on meanwhile.
     pub fn process_retiring(

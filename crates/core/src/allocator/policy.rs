@@ -251,6 +251,15 @@ impl<B: Backend> State<B> {
                 runs = pages_of(self, p, h).unmapped_runs(off, size, need / g + extra);
                 need = runs.iter().map(|r| r.1 * g).sum();
             }
+            // Pages still waiting for the device before they can be unmapped count as
+            // reserved. Where mapping now would reserve more than ever before, wait for the
+            // device to pass them first: the lag must not set the peak.
+            let reserved = &self.stats.reserved_bytes[0];
+            if self.pools[p as usize].retiring > 0
+                && reserved.current as usize + need > reserved.peak as usize
+            {
+                self.wait_retiring(backend, p, notes)?;
+            }
         }
         if !self.within_high(need) {
             // Without the chunk extension the request may still fit under the limit.
