@@ -39,6 +39,7 @@ def configuration(
     debug: Union[None, bool, int] = None,
     history: Optional[int] = None,
     front_cache_bytes: Optional[int] = None,
+    idle_page_fraction: Optional[Number] = None,
 ) -> List[Tuple[str, str]]:
     """The (key, value) pairs for bufferheap_configure, in the order they are applied.
 
@@ -68,6 +69,15 @@ def configuration(
                 f"got {front_cache_bytes!r}"
             )
         pairs.append(("front_cache_bytes", str(front_cache_bytes)))
+    if idle_page_fraction is not None:
+        if isinstance(idle_page_fraction, bool) or not isinstance(idle_page_fraction, (int, float)) or not (
+            0 <= idle_page_fraction < float("inf")
+        ):
+            raise ValueError(
+                f"idle_page_fraction must be a finite number >= 0 (reserved bytes allowed over the most "
+                f"ever placed before idle pages are unmapped); got {idle_page_fraction!r}"
+            )
+        pairs.append(("idle_page_fraction", _format_ratio(idle_page_fraction)))
     return pairs
 
 

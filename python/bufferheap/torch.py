@@ -49,6 +49,7 @@ def install(
     debug: Union[None, bool, int] = None,
     history: Optional[int] = None,
     front_cache_bytes: Optional[int] = None,
+    idle_page_fraction: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Make bufferheap PyTorch's CUDA allocator for this process.
 
@@ -63,7 +64,7 @@ def install(
     """
     global _installed, _allocator, _hooks
     wanted = _config.as_dict(_config.configuration(
-            policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes
+            policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes, idle_page_fraction
         ))
     if _installed is not None:
         if wanted != _installed:

@@ -75,3 +75,10 @@ def test_front_cache_bytes_is_sent_as_bytes():
     for bad in (-1, 2.5, False, "1"):
         with pytest.raises(ValueError, match="front_cache_bytes"):
             _config.configuration(front_cache_bytes=bad)
+
+
+def test_idle_page_fraction_is_sent_as_a_ratio():
+    assert ("idle_page_fraction", "0.02") in _config.configuration(idle_page_fraction=0.02)
+    for bad in (-0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="idle_page_fraction"):
+            _config.configuration(idle_page_fraction=bad)

@@ -118,6 +118,7 @@ pub const ENV_DEBUG: [&str; 2] = ["BUFFERHEAP_DEBUG", "PYTORCH_DEBUG_MPS_ALLOCAT
 pub const ENV_POLICY: &str = "BUFFERHEAP_POLICY";
 pub const ENV_HISTORY: &str = "BUFFERHEAP_HISTORY";
 pub const ENV_FRONT_CACHE: &str = "BUFFERHEAP_FRONT_CACHE_BYTES";
+pub const ENV_IDLE_PAGE_FRACTION: &str = "BUFFERHEAP_IDLE_PAGE_FRACTION";
 
 impl Config {
     /// The default configuration overridden by the environment.
@@ -156,6 +157,9 @@ impl Config {
         if let Some(value) = lookup(ENV_FRONT_CACHE) {
             config.front_cache_bytes = parse_bytes(ENV_FRONT_CACHE, &value)?;
         }
+        if let Some(value) = lookup(ENV_IDLE_PAGE_FRACTION) {
+            config.idle_page_fraction = parse_ratio(ENV_IDLE_PAGE_FRACTION, &value)?;
+        }
         Ok(config)
     }
 
@@ -175,12 +179,14 @@ impl Config {
             "debug" => self.debug = parse_mask(key, value)?,
             "history" => self.history = parse_count(key, value)?,
             "front_cache_bytes" => self.front_cache_bytes = parse_bytes(key, value)?,
+            "idle_page_fraction" => self.idle_page_fraction = parse_ratio(key, value)?,
             other => {
                 return Err(Error::InvalidConfig {
                     variable: other.into(),
                     value: value.into(),
                     reason: "unknown setting (expected policy, low_watermark_ratio, \
-                             high_watermark_ratio, debug, history or front_cache_bytes)"
+                             high_watermark_ratio, debug, history, front_cache_bytes or \
+                             idle_page_fraction)"
                         .into(),
                 });
             }

@@ -445,3 +445,39 @@ fn history_records_allocator_events_in_order() {
     let _ = a.alloc(4096).unwrap().unwrap();
     assert!(a.history().is_empty(), "history off");
 }
+
+#[test]
+fn front_cache_and_page_budget_settings_from_the_environment() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        Config::from_lookup(move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    };
+    let c = env(&[
+        ("BUFFERHEAP_FRONT_CACHE_BYTES", "0"),
+        ("BUFFERHEAP_IDLE_PAGE_FRACTION", "0.005"),
+    ])
+    .unwrap();
+    assert_eq!((c.front_cache_bytes, c.idle_page_fraction), (0, 0.005));
+    for (var, bad) in [
+        ("BUFFERHEAP_FRONT_CACHE_BYTES", "1MiB"),
+        ("BUFFERHEAP_IDLE_PAGE_FRACTION", "-1"),
+    ] {
+        let pairs: &'static [(&'static str, &'static str)] = Box::leak(Box::new([(var, bad)]));
+        match env(pairs) {
+            Err(Error::InvalidConfig {
+                variable, value, ..
+            }) => {
+                assert_eq!((variable.as_str(), value.as_str()), (var, bad));
+            }
+            other => panic!("{var}={bad}: {other:?}"),
+        }
+    }
+    let mut c = Config::default();
+    c.set("idle_page_fraction", "0.02").unwrap();
+    c.set("front_cache_bytes", "4096").unwrap();
+    assert_eq!((c.front_cache_bytes, c.idle_page_fraction), (4096, 0.02));
+}
