@@ -448,12 +448,16 @@ fn history_records_allocator_events_in_order() {
 
 #[test]
 fn front_cache_and_page_budget_settings_from_the_environment() {
-    let env = |pairs: &'static [(&'static str, &'static str)]| {
+    let env = |pairs: &[(&str, &str)]| {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(move |name| {
             pairs
                 .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
         })
     };
     let c = env(&[
@@ -466,8 +470,7 @@ fn front_cache_and_page_budget_settings_from_the_environment() {
         ("BUFFERHEAP_FRONT_CACHE_BYTES", "1MiB"),
         ("BUFFERHEAP_IDLE_PAGE_FRACTION", "-1"),
     ] {
-        let pairs: &'static [(&'static str, &'static str)] = Box::leak(Box::new([(var, bad)]));
-        match env(pairs) {
+        match env(&[(var, bad)]) {
             Err(Error::InvalidConfig {
                 variable, value, ..
             }) => {
