@@ -164,7 +164,8 @@ impl Config {
     }
 
     /// Sets one setting by name (the keys of the C ABI's `configure`): `policy`,
-    /// `low_watermark_ratio`, `high_watermark_ratio`, `debug`.
+    /// `low_watermark_ratio`, `high_watermark_ratio`, `debug`, `history`,
+    /// `front_cache_bytes`, `idle_page_fraction`.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         match key {
             "policy" => {

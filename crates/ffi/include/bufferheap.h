@@ -35,7 +35,9 @@
  *   BUFFERHEAP_HOST_DEVICES   devices the host backend pretends to have (default 1)
  *   BUFFERHEAP_HOST_MEMORY    bytes per host device (default: the machine's RAM)
  *   BUFFERHEAP_POLICY, BUFFERHEAP_LOW_WATERMARK_RATIO, BUFFERHEAP_HIGH_WATERMARK_RATIO,
- *   BUFFERHEAP_DEBUG          allocator settings (bufferheap_configure overrides them)
+ *   BUFFERHEAP_DEBUG, BUFFERHEAP_HISTORY, BUFFERHEAP_FRONT_CACHE_BYTES,
+ *   BUFFERHEAP_IDLE_PAGE_FRACTION
+ *                             allocator settings (bufferheap_configure overrides them)
  */
 #ifndef BUFFERHEAP_H
 #define BUFFERHEAP_H
@@ -82,7 +84,8 @@ void *bufferheap_base_alloc(void *ptr, size_t *size);
 /* Changes one setting; only before the configuration is frozen (by bufferheap_init or the
  * first allocation), -1 after. Keys: "policy" ("default" | "mps"), "low_watermark_ratio",
  * "high_watermark_ratio" (0.0 to 2.0; 0 disables the limit), "debug" (bit mask, decimal or
- * 0x hex). */
+ * 0x hex), "history" (events kept for snapshots), "front_cache_bytes" (per thread; 0: none),
+ * "idle_page_fraction" (the page budget of the default policy). */
 int bufferheap_configure(const char *key, const char *value);
 
 /* 1 once the configuration is frozen (bufferheap_init was called or an allocator exists),
