@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::Buffer;
 use super::policy::SMALL_SLACK_DIV;
 use super::state::{AddrMap, BufState, State};
-use crate::backend::{Backend, Storage, StreamId};
+use crate::backend::{Backend, StreamId};
 use crate::pool::{ALIGN, PoolKind};
 use crate::stats::Stats;
 
@@ -146,9 +146,7 @@ pub(crate) struct Entry {
     pub requested: usize,
     pub id: u64,
     pub use_count: u32,
-    pub stream: StreamId,
     pub kind: PoolKind,
-    pub storage: Storage,
     pub host_ptr: Option<u64>,
     pub in_use: bool,
     /// Index of its (stream, kind) in the front's bins.
@@ -228,7 +226,6 @@ impl Bins {
 /// A front's contents, under its mutex.
 #[derive(Debug, Default)]
 struct Magazine {
-    closed: bool,
     /// Slab of entries; `index` maps a delegated buffer's address to its entry.
     entries: Vec<Entry>,
     vacant: Vec<u32>,
@@ -420,7 +417,7 @@ impl Front {
             size: e.size,
             requested,
             id: e.id,
-            storage: e.storage,
+            storage: e.kind.storage(),
             host_ptr: e.host_ptr,
         };
         m.cached_bytes -= size;
@@ -433,7 +430,8 @@ impl Front {
     pub fn free(&self, ptr: u64) -> Freed {
         let mut guard = self.magazine.lock();
         let m = &mut *guard;
-        if m.closed {
+        // Closed (under this lock, so no entry can come back after): the engine's now.
+        if self.is_closed() {
             return Freed::Miss;
         }
         let Some(&idx) = m.index.get(&ptr) else {
@@ -598,26 +596,32 @@ impl<B: Backend> State<B> {
         if self.fronts.is_empty() {
             return 0;
         }
-        let mut returned = 0;
         let fronts = if close {
             std::mem::take(&mut self.fronts)
         } else {
             self.fronts.clone()
         };
-        for fr in fronts {
-            let entries = {
-                let mut m = fr.magazine.lock();
-                m.delta.fold_into(&mut self.stats);
-                if close {
-                    m.closed = true;
-                    fr.closed.store(true, Ordering::Relaxed);
-                }
-                m.remove_all(in_use)
-            };
-            returned += entries.len();
-            for e in entries {
-                self.take_back(e);
+        fronts
+            .iter()
+            .map(|fr| self.empty_front(fr, in_use, close))
+            .sum()
+    }
+
+    /// Takes back what one front holds (see [`State::return_fronts`]); returns the count.
+    fn empty_front(&mut self, fr: &Front, in_use: bool, close: bool) -> usize {
+        let entries = {
+            let mut m = fr.magazine.lock();
+            // Buffers it handed out may be freed by the engine next: their allocation must
+            // be in the engine's counters first.
+            m.delta.fold_into(&mut self.stats);
+            if close {
+                fr.closed.store(true, Ordering::Relaxed);
             }
+            m.remove_all(in_use)
+        };
+        let returned = entries.len();
+        for e in entries {
+            self.take_back(e);
         }
         returned
     }
@@ -646,20 +650,6 @@ impl<B: Backend> State<B> {
         let (region, offset) = self.region_of(slot);
         let host_ptr = region.host_base.map(|h| h + offset as u64);
         let rec = &mut self.records[slot as usize];
-        let entry = Entry {
-            ptr: rec.ptr,
-            slot,
-            size,
-            requested: rec.requested,
-            id: rec.id,
-            use_count: rec.use_count,
-            stream: rec.stream,
-            kind,
-            storage: kind.storage(),
-            host_ptr,
-            in_use: false,
-            bins: 0,
-        };
         rec.state = BufState::Delegated;
         rec.front = fr.id;
         let evicted = {
@@ -667,14 +657,24 @@ impl<B: Backend> State<B> {
             let m = &mut *guard;
             // Full: the front's cached buffers go back to the engine (sizes in use change
             // over a program's phases; the new one is the likeliest to be asked for again).
+            // Cached buffers move without changing any counter.
             let evicted = if m.cached_bytes + size > capacity {
-                m.delta.fold_into(&mut self.stats);
                 m.remove_all(false)
             } else {
                 Vec::new()
             };
-            let mut entry = entry;
-            entry.bins = m.bins_index(entry.stream, entry.kind);
+            let entry = Entry {
+                ptr: rec.ptr,
+                slot,
+                size,
+                requested: rec.requested,
+                id: rec.id,
+                use_count: rec.use_count,
+                kind,
+                host_ptr,
+                in_use: false,
+                bins: m.bins_index(rec.stream, kind),
+            };
             let idx = match m.vacant.pop() {
                 Some(i) => {
                     m.entries[i as usize] = entry;
@@ -703,16 +703,7 @@ impl<B: Backend> State<B> {
             .partition(|fr| Arc::strong_count(fr) == 1);
         self.fronts = live;
         for fr in orphans {
-            let entries = {
-                let mut m = fr.magazine.lock();
-                m.delta.fold_into(&mut self.stats);
-                m.closed = true;
-                fr.closed.store(true, Ordering::Relaxed);
-                m.remove_all(true)
-            };
-            for e in entries {
-                self.take_back(e);
-            }
+            self.empty_front(&fr, true, true);
         }
     }
 }

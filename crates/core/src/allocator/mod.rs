@@ -67,31 +67,22 @@ pub(crate) struct Engine<B: Backend> {
     front_on: AtomicBool,
 }
 
-/// The engine's state, locked, with every front cache that is not busy folded in.
-pub(crate) struct Locked<'a, B: Backend> {
-    guard: MutexGuard<'a, State<B>>,
-}
-
-impl<B: Backend> std::ops::Deref for Locked<'_, B> {
-    type Target = State<B>;
-    fn deref(&self) -> &State<B> {
-        &self.guard
-    }
-}
-
-impl<B: Backend> std::ops::DerefMut for Locked<'_, B> {
-    fn deref_mut(&mut self) -> &mut State<B> {
-        &mut self.guard
-    }
-}
-
 impl<B: Backend> Engine<B> {
-    fn lock(&self) -> Locked<'_, B> {
+    /// The engine's state, locked, with the calling thread's front cache folded in (see
+    /// `State::fold_on_entry`).
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
         let mut guard = self.state.lock();
         if !guard.fronts.is_empty() {
             guard.fold_on_entry(self.id);
         }
-        Locked { guard }
+        guard
+    }
+
+    /// True if a buffer of `size` bytes may be in (or go to) a thread's front cache.
+    #[inline]
+    fn front_may_hold(&self, size: usize) -> bool {
+        size <= front::largest_delegated(self.front_capacity)
+            && self.front_on.load(Ordering::Relaxed)
     }
 
     /// Front caches are used only where they cannot hide anything: no callbacks (which see
@@ -312,10 +303,7 @@ impl<B: Backend> Allocator<B> {
         } else {
             self.storage
         };
-        if !scalar
-            && aligned <= front::largest_delegated(self.engine.front_capacity)
-            && self.engine.front_on.load(Ordering::Relaxed)
-        {
+        if !scalar && self.engine.front_may_hold(aligned) {
             // The hot path: this thread's front cache, without the engine's lock.
             let kind = state::select_kind(
                 self.engine.policy,
@@ -468,9 +456,7 @@ impl<B: Backend> Allocator<B> {
     #[inline]
     pub fn free_sized(&self, ptr: u64, size: usize) -> Result<()> {
         let engine = &*self.engine;
-        if size <= front::largest_delegated(engine.front_capacity)
-            && engine.front_on.load(Ordering::Relaxed)
-        {
+        if engine.front_may_hold(size) {
             match front::with_own(engine.id, |fr| fr.free(ptr)) {
                 Some(Freed::Done) => return Ok(()),
                 Some(Freed::DoubleFree) => return Err(Error::DoubleFree(ptr)),
