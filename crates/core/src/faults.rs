@@ -26,7 +26,8 @@ pub enum Fault {
     OneIn(u64),
 }
 
-const OPS: [BackendOp; 7] = [
+/// The operations a [`FaultyBackend`] can fail, in the order of its plan.
+pub const INJECTABLE: [BackendOp; 7] = [
     BackendOp::Reserve,
     BackendOp::Release,
     BackendOp::Map,
@@ -36,8 +37,9 @@ const OPS: [BackendOp; 7] = [
     BackendOp::WaitEvent,
 ];
 
-fn op_index(op: BackendOp) -> usize {
-    OPS.iter().position(|&o| o == op).unwrap_or(0)
+/// The place of `op` in [`INJECTABLE`] (0 for an operation that is never failed).
+pub fn op_index(op: BackendOp) -> usize {
+    INJECTABLE.iter().position(|&o| o == op).unwrap_or(0)
 }
 
 #[derive(Debug)]

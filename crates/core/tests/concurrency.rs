@@ -13,6 +13,9 @@
 //! `BUFFERHEAP_CONCURRENCY_TIMEOUT_SECS` how long the threads may go without finishing before
 //! the run counts as a deadlock (default 120).
 
+mod common;
+
+use common::Rng;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,21 +38,6 @@ fn ops_per_thread() -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000)
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// Live ranges of every thread: start -> (end, owner).

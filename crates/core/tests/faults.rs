@@ -11,28 +11,23 @@
 //!
 //! `BUFFERHEAP_FAULT_SEEDS` sets how many seeded random-fault runs the last test makes.
 
+mod common;
+
+use common::Rng;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bufferheap_core::faults::{Fault, FaultyBackend};
+use bufferheap_core::faults::{Fault, FaultyBackend, INJECTABLE};
 use bufferheap_core::{
-    Allocator, Backend, BackendCaps, BackendError, BackendOp, Config, Error, MemoryInfo, Policy,
-    Region, Storage, StreamId,
+    Allocator, Backend, BackendCaps, BackendError, BackendOp, Buffer, Config, Error, MemoryInfo,
+    Policy, Region, Storage, StreamId,
 };
 use bufferheap_sim::SimBackend;
 
 const MIB: usize = 1 << 20;
 
-const OPS: [BackendOp; 7] = [
-    BackendOp::Reserve,
-    BackendOp::Release,
-    BackendOp::Map,
-    BackendOp::Unmap,
-    BackendOp::RecordEvent,
-    BackendOp::QueryEvent,
-    BackendOp::WaitEvent,
-];
+const OPS: [BackendOp; 7] = INJECTABLE;
 
 fn op_index(op: BackendOp) -> usize {
     OPS.iter().position(|&o| o == op).expect("an injectable op")
@@ -134,21 +129,6 @@ enum Step {
     FreeInactive,
     Wait(usize),
     EmptyCache,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A fixed workload that reaches every backend operation: growth in both storages and three
@@ -577,13 +557,11 @@ fn failing_event_calls_keep_guarded_buffers_out_of_reuse() {
     }
 }
 
-#[test]
-fn a_failed_event_query_while_trimming_leaves_no_stale_page_retirement() {
-    // Pages retire behind an event when they go stale; emptying the cache waits for the
-    // device and unmaps every idle page. If the query of the retirement's event fails there,
-    // the pages are unmapped anyway: their retirement must go with them, or completing it
-    // later unmaps pages that are no longer mapped.
-    let probe = Probe::new(true);
+/// An allocator on `probe` whose large pool has pages retiring behind an event: a 32 MiB
+/// buffer is freed, a miss (`y`, 3 MiB) dissolves it so most of its pages fall idle, the
+/// clock moves on (small buffers, another pool) and the next miss (`z`, 5 MiB) retires the
+/// stale pages.
+fn with_stale_pages_retiring(probe: &Probe) -> (Allocator<Probe>, Buffer, Buffer) {
     let a = Allocator::new(
         probe.clone(),
         Config {
@@ -594,15 +572,23 @@ fn a_failed_event_query_while_trimming_leaves_no_stale_page_retirement() {
     .unwrap();
     let x = a.alloc(32 * MIB).unwrap().unwrap();
     a.free(x.ptr).unwrap();
-    // A miss: the cached buffer's space goes back to the heap; most of its pages fall idle.
     let y = a.alloc(3 * MIB).unwrap().unwrap();
-    // The clock moves on (small buffers, another pool).
     for _ in 0..300 {
         let s = a.alloc(4096).unwrap().unwrap();
         a.free(s.ptr).unwrap();
     }
-    // The next miss in the large pool retires the stale pages behind an event.
     let z = a.alloc(5 * MIB).unwrap().unwrap();
+    (a, y, z)
+}
+
+#[test]
+fn a_failed_event_query_while_trimming_leaves_no_stale_page_retirement() {
+    // Pages retire behind an event when they go stale; emptying the cache waits for the
+    // device and unmaps every idle page. If the query of the retirement's event fails there,
+    // the pages are unmapped anyway: their retirement must go with them, or completing it
+    // later unmaps pages that are no longer mapped.
+    let probe = Probe::new(true);
+    let (a, y, z) = with_stale_pages_retiring(&probe);
     let mut live = Live::from([
         (y.ptr, (y.size, y.requested)),
         (z.ptr, (z.size, z.requested)),
@@ -624,22 +610,7 @@ fn a_failed_event_query_while_releasing_a_heap_leaves_no_stale_page_retirement()
     // As above, but the heap itself is released while its pages are retiring: the retirement
     // must not outlive the heap (completing it would look the released heap up).
     let probe = Probe::new(true);
-    let a = Allocator::new(
-        probe.clone(),
-        Config {
-            stale_page_age: 1,
-            ..config(Policy::Default)
-        },
-    )
-    .unwrap();
-    let x = a.alloc(32 * MIB).unwrap().unwrap();
-    a.free(x.ptr).unwrap();
-    let y = a.alloc(3 * MIB).unwrap().unwrap();
-    for _ in 0..300 {
-        let s = a.alloc(4096).unwrap().unwrap();
-        a.free(s.ptr).unwrap();
-    }
-    let z = a.alloc(5 * MIB).unwrap().unwrap();
+    let (a, y, z) = with_stale_pages_retiring(&probe);
     a.free(y.ptr).unwrap();
     a.free(z.ptr).unwrap();
     probe.faulty.set(BackendOp::QueryEvent, Fault::Always);
