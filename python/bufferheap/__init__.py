@@ -74,6 +74,7 @@ def configure(
     history: Optional[int] = None,
     front_cache_bytes: Optional[int] = None,
     idle_page_fraction: Optional[float] = None,
+    unmap_rate_limit: Optional[float] = None,
 ) -> Dict[str, str]:
     """Apply allocator settings; they take effect only before the first allocation.
 
@@ -82,7 +83,7 @@ def configure(
     """
     global _applied
     wanted = _config.as_dict(
-        _config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes, idle_page_fraction)
+        _config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes, idle_page_fraction, unmap_rate_limit)
     )
     if _applied is not None:
         if wanted == _applied:

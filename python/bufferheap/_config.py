@@ -40,6 +40,7 @@ def configuration(
     history: Optional[int] = None,
     front_cache_bytes: Optional[int] = None,
     idle_page_fraction: Optional[Number] = None,
+    unmap_rate_limit: Optional[Number] = None,
 ) -> List[Tuple[str, str]]:
     """The (key, value) pairs for bufferheap_configure, in the order they are applied.
 
@@ -78,6 +79,15 @@ def configuration(
                 f"ever placed before idle pages are unmapped); got {idle_page_fraction!r}"
             )
         pairs.append(("idle_page_fraction", _format_ratio(idle_page_fraction)))
+    if unmap_rate_limit is not None:
+        if isinstance(unmap_rate_limit, bool) or not isinstance(unmap_rate_limit, (int, float)) or not (
+            0 <= unmap_rate_limit < float("inf")
+        ):
+            raise ValueError(
+                f"unmap_rate_limit must be a finite number >= 0 (page unmaps per 1000 allocations before "
+                f"the page budget loosens, 0: never); got {unmap_rate_limit!r}"
+            )
+        pairs.append(("unmap_rate_limit", _format_ratio(unmap_rate_limit)))
     return pairs
 
 

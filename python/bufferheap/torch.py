@@ -50,6 +50,7 @@ def install(
     history: Optional[int] = None,
     front_cache_bytes: Optional[int] = None,
     idle_page_fraction: Optional[float] = None,
+    unmap_rate_limit: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Make bufferheap PyTorch's CUDA allocator for this process.
 
@@ -64,7 +65,8 @@ def install(
     """
     global _installed, _allocator, _hooks
     wanted = _config.as_dict(_config.configuration(
-            policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes, idle_page_fraction
+            policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes, idle_page_fraction,
+            unmap_rate_limit,
         ))
     if _installed is not None:
         if wanted != _installed:

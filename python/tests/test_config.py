@@ -82,3 +82,10 @@ def test_idle_page_fraction_is_sent_as_a_ratio():
     for bad in (-0.1, float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="idle_page_fraction"):
             _config.configuration(idle_page_fraction=bad)
+
+
+def test_unmap_rate_limit_is_sent_as_a_ratio():
+    assert ("unmap_rate_limit", "0.0") in _config.configuration(unmap_rate_limit=0)
+    for bad in (-1, float("inf"), False, "2"):
+        with pytest.raises(ValueError, match="unmap_rate_limit"):
+            _config.configuration(unmap_rate_limit=bad)

@@ -74,6 +74,10 @@ pub struct Config {
     /// the budget growth only maps; above it, the idle pages unused the longest are unmapped
     /// first, down to the middle of the band. Larger: fewer map/unmap calls, more reserved.
     pub idle_page_fraction: f64,
+    /// Default policy on page-mapped heaps: the unmaps per 1000 allocations a pool's budget
+    /// may cause before the budget doubles (up to 64 times `idle_page_fraction`; it halves
+    /// again after a long quiet spell). 0: the budget stays as configured.
+    pub unmap_rate_limit: f64,
     /// Default policy on page-mapped heaps: the most a burst of growth (consecutive growing
     /// allocations) maps ahead in one call, within the budget's headroom.
     pub map_chunk: usize,
@@ -97,6 +101,7 @@ impl Default for Config {
             debug: 0,
             history: 0,
             idle_page_fraction: 0.01,
+            unmap_rate_limit: 2.0,
             map_chunk: 32 << 20,
             min_idle_age: 0,
             stale_page_age: u64::MAX,
@@ -119,6 +124,7 @@ pub const ENV_POLICY: &str = "BUFFERHEAP_POLICY";
 pub const ENV_HISTORY: &str = "BUFFERHEAP_HISTORY";
 pub const ENV_FRONT_CACHE: &str = "BUFFERHEAP_FRONT_CACHE_BYTES";
 pub const ENV_IDLE_PAGE_FRACTION: &str = "BUFFERHEAP_IDLE_PAGE_FRACTION";
+pub const ENV_UNMAP_RATE_LIMIT: &str = "BUFFERHEAP_UNMAP_RATE_LIMIT";
 
 impl Config {
     /// The default configuration overridden by the environment.
@@ -160,12 +166,15 @@ impl Config {
         if let Some(value) = lookup(ENV_IDLE_PAGE_FRACTION) {
             config.idle_page_fraction = parse_ratio(ENV_IDLE_PAGE_FRACTION, &value)?;
         }
+        if let Some(value) = lookup(ENV_UNMAP_RATE_LIMIT) {
+            config.unmap_rate_limit = parse_ratio(ENV_UNMAP_RATE_LIMIT, &value)?;
+        }
         Ok(config)
     }
 
     /// Sets one setting by name (the keys of the C ABI's `configure`): `policy`,
     /// `low_watermark_ratio`, `high_watermark_ratio`, `debug`, `history`,
-    /// `front_cache_bytes`, `idle_page_fraction`.
+    /// `front_cache_bytes`, `idle_page_fraction`, `unmap_rate_limit`.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         match key {
             "policy" => {
@@ -181,13 +190,14 @@ impl Config {
             "history" => self.history = parse_count(key, value)?,
             "front_cache_bytes" => self.front_cache_bytes = parse_bytes(key, value)?,
             "idle_page_fraction" => self.idle_page_fraction = parse_ratio(key, value)?,
+            "unmap_rate_limit" => self.unmap_rate_limit = parse_ratio(key, value)?,
             other => {
                 return Err(Error::InvalidConfig {
                     variable: other.into(),
                     value: value.into(),
                     reason: "unknown setting (expected policy, low_watermark_ratio, \
-                             high_watermark_ratio, debug, history, front_cache_bytes or \
-                             idle_page_fraction)"
+                             high_watermark_ratio, debug, history, front_cache_bytes, \
+                             idle_page_fraction or unmap_rate_limit)"
                         .into(),
                 });
             }

@@ -104,6 +104,75 @@ impl Heap {
     }
 }
 
+/// Allocations over which a pool's unmap rate is measured.
+pub(crate) const CHURN_WINDOW: u64 = 4096;
+/// The most the idle-page budget of a pool is scaled up.
+pub(crate) const MAX_BUDGET_SCALE: u32 = 64;
+/// Quiet windows (a quarter of the tolerated unmap rate at most) before the scale halves.
+const QUIET_WINDOWS: u32 = 64;
+
+/// The idle-page budget's feedback on map/unmap churn. A pool whose budget unmaps more than
+/// the configured rate is trading calls for bytes it then maps again (layouts that differ a
+/// little from one step to the next, sizes that wander): its budget doubles, up to
+/// [`MAX_BUDGET_SCALE`] times the configured fraction, until the unmaps stop; after
+/// [`QUIET_WINDOWS`] quiet windows it halves again, so a phase of churn does not hold memory
+/// for ever. Windows close at growth (the only time the budget is read), so one spanning a
+/// long quiet spell counts as the windows it covers.
+#[derive(Debug, Clone)]
+pub(crate) struct Churn {
+    /// The budget's multiplier: a power of two in `1..=MAX_BUDGET_SCALE`.
+    pub scale: u32,
+    window_start: u64,
+    window_unmaps: u64,
+    quiet_windows: u32,
+}
+
+impl Default for Churn {
+    fn default() -> Self {
+        Churn {
+            scale: 1,
+            window_start: 0,
+            window_unmaps: 0,
+            quiet_windows: 0,
+        }
+    }
+}
+
+impl Churn {
+    /// The scale at allocation clock `now`, closing the window if it is over. `limit` is
+    /// the unmaps per 1000 allocations tolerated (0: the scale stays 1).
+    pub fn scale_at(&mut self, now: u64, limit: f64) -> u32 {
+        if limit <= 0.0 {
+            self.scale = 1;
+            return 1;
+        }
+        let elapsed = now.saturating_sub(self.window_start);
+        if elapsed >= CHURN_WINDOW {
+            let rate = self.window_unmaps as f64 * 1000.0 / elapsed as f64;
+            if rate > limit {
+                self.scale = (self.scale * 2).min(MAX_BUDGET_SCALE);
+                self.quiet_windows = 0;
+            } else if rate <= limit / 4.0 {
+                // A long spell without growth counts as the windows it spans.
+                let windows = (elapsed / CHURN_WINDOW).min(u32::MAX as u64) as u32;
+                self.quiet_windows = self.quiet_windows.saturating_add(windows);
+                while self.quiet_windows >= QUIET_WINDOWS && self.scale > 1 {
+                    self.scale /= 2;
+                    self.quiet_windows -= QUIET_WINDOWS;
+                }
+            }
+            self.window_start = now;
+            self.window_unmaps = 0;
+        }
+        self.scale
+    }
+
+    /// Counts runs the budget chose to unmap.
+    pub fn unmapped(&mut self, runs: usize) {
+        self.window_unmaps += runs as u64;
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Pool {
     pub kind: PoolKind,
@@ -127,6 +196,8 @@ pub(crate) struct Pool {
     pub last_stale_check: u64,
     /// Mapped bytes scheduled to be unmapped (retiring pages).
     pub retiring: usize,
+    /// How often the idle-page budget made this pool unmap, and the budget's scale.
+    pub churn: Churn,
 }
 
 impl Pool {
@@ -146,6 +217,7 @@ impl Pool {
             burst_pages: 1,
             last_stale_check: 0,
             retiring: 0,
+            churn: Churn::default(),
         }
     }
 

@@ -463,12 +463,15 @@ fn front_cache_and_page_budget_settings_from_the_environment() {
     let c = env(&[
         ("BUFFERHEAP_FRONT_CACHE_BYTES", "0"),
         ("BUFFERHEAP_IDLE_PAGE_FRACTION", "0.005"),
+        ("BUFFERHEAP_UNMAP_RATE_LIMIT", "0"),
     ])
     .unwrap();
     assert_eq!((c.front_cache_bytes, c.idle_page_fraction), (0, 0.005));
+    assert_eq!(c.unmap_rate_limit, 0.0);
     for (var, bad) in [
         ("BUFFERHEAP_FRONT_CACHE_BYTES", "1MiB"),
         ("BUFFERHEAP_IDLE_PAGE_FRACTION", "-1"),
+        ("BUFFERHEAP_UNMAP_RATE_LIMIT", "often"),
     ] {
         match env(&[(var, bad)]) {
             Err(Error::InvalidConfig {
@@ -481,6 +484,8 @@ fn front_cache_and_page_budget_settings_from_the_environment() {
     }
     let mut c = Config::default();
     c.set("idle_page_fraction", "0.02").unwrap();
+    c.set("unmap_rate_limit", "8").unwrap();
+    assert_eq!(c.unmap_rate_limit, 8.0);
     c.set("front_cache_bytes", "4096").unwrap();
     assert_eq!((c.front_cache_bytes, c.idle_page_fraction), (4096, 0.02));
 }

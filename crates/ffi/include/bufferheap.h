@@ -36,7 +36,7 @@
  *   BUFFERHEAP_HOST_MEMORY    bytes per host device (default: the machine's RAM)
  *   BUFFERHEAP_POLICY, BUFFERHEAP_LOW_WATERMARK_RATIO, BUFFERHEAP_HIGH_WATERMARK_RATIO,
  *   BUFFERHEAP_DEBUG, BUFFERHEAP_HISTORY, BUFFERHEAP_FRONT_CACHE_BYTES,
- *   BUFFERHEAP_IDLE_PAGE_FRACTION
+ *   BUFFERHEAP_IDLE_PAGE_FRACTION, BUFFERHEAP_UNMAP_RATE_LIMIT
  *                             allocator settings (bufferheap_configure overrides them)
  */
 #ifndef BUFFERHEAP_H
@@ -85,7 +85,8 @@ void *bufferheap_base_alloc(void *ptr, size_t *size);
  * first allocation), -1 after. Keys: "policy" ("default" | "mps"), "low_watermark_ratio",
  * "high_watermark_ratio" (0.0 to 2.0; 0 disables the limit), "debug" (bit mask, decimal or
  * 0x hex), "history" (events kept for snapshots), "front_cache_bytes" (per thread; 0: none),
- * "idle_page_fraction" (the page budget of the default policy). */
+ * "idle_page_fraction" (the page budget of the default policy), "unmap_rate_limit" (page
+ * unmaps per 1000 allocations before that budget loosens; 0: never). */
 int bufferheap_configure(const char *key, const char *value);
 
 /* 1 once the configuration is frozen (bufferheap_init was called or an allocator exists),

@@ -211,16 +211,17 @@ impl<B: Backend> State<B> {
             // elsewhere go back first, those idle the longest first. So nothing is unmapped
             // while memory falls or while it climbs back to an earlier peak, and reserved
             // bytes track live bytes at every new peak.
+            // The fraction scales up while the budget keeps unmapping pages that are mapped
+            // again soon after (see `Churn`).
             let now = self.clock();
             let pool = &mut self.pools[p as usize];
+            let fraction = self.config.idle_page_fraction
+                * pool.churn.scale_at(now, self.config.unmap_rate_limit) as f64;
             let placed_peak = pool.peak_placed.max(pool.placed + size);
-            let budget =
-                (placed_peak as f64 * (1.0 + self.config.idle_page_fraction)) as usize + 2 * g;
+            let budget = (placed_peak as f64 * (1.0 + fraction)) as usize + 2 * g;
             // When over budget, trim down to the middle of the band so that the next few
             // growths find headroom without another trim (hysteresis).
-            let low_mark = (placed_peak as f64 * (1.0 + self.config.idle_page_fraction * TRIM_TO))
-                as usize
-                + g;
+            let low_mark = (placed_peak as f64 * (1.0 + fraction * TRIM_TO)) as usize + g;
             let kept = pool.reserved - pool.retiring;
             let over = if kept + need > budget {
                 (kept + need).saturating_sub(low_mark)
@@ -241,6 +242,7 @@ impl<B: Backend> State<B> {
                 let min_age = self.config.min_idle_age;
                 let surplus =
                     pages_of(self, p, h).surplus_runs(over.div_ceil(g), off, size, now, min_age);
+                self.pools[p as usize].churn.unmapped(surplus.len());
                 self.retire_pages(backend, p, h, surplus, notes)?;
                 self.process_retiring(backend, Some(p), notes)?;
             }

@@ -38,6 +38,9 @@ pub struct PoolReport {
     pub cached_buffers: usize,
     pub cached_bytes: usize,
     pub idle_mapped_bytes: usize,
+    /// What the idle-page budget is scaled by now (1: as configured; more while the pool
+    /// was unmapping pages it mapped again soon after).
+    pub idle_budget_scale: u32,
     pub free_ranges: usize,
     pub largest_free: usize,
     pub heaps: Vec<HeapReport>,
@@ -92,7 +95,7 @@ impl fmt::Display for Report {
         for p in self.pools.iter().filter(|p| !p.heaps.is_empty()) {
             writeln!(
                 f,
-                "  {} pool (stream {:#x}): reserved {}, placed {}, cached {} in {} buffers, idle pages {}, {} free ranges (largest {})",
+                "  {} pool (stream {:#x}): reserved {}, placed {}, cached {} in {} buffers, idle pages {} (budget x{}), {} free ranges (largest {})",
                 p.kind.name(),
                 p.stream,
                 format_size(p.reserved),
@@ -100,6 +103,7 @@ impl fmt::Display for Report {
                 format_size(p.cached_bytes),
                 p.cached_buffers,
                 format_size(p.idle_mapped_bytes),
+                p.idle_budget_scale,
                 p.free_ranges,
                 format_size(p.largest_free)
             )?;
@@ -176,6 +180,7 @@ impl<B: Backend> Allocator<B> {
                 cached_buffers: p.cache.len(),
                 cached_bytes: p.cache.bytes(),
                 idle_mapped_bytes: p.idle_mapped_bytes(),
+                idle_budget_scale: p.churn.scale,
                 free_ranges: p.free_ranges(),
                 largest_free: p.largest_free(),
                 heaps: p

@@ -1,0 +1,116 @@
+//! The idle-page budget of page-mapped pools and its feedback on map/unmap churn.
+//!
+//! A pool whose sizes wander (a ring of random large buffers, training steps of varying
+//! shape) keeps finding its free space in the wrong places: under a fixed budget it unmaps
+//! idle pages only to map others a moment later, each call costing microseconds on a GPU.
+//! The budget scales up while that goes on, and back down once it stops.
+
+mod common;
+
+use bufferheap_core::{Allocator, Config, PoolKind};
+use bufferheap_sim::SimBackend;
+use common::Rng;
+
+const MIB: usize = 1 << 20;
+
+/// A ring of 32 buffers of log-uniform sizes in 1..64 MiB (the latency table's large row):
+/// each step frees the slot's buffer and allocates a new one. Returns the unmap calls per
+/// 1000 allocations over the second half of the steps, and the most bytes ever in use.
+fn ring(a: &Allocator<SimBackend>, steps: usize, rng: &mut Rng) -> (f64, usize) {
+    let mut slots: Vec<Option<u64>> = vec![None; 32];
+    let (lo, hi) = ((MIB as f64).ln(), ((64 * MIB) as f64).ln());
+    let mut unmaps_at_half = 0;
+    let mut in_use = 0usize;
+    let mut peak_in_use = 0usize;
+    let mut sizes: Vec<usize> = vec![0; 32];
+    for step in 0..steps {
+        if step == steps / 2 {
+            unmaps_at_half = a.stats().num_unmap_calls;
+        }
+        let i = step % slots.len();
+        if let Some(ptr) = slots[i].take() {
+            a.free(ptr).unwrap();
+            in_use -= sizes[i];
+        }
+        let u = rng.below(1 << 20) as f64 / (1 << 20) as f64;
+        let size = (lo + u * (hi - lo)).exp() as usize;
+        slots[i] = Some(a.alloc(size).unwrap().expect("memory").ptr);
+        sizes[i] = size;
+        in_use += size;
+        peak_in_use = peak_in_use.max(in_use);
+    }
+    for ptr in slots.into_iter().flatten() {
+        a.free(ptr).unwrap();
+    }
+    let unmaps = a.stats().num_unmap_calls - unmaps_at_half;
+    (unmaps as f64 * 1000.0 / (steps / 2) as f64, peak_in_use)
+}
+
+fn engine(unmap_rate_limit: f64) -> Allocator<SimBackend> {
+    Allocator::new(
+        SimBackend::new(64 << 30),
+        Config {
+            unmap_rate_limit,
+            ..Config::default()
+        },
+    )
+    .unwrap()
+}
+
+fn large_pool_scale(a: &Allocator<SimBackend>) -> u32 {
+    a.report()
+        .pools
+        .iter()
+        .find(|p| p.kind == PoolKind::PrivateLarge)
+        .map(|p| p.idle_budget_scale)
+        .unwrap()
+}
+
+#[test]
+fn a_churning_pool_loosens_its_budget_until_the_unmaps_stop() {
+    let steps = 60_000;
+    let fixed = engine(0.0);
+    let (fixed_rate, _) = ring(&fixed, steps, &mut Rng(7));
+    assert!(
+        fixed_rate > 2.0,
+        "the ring should churn under a fixed budget ({fixed_rate:.2} unmaps per 1000)"
+    );
+    assert_eq!(large_pool_scale(&fixed), 1, "a limit of 0 keeps the budget");
+
+    let adaptive = engine(2.0);
+    let (rate, peak_in_use) = ring(&adaptive, steps, &mut Rng(7));
+    assert!(
+        rate <= 2.0,
+        "{rate:.2} unmaps per 1000 allocations once the budget adapted (fixed: {fixed_rate:.2})"
+    );
+    let scale = large_pool_scale(&adaptive);
+    assert!(scale > 1, "the budget never loosened");
+    // What that costs is bounded: at most the scaled fraction over the peak in use (plus
+    // rounding and the two pages the budget always allows).
+    let peak_reserved = adaptive.stats().reserved_bytes[0].peak as f64;
+    let bound = peak_in_use as f64 * (1.0 + 0.01 * scale as f64) * 1.01 + (8 * MIB) as f64;
+    assert!(
+        peak_reserved <= bound,
+        "reserved {peak_reserved} over {bound} (scale {scale})"
+    );
+}
+
+#[test]
+fn the_budget_tightens_again_once_the_churn_stops() {
+    let a = engine(2.0);
+    ring(&a, 40_000, &mut Rng(11));
+    let loosened = large_pool_scale(&a);
+    assert!(loosened > 1);
+    // A long quiet spell (small buffers only: no large growth, no unmap), then growth.
+    for _ in 0..(64 * 4096 * 7) {
+        let b = a.alloc(4096).unwrap().unwrap();
+        a.free(b.ptr).unwrap();
+    }
+    let big = a.alloc(2 << 30).unwrap().unwrap();
+    assert_eq!(
+        large_pool_scale(&a),
+        1,
+        "was x{loosened} before the quiet spell"
+    );
+    a.free(big.ptr).unwrap();
+}
