@@ -70,24 +70,17 @@ def configuration(
                 f"got {front_cache_bytes!r}"
             )
         pairs.append(("front_cache_bytes", str(front_cache_bytes)))
-    if idle_page_fraction is not None:
-        if isinstance(idle_page_fraction, bool) or not isinstance(idle_page_fraction, (int, float)) or not (
-            0 <= idle_page_fraction < float("inf")
-        ):
-            raise ValueError(
-                f"idle_page_fraction must be a finite number >= 0 (reserved bytes allowed over the most "
-                f"ever placed before idle pages are unmapped); got {idle_page_fraction!r}"
-            )
-        pairs.append(("idle_page_fraction", _format_ratio(idle_page_fraction)))
-    if unmap_rate_limit is not None:
-        if isinstance(unmap_rate_limit, bool) or not isinstance(unmap_rate_limit, (int, float)) or not (
-            0 <= unmap_rate_limit < float("inf")
-        ):
-            raise ValueError(
-                f"unmap_rate_limit must be a finite number >= 0 (page unmaps per 1000 allocations before "
-                f"the page budget loosens, 0: never); got {unmap_rate_limit!r}"
-            )
-        pairs.append(("unmap_rate_limit", _format_ratio(unmap_rate_limit)))
+    for name, value, meaning in (
+        ("idle_page_fraction", idle_page_fraction,
+         "reserved bytes allowed over the most ever placed before idle pages are unmapped"),
+        ("unmap_rate_limit", unmap_rate_limit,
+         "page unmaps per 1000 allocations before the page budget loosens, 0: never"),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0 ({meaning}); got {value!r}")
+        pairs.append((name, _format_ratio(value)))
     return pairs
 
 

@@ -105,9 +105,9 @@ impl Heap {
 }
 
 /// Allocations over which a pool's unmap rate is measured.
-pub(crate) const CHURN_WINDOW: u64 = 4096;
+const CHURN_WINDOW: u64 = 4096;
 /// The most the idle-page budget of a pool is scaled up.
-pub(crate) const MAX_BUDGET_SCALE: u32 = 64;
+const MAX_BUDGET_SCALE: u32 = 64;
 /// Quiet windows (a quarter of the tolerated unmap rate at most) before the scale halves.
 const QUIET_WINDOWS: u32 = 64;
 
