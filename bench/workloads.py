@@ -12,7 +12,10 @@ MODE:     native | expandable (expandable_segments) | async (cudaMallocAsync) | 
 One warm-up step runs before timing. Prints one JSON line: workload, mode, policy, steps,
 sec_per_step, peak_used_gib (largest free-at-start minus free-now of torch.cuda.mem_get_info,
 sampled after each step), max_reserved_gib, max_allocated_gib (PyTorch's figures for native
-modes, bufferheap's own for bufferheap), losses, last_loss.
+modes, bufferheap's own for bufferheap), step_times (each timed step's seconds: the sequence of
+sizes is the same for every allocator at one seed, so runs compare step by step), losses,
+last_loss; for bufferheap also its page map/unmap calls, the times it blocked on the device and
+the microseconds spent in those waits and in page calls.
 """
 
 import argparse
@@ -111,9 +114,12 @@ if a.record and not ours:
     torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", max_entries=1_500_000)
 
 losses = []
+step_times = []
 t0 = time.perf_counter()
 for _ in range(n):
-    losses.append(step())
+    ts = time.perf_counter()
+    losses.append(step())  # .item() waits for the step's work: the step's own time
+    step_times.append(time.perf_counter() - ts)
     sample()
 torch.cuda.synchronize()
 dt = time.perf_counter() - t0
@@ -128,7 +134,10 @@ else:
     st = torch.cuda.memory_stats()
     res["max_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
     res["max_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
-for key in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_ooms"):
+keys = ["num_device_alloc", "num_device_free", "num_alloc_retries", "num_ooms"]
+if ours:
+    keys += ["num_map_calls", "num_unmap_calls", "num_device_waits", "device_wait_us", "page_call_us"]
+for key in keys:
     res[key] = st.get(key)
 
 if a.record:
@@ -142,6 +151,7 @@ if a.record:
     res["record"] = a.record
     res["trace_entries"] = sum(len(t) for t in snap["device_traces"])
 
+res["step_times"] = [round(t, 6) for t in step_times]
 res["losses"] = losses
 res["last_loss"] = losses[-1]
 print(json.dumps(res), flush=True)

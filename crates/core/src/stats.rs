@@ -73,11 +73,24 @@ pub struct Stats {
     pub num_unmap_calls: u64,
     /// Times the engine waited on every pending event (a full synchronisation).
     pub num_sync_all_streams: u64,
+    /// Times the engine blocked the calling thread until the device caught up (any wait on
+    /// an event that had not completed yet, full synchronisations included).
+    pub num_device_waits: u64,
+    /// Microseconds the calling threads spent blocked in those waits.
+    pub device_wait_us: u64,
+    /// Microseconds spent in the backend's page map and unmap calls.
+    pub page_call_us: u64,
     /// Garbage collection passes that released something.
     pub num_gc_passes: u64,
 }
 
 impl Stats {
+    /// Counts one blocking wait for the device that began at `start`.
+    pub(crate) fn note_device_wait(&mut self, start: std::time::Instant) {
+        self.num_device_waits += 1;
+        self.device_wait_us += start.elapsed().as_micros() as u64;
+    }
+
     /// A buffer of `size` rounded bytes (`requested` asked for) in pool group `g` leaves use.
     #[inline]
     pub(crate) fn buffer_out_of_use(&mut self, g: usize, size: u64, requested: u64) {
@@ -137,6 +150,9 @@ impl Stats {
             ("num_map_calls", self.num_map_calls),
             ("num_unmap_calls", self.num_unmap_calls),
             ("num_sync_all_streams", self.num_sync_all_streams),
+            ("num_device_waits", self.num_device_waits),
+            ("device_wait_us", self.device_wait_us),
+            ("page_call_us", self.page_call_us),
             ("num_gc_passes", self.num_gc_passes),
         ] {
             out.insert(name.to_string(), v);

@@ -120,8 +120,8 @@ fn a_callback_holding_a_weak_handle_does_not_keep_the_engine_alive() {
 /// The scenario of the two tests below: a 64 MiB buffer freed long ago (its pages idle), then
 /// growth beyond the budget. `earlier_peak` first reserves far more (in another pool) and
 /// gives it back, so the growth does not set a new peak of reserved bytes. Returns the unmap calls the growth made
-/// and the reserved bytes after it.
-fn grow_past_old_idle_pages(complete: bool, earlier_peak: bool) -> (u64, usize) {
+/// and the reserved bytes after it, and the times the growth blocked on the device.
+fn grow_past_old_idle_pages(complete: bool, earlier_peak: bool) -> (u64, usize, u64) {
     use bufferheap_core::{Allocator, Config};
     use bufferheap_sim::SimBackend;
     const MIB: usize = 1 << 20;
@@ -156,10 +156,15 @@ fn grow_past_old_idle_pages(complete: bool, earlier_peak: bool) -> (u64, usize) 
     if complete {
         a.backend().complete_events();
     }
-    let unmaps = a.stats().num_unmap_calls;
+    let (unmaps, waits) = (a.stats().num_unmap_calls, a.stats().num_device_waits);
     // Larger than the hole the first buffer left: the pool grows beyond its budget.
     let _big = a.alloc(96 * MIB).unwrap().unwrap();
-    (a.stats().num_unmap_calls - unmaps, a.usage().reserved)
+    let stats = a.stats();
+    (
+        stats.num_unmap_calls - unmaps,
+        a.usage().reserved,
+        stats.num_device_waits - waits,
+    )
 }
 
 /// Pages idle since before a completed epoch event are given back at once when growth
@@ -167,16 +172,21 @@ fn grow_past_old_idle_pages(complete: bool, earlier_peak: bool) -> (u64, usize) 
 /// has (the sim's events complete only when told to, like a device running behind).
 #[test]
 fn idle_pages_past_a_completed_epoch_are_unmapped_at_once() {
-    let (unmapped, _) = grow_past_old_idle_pages(true, true);
+    let (unmapped, _, waits) = grow_past_old_idle_pages(true, true);
     assert!(
         unmapped > 0,
         "idle pages past a completed epoch stay mapped"
     );
-    let (unmapped, reserved) = grow_past_old_idle_pages(false, true);
+    assert_eq!(
+        waits, 0,
+        "unmapping pages past an epoch blocked on the device"
+    );
+    let (unmapped, reserved, waits) = grow_past_old_idle_pages(false, true);
     assert_eq!(
         unmapped, 0,
         "pages unmapped before the device is done with them"
     );
+    assert_eq!(waits, 0, "growth below the peak blocked on the device");
     assert!(
         reserved >= (64 + 96 + 56) << 20,
         "the idle pages are still held"
@@ -187,7 +197,8 @@ fn idle_pages_past_a_completed_epoch_are_unmapped_at_once() {
 /// device, the engine waits for the device and gives them back first.
 #[test]
 fn pages_waiting_for_the_device_never_set_a_new_peak() {
-    let (unmapped, reserved) = grow_past_old_idle_pages(false, false);
+    let (unmapped, reserved, waits) = grow_past_old_idle_pages(false, false);
     assert!(unmapped > 0);
+    assert_eq!(waits, 1, "the wait is not counted once");
     assert!(reserved < (64 + 96 + 8 + 16) << 20, "reserved {reserved}");
 }

@@ -149,7 +149,10 @@ impl<B: Backend> State<B> {
             .pages
             .as_ref()
             .map_or(self.caps.granularity, |pg| pg.granularity);
-        match backend.map(&heap.region, run.0 * g, run.1 * g) {
+        let start = std::time::Instant::now();
+        let mapped = backend.map(&heap.region, run.0 * g, run.1 * g);
+        self.stats.page_call_us += start.elapsed().as_micros() as u64;
+        match mapped {
             Ok(()) => {}
             Err(e) if e.out_of_memory => {
                 self.shortfall = Some(OomCause::Backend(e.message));
@@ -198,7 +201,10 @@ impl<B: Backend> State<B> {
             .pages
             .as_ref()
             .map_or(self.caps.granularity, |pg| pg.granularity);
-        backend.unmap(&heap.region, run.0 * g, run.1 * g)?;
+        let start = std::time::Instant::now();
+        let unmapped = backend.unmap(&heap.region, run.0 * g, run.1 * g);
+        self.stats.page_call_us += start.elapsed().as_micros() as u64;
+        unmapped?;
         let addr = heap.region.base + (run.0 * g) as u64;
         let pool = &mut self.pools[p as usize];
         if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
@@ -258,7 +264,11 @@ impl<B: Backend> State<B> {
     /// idle pages can be unmapped at once, and unmaps what was retiring there.
     pub fn quiesce(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
         let event = backend.record_event(self.pools[p as usize].stream)?;
-        backend.wait_event(&event)?;
+        if !matches!(backend.event_complete(&event), Ok(true)) {
+            let start = std::time::Instant::now();
+            backend.wait_event(&event)?;
+            self.stats.note_device_wait(start);
+        }
         self.process_retiring(backend, Some(p), notes)
     }
 
@@ -344,8 +354,16 @@ impl<B: Backend> State<B> {
 
     /// Waits for the events of pool `p`'s retiring runs, then unmaps them.
     pub fn wait_retiring(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
+        let start = std::time::Instant::now();
+        let mut waited = false;
         for r in self.retiring.iter().filter(|r| r.pool == p) {
-            backend.wait_event(&r.event)?;
+            if !matches!(backend.event_complete(&r.event), Ok(true)) {
+                backend.wait_event(&r.event)?;
+                waited = true;
+            }
+        }
+        if waited {
+            self.stats.note_device_wait(start);
         }
         self.process_retiring(backend, Some(p), notes)
     }

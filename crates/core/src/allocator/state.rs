@@ -558,11 +558,22 @@ impl<B: Backend> State<B> {
             return;
         }
         self.stats.num_sync_all_streams += 1;
+        let start = std::time::Instant::now();
+        let mut waited = false;
         for &slot in &self.pending {
             let rec = &mut self.records[slot as usize];
             rec.record_missing_events(backend);
             let events = &mut rec.events;
-            events.retain(|e| backend.wait_event(e).is_err());
+            events.retain(|e| {
+                if matches!(backend.event_complete(e), Ok(true)) {
+                    return false;
+                }
+                waited = true;
+                backend.wait_event(e).is_err()
+            });
+        }
+        if waited {
+            self.stats.note_device_wait(start);
         }
         self.poll_pending(backend, notes);
     }
