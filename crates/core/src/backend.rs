@@ -40,6 +40,12 @@ pub struct BackendCaps {
     pub page_mapping: bool,
     /// Page size for `map`/`unmap` and the alignment of every region base.
     pub granularity: usize,
+    /// The engine unmaps only whole *pieces* of earlier `map` calls: a call's range cut at
+    /// multiples of this many bytes from the region's base (a multiple of `granularity`;
+    /// `usize::MAX`: not cut, each call is one piece). A backend that backs each piece with
+    /// one physical allocation (cheaper than one per page) sets its piece size; one that can
+    /// unmap any page sets `granularity`.
+    pub physical_block: usize,
     /// Largest single buffer the device supports.
     pub max_buffer_size: usize,
 }
@@ -179,10 +185,9 @@ pub trait Backend: Send + Sync + 'static {
     fn map(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError>;
 
     /// Returns the pages of `[offset, offset + len)` to the device; the addresses stay reserved.
-    /// The range holds no live data, but it may cover only part of an earlier `map` call's
-    /// range, or several of them: pages outside it keep their contents. A backend that can only
-    /// unmap whole mappings may defer giving the memory back until all of a mapping's pages are
-    /// unmapped (and must then report the memory it still holds in `memory_info`).
+    /// The range holds no live data and covers whole pieces of earlier `map` calls (see
+    /// [`BackendCaps::physical_block`]; one piece, or several adjacent ones), never part of
+    /// one, so a backend may back each piece with one physical allocation and free it whole.
     fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError>;
 
     /// Records an event on `stream` after the work queued so far.

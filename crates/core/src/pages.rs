@@ -5,6 +5,13 @@
 //! pages with `live == 0`; `mapped_pages` counts the mapped pages. Nothing here talks to a
 //! backend: callers map or unmap first and then record it here, so the table never claims a
 //! mapping that failed.
+//!
+//! Extents: every run mapped with one call, cut at multiples of `block` pages, is a set of
+//! *extents* (`extent[first]` = its pages, 0 on its other pages and on unmapped ones): the
+//! pieces a backend may back with one physical allocation each (on CUDA, one `cuMemCreate`
+//! per 16 MiB instead of one per 2 MiB page: about ten times less driver time). Only whole
+//! extents are ever unmapped: a run given to unmap covers whole extents, and every run this
+//! table proposes for unmapping is made of whole, fully idle extents.
 
 /// A run of pages: first page index and number of pages.
 pub(crate) type PageRun = (usize, usize);
@@ -58,20 +65,6 @@ impl IdleSet {
             })
         })
     }
-
-    /// Members in descending order.
-    fn iter_rev(&self) -> impl Iterator<Item = usize> + '_ {
-        self.words.iter().enumerate().rev().flat_map(|(w, &word)| {
-            let mut bits = word;
-            std::iter::from_fn(move || {
-                (bits != 0).then(|| {
-                    let b = 63 - bits.leading_zeros() as usize;
-                    bits &= !(1u64 << b);
-                    w * 64 + b
-                })
-            })
-        })
-    }
 }
 
 #[derive(Debug)]
@@ -87,11 +80,17 @@ pub(crate) struct Pages {
     /// retirement (0: none). A buffer placed on a retiring page cancels its retirement, so a
     /// later, older event can never unmap a page that newer work uses.
     retiring: Vec<u64>,
+    /// On the first page of each extent, its length in pages; 0 elsewhere.
+    extent: Vec<u32>,
+    /// Extents never cross a multiple of this many pages.
+    block: usize,
     mapped_pages: usize,
 }
 
 impl Pages {
-    pub fn new(size: usize, granularity: usize) -> Pages {
+    /// The table of a heap of `size` bytes in pages of `granularity` bytes, whose map calls
+    /// are cut into extents at multiples of `block` bytes (`usize::MAX`: never cut).
+    pub fn new(size: usize, granularity: usize, block: usize) -> Pages {
         let n = size / granularity;
         Pages {
             granularity,
@@ -100,6 +99,8 @@ impl Pages {
             idle: IdleSet::new(n),
             idle_since: vec![0; n],
             retiring: vec![0; n],
+            extent: vec![0; n],
+            block: (block / granularity).max(1),
             mapped_pages: 0,
         }
     }
@@ -148,7 +149,16 @@ impl Pages {
         runs
     }
 
+    /// Records a run mapped with one call: its extents, cut at multiples of `block` pages.
     pub fn mark_mapped(&mut self, (first, n): PageRun, now: u64) {
+        let mut p = first;
+        while p < first + n {
+            let end = (p - p % self.block)
+                .saturating_add(self.block)
+                .min(first + n);
+            self.extent[p] = (end - p) as u32;
+            p = end;
+        }
         for p in first..first + n {
             debug_assert!(!self.mapped[p]);
             self.mapped[p] = true;
@@ -163,9 +173,11 @@ impl Pages {
     /// Records that a run of idle pages was unmapped. Returns how many of them were retiring:
     /// their retirement is void (the pages are gone already, whatever path unmapped them).
     pub fn mark_unmapped(&mut self, (first, n): PageRun) -> usize {
+        debug_assert!(self.whole_extents((first, n)), "unmap of part of an extent");
         let mut cancelled = 0;
         for p in first..first + n {
             debug_assert!(self.mapped[p] && self.live[p] == 0);
+            self.extent[p] = 0;
             self.mapped[p] = false;
             self.idle.remove(&p);
             if self.retiring[p] != 0 {
@@ -215,16 +227,53 @@ impl Pages {
             .unwrap_or(0)
     }
 
-    /// Idle pages grouped in runs, highest addresses first, covering at most `max_pages`.
+    /// True if `[first, first + n)` is a sequence of whole extents.
+    fn whole_extents(&self, (first, n): PageRun) -> bool {
+        let mut p = first;
+        while p < first + n {
+            let len = self.extent[p] as usize;
+            if len == 0 {
+                return false;
+            }
+            p += len;
+        }
+        p == first + n
+    }
+
+    /// The extents whose pages are all idle and pass `ok`, lowest addresses first, as
+    /// `(first page, pages, most recent idle time)`.
+    fn idle_extents(&self, ok: impl Fn(usize) -> bool) -> Vec<(usize, usize, u64)> {
+        let mut out = Vec::new();
+        for p in self.idle.iter() {
+            let len = self.extent[p] as usize;
+            if len == 0 {
+                continue; // not the first page of its extent
+            }
+            let pages = p..p + len;
+            if pages.clone().all(|q| self.live[q] == 0 && ok(q)) {
+                let newest = pages.map(|q| self.idle_since[q]).max().unwrap_or(0);
+                out.push((p, len, newest));
+            }
+        }
+        out
+    }
+
+    /// Whole idle extents grouped in runs of adjacent ones, highest addresses first, covering
+    /// at least `max_pages` where there are enough (the last extent taken may go beyond).
     pub fn idle_runs(&self, max_pages: usize) -> Vec<PageRun> {
         let mut runs: Vec<PageRun> = Vec::new();
-        for p in self.idle.iter_rev().take(max_pages) {
+        let mut got = 0;
+        for (p, len, _) in self.idle_extents(|_| true).into_iter().rev() {
+            if got >= max_pages {
+                break;
+            }
+            got += len;
             match runs.last_mut() {
-                Some((first, n)) if *first == p + 1 => {
+                Some((first, n)) if *first == p + len => {
                     *first = p;
-                    *n += 1;
+                    *n += len;
                 }
-                _ => runs.push((p, 1)),
+                _ => runs.push((p, len)),
             }
         }
         runs
@@ -246,19 +295,18 @@ impl Pages {
         let keep = self.page_span(keep_offset, keep_len);
         // (first page, pages, most recent idle time in the run)
         let mut runs: Vec<(usize, usize, u64)> = Vec::new();
-        for p in self.idle.iter() {
-            if keep.contains(&p)
-                || self.retiring[p] != 0
-                || now.saturating_sub(self.idle_since[p]) < min_age
-            {
-                continue;
-            }
+        let extents = self.idle_extents(|p| {
+            !keep.contains(&p)
+                && self.retiring[p] == 0
+                && now.saturating_sub(self.idle_since[p]) >= min_age
+        });
+        for (p, len, idle_since) in extents {
             match runs.last_mut() {
                 Some((first, n, newest)) if *first + *n == p => {
-                    *n += 1;
-                    *newest = (*newest).max(self.idle_since[p]);
+                    *n += len;
+                    *newest = (*newest).max(idle_since);
                 }
-                _ => runs.push((p, 1, self.idle_since[p])),
+                _ => runs.push((p, len, idle_since)),
             }
         }
         runs.sort_by_key(|&(first, n, newest)| (newest, std::cmp::Reverse(n), first));
@@ -281,22 +329,38 @@ impl Pages {
         }
     }
 
-    /// The pages of a run still retiring under `ticket` (none was placed on since), as runs,
-    /// clearing their marks.
-    pub fn take_retired(&mut self, (first, n): PageRun, ticket: u64) -> Vec<PageRun> {
+    /// The extents of a retired run (whole extents) still retiring under `ticket` on every
+    /// page (none was placed on since), as runs, and the number of pages whose retirement
+    /// ends without an unmap (their extent got a buffer meanwhile, so it stays mapped).
+    /// Clears the marks of both.
+    pub fn take_retired(&mut self, (first, n): PageRun, ticket: u64) -> (Vec<PageRun>, usize) {
         let mut runs: Vec<PageRun> = Vec::new();
-        for p in first..first + n {
-            if self.retiring[p] != ticket {
-                continue;
+        let mut voided = 0;
+        let mut p = first;
+        while p < first + n {
+            let len = (self.extent[p] as usize).max(1);
+            let pages = p..p + len;
+            let marked = pages
+                .clone()
+                .filter(|&q| self.retiring[q] == ticket)
+                .count();
+            for q in pages {
+                if self.retiring[q] == ticket {
+                    self.retiring[q] = 0;
+                }
             }
-            self.retiring[p] = 0;
-            debug_assert!(self.mapped[p] && self.live[p] == 0);
-            match runs.last_mut() {
-                Some((f, k)) if *f + *k == p => *k += 1,
-                _ => runs.push((p, 1)),
+            if self.extent[p] != 0 && marked == len {
+                debug_assert!((p..p + len).all(|q| self.mapped[q] && self.live[q] == 0));
+                match runs.last_mut() {
+                    Some((f, k)) if *f + *k == p => *k += len,
+                    _ => runs.push((p, len)),
+                }
+            } else {
+                voided += marked;
             }
+            p += len;
         }
-        runs
+        (runs, voided)
     }
 
     /// True if every page of `[offset, offset + len)` is mapped.
@@ -319,7 +383,7 @@ mod tests {
     #[test]
     fn runs_and_idle_pages() {
         let g = 4096;
-        let mut pages = Pages::new(16 * g, g);
+        let mut pages = Pages::new(16 * g, g, usize::MAX);
         let runs = pages.unmapped_runs(g / 2, 2 * g, 4);
         assert_eq!(runs, vec![(0, 4)]);
         pages.mark_mapped(runs[0], 0);
@@ -327,33 +391,83 @@ mod tests {
         assert_eq!(pages.mapped_bytes(), 4 * g);
         assert_eq!(pages.idle_bytes(), g);
         assert!(pages.is_mapped(0, 3 * g));
+        assert_eq!(
+            pages.idle_runs(usize::MAX),
+            vec![],
+            "an extent in use in part stays"
+        );
         pages.vacate(g / 2, 2 * g, 1);
         assert_eq!(pages.idle_bytes(), 4 * g);
         assert_eq!(pages.idle_runs(usize::MAX), vec![(0, 4)]);
-        assert_eq!(pages.idle_runs(1), vec![(3, 1)]);
+        assert_eq!(pages.idle_runs(1), vec![(0, 4)], "extents go whole");
         pages.mark_unmapped((0, 4));
         assert_eq!(pages.mapped_bytes(), 0);
     }
 
     #[test]
-    fn a_buffer_placed_on_a_retiring_page_cancels_its_retirement() {
+    fn only_whole_idle_extents_are_proposed_for_unmapping() {
         let g = 4096;
-        let mut pages = Pages::new(8 * g, g);
-        pages.mark_mapped((0, 4), 0);
-        pages.set_retiring((0, 4), 7);
-        // A buffer lands on page 1 while the unmap waits for its event, then leaves again:
-        // the old event says nothing about the work that used it meanwhile.
-        assert_eq!(pages.occupy(g, g), 1);
-        pages.vacate(g, g, 1);
-        assert_eq!(pages.take_retired((0, 4), 7), vec![(0, 1), (2, 2)]);
-        // A page retired again under a newer ticket is not taken by the older one.
-        pages.set_retiring((1, 1), 8);
-        assert_eq!(pages.take_retired((0, 4), 7), vec![]);
-        assert_eq!(pages.take_retired((1, 1), 8), vec![(1, 1)]);
+        let mut pages = Pages::new(16 * g, g, usize::MAX);
+        for run in [(0, 2), (2, 3), (5, 1), (8, 4)] {
+            pages.mark_mapped(run, 0);
+        }
+        // A buffer on page 3 pins the extent (2, 3); the others are idle.
+        pages.occupy(3 * g, 100);
+        // Adjacent idle extents merge into one run (one unmap call).
+        assert_eq!(pages.idle_runs(usize::MAX), vec![(8, 4), (5, 1), (0, 2)]);
+        assert_eq!(pages.idle_runs(2), vec![(8, 4)]);
+        assert_eq!(
+            pages.surplus_runs(usize::MAX, 0, 0, 10, 0),
+            vec![(8, 4), (0, 2), (5, 1)],
+            "among runs idle as long, the longest first"
+        );
+        // Keeping one page of an extent keeps all of it.
+        assert_eq!(
+            pages.surplus_runs(usize::MAX, 9 * g, 1, 10, 0),
+            vec![(0, 2), (5, 1)]
+        );
+        pages.vacate(3 * g, 100, 5);
+        assert_eq!(
+            pages.surplus_runs(usize::MAX, 0, 0, 10, 0),
+            vec![(8, 4), (0, 6)],
+            "runs idle the longest come first"
+        );
     }
 
     #[test]
-    fn idle_set_iterates_both_ways() {
+    fn map_calls_are_cut_into_extents_at_block_boundaries() {
+        let g = 4096;
+        let mut pages = Pages::new(16 * g, g, 4 * g);
+        pages.mark_mapped((2, 8), 0);
+        // Extents (2, 2), (4, 4), (8, 2); a buffer on page 5 pins the middle one only.
+        pages.occupy(5 * g, g);
+        assert_eq!(pages.idle_runs(usize::MAX), vec![(8, 2), (2, 2)]);
+        pages.vacate(5 * g, g, 1);
+        assert_eq!(pages.idle_runs(usize::MAX), vec![(2, 8)]);
+        assert_eq!(pages.idle_runs(1), vec![(8, 2)]);
+    }
+
+    #[test]
+    fn a_buffer_placed_on_a_retiring_page_cancels_its_extents_retirement() {
+        let g = 4096;
+        let mut pages = Pages::new(8 * g, g, usize::MAX);
+        pages.mark_mapped((0, 4), 0);
+        pages.mark_mapped((4, 2), 0);
+        pages.set_retiring((0, 6), 7);
+        // A buffer lands on page 1 while the unmap waits for its event, then leaves again:
+        // the old event says nothing about the work that used it meanwhile, and the page's
+        // extent can only go whole.
+        assert_eq!(pages.occupy(g, g), 1);
+        pages.vacate(g, g, 1);
+        assert_eq!(pages.take_retired((0, 6), 7), (vec![(4, 2)], 3));
+        // An extent retired again under a newer ticket is not taken by the older one.
+        pages.set_retiring((0, 4), 8);
+        assert_eq!(pages.take_retired((0, 4), 7), (vec![], 0));
+        assert_eq!(pages.take_retired((0, 4), 8), (vec![(0, 4)], 0));
+    }
+
+    #[test]
+    fn idle_set_iterates_in_order() {
         let mut set = IdleSet::new(200);
         for p in [0, 63, 64, 130, 199] {
             set.insert(p);
@@ -363,6 +477,5 @@ mod tests {
         assert_eq!(set.len, 4);
         assert!(set.contains(130) && !set.contains(63));
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 64, 130, 199]);
-        assert_eq!(set.iter_rev().collect::<Vec<_>>(), vec![199, 130, 64, 0]);
     }
 }

@@ -37,11 +37,11 @@ use crate::vmm::{PageTable, PhysicalGranularity};
 const FALLBACK_GRANULARITY: usize = 2 << 20;
 
 /// Choices a caller can make when building a [`CudaBackend`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CudaOptions {
     /// How many physical allocations back the pages of one `map` call (see
-    /// [`PhysicalGranularity`]). Default: [`PhysicalGranularity::PerPage`], one per page, so
-    /// every `unmap` gives its memory back at once.
+    /// [`PhysicalGranularity`]). Default: [`PhysicalGranularity::PerBlock`] of 16 MiB: one
+    /// allocation per 16 MiB piece of a `map` call, and the engine gives pieces back whole.
     pub physical: PhysicalGranularity,
     /// Synchronise the context (`cuCtxSynchronize`) before unmapping VMM pages. Default:
     /// false.
@@ -54,15 +54,6 @@ pub struct CudaOptions {
     /// on when the backend is used outside the engine by a caller that cannot guarantee it
     /// (PyTorch's expandable segments make the same choice and synchronise before unmapping).
     pub sync_before_unmap: bool,
-}
-
-impl Default for CudaOptions {
-    fn default() -> Self {
-        CudaOptions {
-            physical: PhysicalGranularity::PerPage,
-            sync_before_unmap: false,
-        }
-    }
 }
 
 /// Counts of driver calls and figures of the page-mapped memory, for tests and statistics.
@@ -249,6 +240,11 @@ impl CudaBackend {
                 unified_memory: false,
                 page_mapping: vmm,
                 granularity,
+                physical_block: if vmm {
+                    crate::vmm::physical_block(options.physical, granularity)
+                } else {
+                    granularity
+                },
                 max_buffer_size: total,
             },
             options,

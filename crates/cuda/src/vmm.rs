@@ -5,8 +5,11 @@
 //! mappings only (`cuMemUnmap` cannot split one). The engine maps a run of pages with one
 //! `map` call and later unmaps whatever sub-range has become free. How the two meet depends on
 //! [`PhysicalGranularity`]:
-//! - [`PhysicalGranularity::PerPage`] (the default): one allocation per page, so every range
-//!   the engine unmaps covers whole allocations and its memory goes back to the device at once;
+//! - [`PhysicalGranularity::PerBlock`] (the default, 16 MiB): one allocation per piece of a
+//!   `map` call's run cut at multiples of the block; the engine unmaps only whole pieces
+//!   (`BackendCaps::physical_block`), so its memory goes back to the device at once;
+//! - [`PhysicalGranularity::PerPage`]: one allocation per page, so every range the engine
+//!   unmaps covers whole allocations, at ten times the driver time of 16 MiB pieces;
 //! - [`PhysicalGranularity::PerMap`]: one allocation per unbacked run of a `map` call; an
 //!   `unmap` that covers such an allocation only in part follows [`PartialUnmap`].
 //!
@@ -36,7 +39,13 @@ use bufferheap_core::{BackendError, BackendOp};
 
 /// How many physical allocations (`cuMemCreate` handles) back the pages of a `map` call.
 ///
-/// - [`PhysicalGranularity::PerPage`] (the default): one allocation per page (per VMM
+/// - [`PhysicalGranularity::PerBlock`] (the default, 16 MiB): one allocation per piece of the
+///   run cut at multiples of the block (from the region's base). The backend reports the block
+///   as [`BackendCaps::physical_block`](bufferheap_core::BackendCaps::physical_block), and the
+///   engine unmaps only whole pieces, so nothing is ever covered in part. Each allocation costs
+///   about as much driver time as a one-page allocation (on an H100, 32 MiB mapped and
+///   unmapped as one allocation: ~0.17 ms; as 16 pages: ~1.9 ms).
+/// - [`PhysicalGranularity::PerPage`]: one allocation per page (per VMM
 ///   granule). A `map` of `n` pages makes `n` allocations and maps each at its page, then
 ///   grants access with one `cuMemSetAccess` over the whole range. Any later `unmap` covers
 ///   whole allocations, so its pages are unmapped and released at once, whatever earlier `map`
@@ -46,13 +55,36 @@ use bufferheap_core::{BackendError, BackendOp};
 /// - [`PhysicalGranularity::PerMap`]: one allocation per unbacked run of a `map` call (fewer
 ///   driver calls), at the price of partial unmaps: an `unmap` that covers such an allocation
 ///   only in part follows the [`PartialUnmap`] given.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PhysicalGranularity {
+    /// One allocation per piece of a run cut at multiples of this many bytes (rounded up to
+    /// whole pages); partly unmapped pieces (which the engine never makes) are deferred.
+    PerBlock(usize),
     /// One allocation per page: every unmapped page goes back to the device at once.
-    #[default]
     PerPage,
     /// One allocation per `map` call; partly unmapped allocations follow the given mode.
     PerMap(PartialUnmap),
+}
+
+impl Default for PhysicalGranularity {
+    fn default() -> Self {
+        PhysicalGranularity::PerBlock(DEFAULT_PHYSICAL_BLOCK)
+    }
+}
+
+/// The default physical block. Training GPT-2 on an H100 it kept the peak GPU memory used
+/// at 13.791-13.793 GiB, under expandable segments' 13.795 (8 and 32 MiB blocks: 13.799-13.803)
+/// with a tenth of the driver time of one allocation per page.
+pub const DEFAULT_PHYSICAL_BLOCK: usize = 16 << 20;
+
+/// The piece size in bytes that `mode` backs with one allocation, for pages of `granularity`
+/// bytes: `usize::MAX` for whole map calls.
+pub fn physical_block(mode: PhysicalGranularity, granularity: usize) -> usize {
+    match mode {
+        PhysicalGranularity::PerBlock(b) => b.div_ceil(granularity).max(1) * granularity,
+        PhysicalGranularity::PerPage => granularity,
+        PhysicalGranularity::PerMap(_) => usize::MAX,
+    }
 }
 
 /// What [`unmap`](bufferheap_core::Backend::unmap) does with a physical allocation that the
@@ -201,15 +233,21 @@ impl PageTable {
         }
     }
 
-    /// The allocations that back the unbacked run `[s, e)`: one per page, or one for the run.
+    /// The allocations that back the unbacked run `[s, e)`: one per page, per block, or one
+    /// for the run.
     fn pieces(&self, s: usize, e: usize) -> Vec<(usize, usize)> {
-        match self.mode {
-            PhysicalGranularity::PerPage => (s..e)
-                .step_by(self.granularity)
-                .map(|p| (p, p + self.granularity))
-                .collect(),
-            PhysicalGranularity::PerMap(_) => vec![(s, e)],
+        let block = match self.mode {
+            PhysicalGranularity::PerMap(_) => return vec![(s, e)],
+            mode => physical_block(mode, self.granularity),
+        };
+        let mut out = Vec::new();
+        let mut p = s;
+        while p < e {
+            let end = (p - p % block + block).min(e);
+            out.push((p, end));
+            p = end;
         }
+        out
     }
 
     /// Commits pages to `[offset, offset + len)`. Each unbacked run of the range gets its

@@ -11,6 +11,7 @@ use super::*;
 
 const G: usize = 2 << 20;
 const PER_PAGE: PhysicalGranularity = PhysicalGranularity::PerPage;
+const PER_BLOCK: PhysicalGranularity = PhysicalGranularity::PerBlock(4 * G);
 const DEFER: PhysicalGranularity = PhysicalGranularity::PerMap(PartialUnmap::Defer);
 const RECREATE: PhysicalGranularity = PhysicalGranularity::PerMap(PartialUnmap::Recreate);
 
@@ -200,7 +201,34 @@ fn table(n: usize, mode: PhysicalGranularity) -> PageTable {
     PageTable::new(pages(n), G, mode)
 }
 
-// --- one allocation per page (the default) ---------------------------------------------------
+// --- one allocation per block (the default) -------------------------------------------------
+
+#[test]
+fn per_block_map_makes_a_handle_per_piece_cut_at_block_boundaries() {
+    let (mut t, mut m) = (table(16, PER_BLOCK), Model::default());
+    t.map(&mut m, pages(2), pages(8)).unwrap();
+    assert_eq!(m.creates, 3, "pieces [2, 4), [4, 8), [8, 10)");
+    assert_eq!(
+        m.mapping_lens(),
+        vec![
+            (pages(2), pages(2)),
+            (pages(4), pages(4)),
+            (pages(8), pages(2))
+        ]
+    );
+    assert_eq!(m.accesses, vec![(pages(2), pages(8))], "one access call");
+    // Whole pieces go back at once; the rest keep their bytes.
+    for p in 2..10 {
+        m.write(p, p as u32);
+    }
+    t.unmap(&mut m, pages(4), pages(4)).unwrap();
+    assert_eq!((t.handles(), t.held_bytes()), (2, 0));
+    for p in (2..4).chain(8..10) {
+        assert_eq!(m.read(p), p as u32);
+    }
+}
+
+// --- one allocation per page ------------------------------------------------------------------
 
 #[test]
 fn per_page_map_makes_a_handle_per_page_and_sets_access_once() {
@@ -539,7 +567,7 @@ fn clear_frees_held_and_mapped() {
 #[test]
 fn random_sequences_keep_the_invariants() {
     const N: usize = 24;
-    for mode in [PER_PAGE, DEFER, RECREATE] {
+    for mode in [PER_PAGE, PER_BLOCK, DEFER, RECREATE] {
         for seed in 1..=40u64 {
             let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let mut next = || {
@@ -579,6 +607,14 @@ fn random_sequences_keep_the_invariants() {
                 if mode == PER_PAGE {
                     assert_eq!(t.held_bytes(), 0, "seed {seed} step {step}");
                     assert!(m.mapped.values().all(|m| m.len == G));
+                }
+                if mode == PER_BLOCK {
+                    assert!(
+                        m.mapped
+                            .iter()
+                            .all(|(&o, m)| o / (4 * G) == (o + m.len - 1) / (4 * G)),
+                        "seed {seed} step {step}: an allocation crosses a block"
+                    );
                 }
                 for (&start, mapping) in &m.mapped {
                     let pages_live =

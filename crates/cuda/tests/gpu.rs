@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use bufferheap_core::{Backend, BackendOp, Region, Storage};
 use bufferheap_cuda::{
-    CudaBackend, CudaOptions, PartialUnmap, PhysicalGranularity, device_count, driver_present,
+    CudaBackend, CudaOptions, DEFAULT_PHYSICAL_BLOCK, PartialUnmap, PhysicalGranularity,
+    device_count, driver_present,
 };
 use cudarc::driver::sys::{self, CUresult};
 
@@ -33,6 +34,13 @@ fn gpu_with(options: CudaOptions) -> Option<(MutexGuard<'static, ()>, CudaBacken
 
 fn gpu() -> Option<(MutexGuard<'static, ()>, CudaBackend)> {
     gpu_with(CudaOptions::default())
+}
+
+fn per_page() -> CudaOptions {
+    CudaOptions {
+        physical: PhysicalGranularity::PerPage,
+        ..CudaOptions::default()
+    }
 }
 
 fn per_map(mode: PartialUnmap) -> CudaOptions {
@@ -130,8 +138,11 @@ fn caps_and_memory_info() {
 
 #[test]
 fn page_mapped_region_round_trip() {
-    let Some((_lock, b)) = gpu() else { return };
+    let Some((_lock, b)) = gpu_with(per_page()) else {
+        return;
+    };
     assert_eq!(b.options().physical, PhysicalGranularity::PerPage);
+    assert_eq!(b.caps().physical_block, b.caps().granularity);
     assert!(!b.options().sync_before_unmap);
     let g = b.caps().granularity;
     let r = b.reserve(16 * g, Storage::Private, false).unwrap();
@@ -232,7 +243,9 @@ fn page_mapped_region_round_trip() {
 /// memory grows), and the pages that stay must keep their bytes.
 #[test]
 fn partial_unmap_of_a_large_mapping_returns_memory_at_once() {
-    let Some((_lock, b)) = gpu() else { return };
+    let Some((_lock, b)) = gpu_with(per_page()) else {
+        return;
+    };
     let g = b.caps().granularity;
     let r = b.reserve(16 * g, Storage::Private, false).unwrap();
     let free_start = free_memory(&b);
@@ -267,6 +280,48 @@ fn partial_unmap_of_a_large_mapping_returns_memory_at_once() {
         free_end + g >= free_start,
         "free memory {free_end} after unmapping everything, {free_start} before mapping"
     );
+    b.release(&r).unwrap();
+}
+
+/// The default: one allocation per 16 MiB piece of a map call (its range cut at multiples of
+/// the block from the region's base), announced in the caps so that the engine unmaps whole
+/// pieces only; a piece unmapped goes back to the device at once, its neighbours keep their
+/// bytes.
+#[test]
+fn per_block_backs_each_piece_of_a_map_call_with_one_allocation() {
+    let Some((_lock, b)) = gpu() else { return };
+    let g = b.caps().granularity;
+    let block = b.caps().physical_block;
+    assert_eq!(b.options().physical, PhysicalGranularity::default());
+    assert_eq!(block, DEFAULT_PHYSICAL_BLOCK.div_ceil(g) * g);
+    let bp = block / g;
+    if bp < 2 {
+        println!("skipping: the VMM granularity {g} leaves one page per block");
+        return;
+    }
+    let half = bp / 2;
+    let r = b.reserve(4 * block, Storage::Private, false).unwrap();
+    let before = b.stats();
+    // From the middle of block 0 to the middle of block 2: three pieces, one access call.
+    b.map(&r, half * g, 2 * block).unwrap();
+    let s = b.stats();
+    assert_eq!(s.mem_create - before.mem_create, 3);
+    assert_eq!(s.mem_set_access - before.mem_set_access, 1);
+    assert_eq!((s.handles, s.mapped_bytes), (3, 2 * block));
+    write_pages(&b, &r, half, 2 * bp, 90);
+    let free_before = free_memory(&b);
+    b.unmap(&r, block, block).unwrap();
+    let s = b.stats();
+    assert_eq!((s.handles, s.held_bytes), (2, 0));
+    assert!(
+        free_memory(&b) + g >= free_before + block,
+        "the unmapped piece did not go back to the device"
+    );
+    assert_pages(&b, &r, half, bp - half, 90);
+    assert_pages(&b, &r, 2 * bp, half, 90);
+    b.unmap(&r, half * g, (bp - half) * g).unwrap();
+    b.unmap(&r, 2 * block, half * g).unwrap();
+    assert_eq!(b.stats().physical_bytes, 0);
     b.release(&r).unwrap();
 }
 
@@ -358,7 +413,9 @@ fn recreate_mode_replaces_the_rest_of_a_partly_unmapped_mapping() {
 /// mapped again.
 #[test]
 fn access_and_unmap_calls_are_batched() {
-    let Some((_lock, b)) = gpu() else { return };
+    let Some((_lock, b)) = gpu_with(per_page()) else {
+        return;
+    };
     let g = b.caps().granularity;
     let r = b.reserve(32 * g, Storage::Private, false).unwrap();
     let free_start = free_memory(&b);
@@ -602,7 +659,9 @@ fn out_of_memory_is_marked() {
 /// so far is unmapped and released again (about a second on an 80 GB device).
 #[test]
 fn out_of_memory_per_page_gives_everything_back() {
-    let Some((_lock, b)) = gpu() else { return };
+    let Some((_lock, b)) = gpu_with(per_page()) else {
+        return;
+    };
     let g = b.caps().granularity;
     let free_start = free_memory(&b);
     let too_much = (b.memory_info().total + g).next_multiple_of(g);
@@ -697,6 +756,7 @@ fn every_device() {
 #[test]
 fn map_unmap_cost() {
     let modes = [
+        PhysicalGranularity::default(),
         PhysicalGranularity::PerPage,
         PhysicalGranularity::PerMap(PartialUnmap::Defer),
     ];
@@ -734,14 +794,16 @@ fn map_unmap_cost() {
     }
 }
 
-/// Random map/unmap sequences on the device, with each physical granularity: the driver
-/// accepts every call the page table makes, every mapped page keeps its bytes (except with
-/// `Recreate`), and one handle per page never holds memory.
+/// Random map/unmap sequences on the device, with each physical granularity (partial unmaps
+/// of pieces included, which the engine never makes): the driver accepts every call the page
+/// table makes, every mapped page keeps its bytes (except with `Recreate`), and one handle
+/// per page never holds memory.
 #[test]
 fn random_map_unmap_sequences() {
     const N: usize = 32;
     const PROBE: usize = 4096;
     let modes = [
+        PhysicalGranularity::default(),
         PhysicalGranularity::PerPage,
         PhysicalGranularity::PerMap(PartialUnmap::Defer),
         PhysicalGranularity::PerMap(PartialUnmap::Recreate),

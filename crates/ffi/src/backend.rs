@@ -157,7 +157,8 @@ impl BackendChoice {
 
 /// CUDA backend options from the environment, for diagnosis:
 /// `BUFFERHEAP_CUDA_SYNC_UNMAP=1` synchronises the device before every unmap, and
-/// `BUFFERHEAP_CUDA_PHYSICAL=per_map` backs each map call with one physical allocation.
+/// `BUFFERHEAP_CUDA_PHYSICAL` chooses the physical allocations behind a map call: `per_block`
+/// (the default: one per 16 MiB piece), `per_page` or `per_map` (one per call).
 fn cuda_options() -> Result<CudaOptions, String> {
     let mut options = CudaOptions::default();
     if let Ok(v) = std::env::var("BUFFERHEAP_CUDA_SYNC_UNMAP") {
@@ -173,11 +174,12 @@ fn cuda_options() -> Result<CudaOptions, String> {
     }
     if let Ok(v) = std::env::var("BUFFERHEAP_CUDA_PHYSICAL") {
         options.physical = match v.trim() {
+            "per_block" => PhysicalGranularity::default(),
             "per_page" => PhysicalGranularity::PerPage,
             "per_map" => PhysicalGranularity::PerMap(PartialUnmap::Defer),
             other => {
                 return Err(format!(
-                    "bufferheap: invalid BUFFERHEAP_CUDA_PHYSICAL {other:?} (expected per_page or per_map)"
+                    "bufferheap: invalid BUFFERHEAP_CUDA_PHYSICAL {other:?} (expected per_block, per_page or per_map)"
                 ));
             }
         };

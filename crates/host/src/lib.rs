@@ -155,6 +155,8 @@ impl Backend for HostBackend {
             unified_memory: self.unified,
             page_mapping: true,
             granularity: self.granularity,
+            // mprotect changes any page on its own.
+            physical_block: self.granularity,
             max_buffer_size: self.total,
         }
     }

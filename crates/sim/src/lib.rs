@@ -3,8 +3,9 @@
 //! It models a discrete device of a given size with page mapping, so the engine can replay a
 //! real training trace at full scale on any machine and count exactly what it would reserve,
 //! map and unmap. It also checks the backend contract the engine must keep: a map of a page
-//! already mapped, an unmap of a page not mapped, a range outside its region or unaligned, or
-//! a release of an unknown region is an error (the tests rely on this to catch engine bugs).
+//! already mapped, an unmap of a page not mapped or of part of an earlier map call's range, a
+//! range outside its region or unaligned, or a release of an unknown region is an error (the
+//! tests rely on this to catch engine bugs).
 //!
 //! Invariants: regions never overlap (addresses are handed out by a bump pointer and never
 //! reused); `held` = committed regions + mapped pages and never exceeds `total`; events
@@ -12,7 +13,7 @@
 //! [`SimBackend::complete_events`] is called or when waited on.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,6 +30,9 @@ pub struct SimCounters {
     pub releases: u64,
     pub maps: u64,
     pub unmaps: u64,
+    /// Physical allocations the maps would make on a device backing each piece of a map call
+    /// (see [`SimBackend::with_physical_block`]) with one.
+    pub allocations: u64,
     pub events_recorded: u64,
     /// Bytes held now (committed regions + mapped pages).
     pub held: usize,
@@ -41,6 +45,8 @@ struct SimRegion {
     size: usize,
     committed: bool,
     mapped: BTreeSet<usize>,
+    /// The pieces of the map calls still mapped: first page -> pages.
+    mappings: BTreeMap<usize, usize>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +62,7 @@ struct SimState {
 pub struct SimBackend {
     total: usize,
     granularity: usize,
+    physical_block: usize,
     page_mapping: bool,
     manual_events: bool,
     state: Mutex<SimState>,
@@ -79,13 +86,17 @@ impl SimEvent {
 
 /// Default page size: NVIDIA's VMM granularity.
 pub const DEFAULT_GRANULARITY: usize = 2 << 20;
+/// Default piece of a map call backed by one physical allocation: the CUDA backend's.
+pub const DEFAULT_PHYSICAL_BLOCK: usize = 16 << 20;
 
 impl SimBackend {
-    /// A device of `total` bytes with 2 MiB pages and page mapping.
+    /// A device of `total` bytes with 2 MiB pages and page mapping, each map call backed by
+    /// one physical allocation per 16 MiB block it touches (as the CUDA backend does).
     pub fn new(total: usize) -> SimBackend {
         SimBackend {
             total,
             granularity: DEFAULT_GRANULARITY,
+            physical_block: DEFAULT_PHYSICAL_BLOCK,
             page_mapping: true,
             manual_events: false,
             state: Mutex::new(SimState {
@@ -102,6 +113,21 @@ impl SimBackend {
     pub fn with_granularity(mut self, granularity: usize) -> SimBackend {
         self.granularity = granularity;
         self
+    }
+
+    /// Sets the physical block (see [`BackendCaps::physical_block`]): unmaps must cover whole
+    /// pieces of map calls cut at its multiples. `usize::MAX`: whole map calls.
+    pub fn with_physical_block(mut self, bytes: usize) -> SimBackend {
+        self.physical_block = bytes;
+        self
+    }
+
+    /// The physical block in bytes: a whole number of pages (at least one), or `usize::MAX`.
+    fn block(&self) -> usize {
+        match self.physical_block {
+            usize::MAX => usize::MAX,
+            b => b.div_ceil(self.granularity).max(1) * self.granularity,
+        }
     }
 
     /// Turns page mapping off: every region is committed when reserved.
@@ -158,6 +184,7 @@ impl Backend for SimBackend {
             unified_memory: false,
             page_mapping: self.page_mapping,
             granularity: self.granularity,
+            physical_block: self.block(),
             max_buffer_size: self.total,
         }
     }
@@ -198,6 +225,7 @@ impl Backend for SimBackend {
                 size,
                 committed: mapped,
                 mapped: BTreeSet::new(),
+                mappings: BTreeMap::new(),
             },
         );
         st.counters.reserves += 1;
@@ -260,6 +288,15 @@ impl Backend for SimBackend {
         }
         let r = st.regions.get_mut(&region.handle).expect("checked above");
         r.mapped.extend(offset / g..(offset + len) / g);
+        let block = (self.block() / g).max(1);
+        let (mut p, end, mut pieces) = (offset / g, (offset + len) / g, 0);
+        while p < end {
+            let piece_end = (p - p % block).saturating_add(block).min(end);
+            r.mappings.insert(p, piece_end - p);
+            pieces += 1;
+            p = piece_end;
+        }
+        st.counters.allocations += pieces;
         st.counters.maps += 1;
         add_held(&mut st.counters, len);
         Ok(())
@@ -279,9 +316,27 @@ impl Backend for SimBackend {
                 format!("page in [{offset:#x}, +{len:#x}) is not mapped"),
             ));
         }
+        let (first, end) = (offset / g, (offset + len) / g);
+        let mut p = first;
+        while p < end {
+            match r.mappings.get(&p) {
+                Some(&pages) => p += pages,
+                None => break,
+            }
+        }
+        if p != end {
+            return Err(BackendError::new(
+                BackendOp::Unmap,
+                format!("[{offset:#x}, +{len:#x}) covers part of a piece of an earlier map call"),
+            ));
+        }
         let r = st.regions.get_mut(&region.handle).expect("checked above");
-        for p in offset / g..(offset + len) / g {
+        for p in first..end {
             r.mapped.remove(&p);
+        }
+        let whole: Vec<usize> = r.mappings.range(first..end).map(|(&p, _)| p).collect();
+        for p in whole {
+            r.mappings.remove(&p);
         }
         st.counters.unmaps += 1;
         st.counters.held -= len;
@@ -327,5 +382,33 @@ impl Backend for SimBackend {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmaps_must_cover_whole_pieces_of_map_calls() {
+        let g = DEFAULT_GRANULARITY;
+        let sim = SimBackend::new(1 << 30).with_physical_block(4 * g);
+        assert_eq!(sim.caps().physical_block, 4 * g);
+        let r = sim.reserve(16 * g, Storage::Private, false).unwrap();
+        // Pages [2, 10) cut at multiples of 4 pages: [2, 4), [4, 8), [8, 10).
+        sim.map(&r, 2 * g, 8 * g).unwrap();
+        assert_eq!((sim.counters().maps, sim.counters().allocations), (1, 3));
+        assert!(sim.unmap(&r, 4 * g, 2 * g).is_err(), "half a piece");
+        assert!(sim.unmap(&r, 3 * g, 5 * g).is_err(), "a piece and a half");
+        sim.unmap(&r, 4 * g, 4 * g).unwrap();
+        sim.unmap(&r, 8 * g, 2 * g).unwrap();
+        sim.unmap(&r, 2 * g, 2 * g).unwrap();
+        assert_eq!(sim.counters().held, 0);
+        // Whole map calls when the block is unbounded.
+        let sim = SimBackend::new(1 << 30).with_physical_block(usize::MAX);
+        let r = sim.reserve(16 * g, Storage::Private, false).unwrap();
+        sim.map(&r, 0, 12 * g).unwrap();
+        assert!(sim.unmap(&r, 0, 8 * g).is_err());
+        sim.unmap(&r, 0, 12 * g).unwrap();
     }
 }

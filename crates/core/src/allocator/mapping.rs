@@ -69,7 +69,8 @@ impl<B: Backend> State<B> {
         };
         let id = self.next_heap_id;
         self.next_heap_id += 1;
-        let pages = paged.then(|| Pages::new(size, self.caps.granularity));
+        let pages =
+            paged.then(|| Pages::new(size, self.caps.granularity, self.caps.physical_block));
         let pool = &mut self.pools[p as usize];
         let h = pool.add_heap(id, region, split, pages);
         let reserved = pool.heap(h).reserved_bytes() as u64;
@@ -388,11 +389,11 @@ impl<B: Backend> State<B> {
             let r = self.retiring.swap_remove(i);
             let g = self.caps.granularity;
             let pool = &mut self.pools[r.pool as usize];
-            let still_idle = match pool.heap_mut(r.heap).pages.as_mut() {
+            let (still_idle, voided) = match pool.heap_mut(r.heap).pages.as_mut() {
                 Some(pages) => pages.take_retired(r.run, r.ticket),
-                None => Vec::new(),
+                None => (Vec::new(), 0),
             };
-            pool.retiring -= still_idle.iter().map(|run| run.1 * g).sum::<usize>();
+            pool.retiring -= (still_idle.iter().map(|run| run.1).sum::<usize>() + voided) * g;
             for run in still_idle {
                 self.unmap_run(backend, r.pool, r.heap, run, notes)?;
             }
