@@ -454,9 +454,10 @@ fn access_and_unmap_calls_are_batched() {
 
 #[test]
 fn sync_before_unmap_synchronises_once_per_unmap() {
+    // One allocation per page, so that each unmap below reaches the driver.
     let options = CudaOptions {
         sync_before_unmap: true,
-        ..CudaOptions::default()
+        ..per_page()
     };
     let Some((_lock, b)) = gpu_with(options) else {
         return;
