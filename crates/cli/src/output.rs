@@ -174,6 +174,7 @@ mod tests {
                 map_calls: 0,
                 unmap_calls: 0,
                 map_unmap_per_1000_allocs: 0.0,
+                physical_allocs: 0,
                 alloc_retries: 0,
                 orphan_frees: 2,
                 unknown_actions: 0,

@@ -106,6 +106,7 @@ fn json_has_every_key_and_the_traces_peak_live_for_both_policies() {
             "map_calls",
             "unmap_calls",
             "map_unmap_per_1000_allocs",
+            "physical_allocs",
             "alloc_retries",
             "orphan_frees",
             "unknown_actions",

@@ -150,13 +150,15 @@ impl Pages {
     }
 
     /// Records a run mapped with one call: its extents, cut at multiples of `block` pages.
-    pub fn mark_mapped(&mut self, (first, n): PageRun, now: u64) {
-        let mut p = first;
+    /// Returns how many extents it made.
+    pub fn mark_mapped(&mut self, (first, n): PageRun, now: u64) -> usize {
+        let (mut p, mut extents) = (first, 0);
         while p < first + n {
             let end = (p - p % self.block)
                 .saturating_add(self.block)
                 .min(first + n);
             self.extent[p] = (end - p) as u32;
+            extents += 1;
             p = end;
         }
         for p in first..first + n {
@@ -168,6 +170,7 @@ impl Pages {
             }
         }
         self.mapped_pages += n;
+        extents
     }
 
     /// Records that a run of idle pages was unmapped. Returns how many of them were retiring:

@@ -71,6 +71,9 @@ pub struct Stats {
     pub num_map_calls: u64,
     /// Page unmap calls.
     pub num_unmap_calls: u64,
+    /// Physical allocations behind the page maps: a map call counts one per piece of
+    /// `BackendCaps::physical_block` it spans (what the driver is charged for on CUDA).
+    pub num_physical_allocs: u64,
     /// Times the engine waited on every pending event (a full synchronisation).
     pub num_sync_all_streams: u64,
     /// Times the engine blocked the calling thread until the device caught up (any wait on
@@ -149,6 +152,7 @@ impl Stats {
             ("num_device_free", self.num_device_free),
             ("num_map_calls", self.num_map_calls),
             ("num_unmap_calls", self.num_unmap_calls),
+            ("num_physical_allocs", self.num_physical_allocs),
             ("num_sync_all_streams", self.num_sync_all_streams),
             ("num_device_waits", self.num_device_waits),
             ("device_wait_us", self.device_wait_us),

@@ -112,6 +112,9 @@ pub struct ReplayReport {
     pub map_calls: u64,
     pub unmap_calls: u64,
     pub map_unmap_per_1000_allocs: f64,
+    /// Physical allocations behind the page maps (one per piece of the backend's physical
+    /// block each map spans): the driver's cost on CUDA.
+    pub physical_allocs: u64,
     pub alloc_retries: u64,
     /// Frees of addresses the replay never saw allocated (counted, skipped).
     pub orphan_frees: u64,
@@ -354,6 +357,7 @@ fn run<B: Backend>(
         } else {
             (stats.num_map_calls + stats.num_unmap_calls) as f64 * 1000.0 / allocs as f64
         },
+        physical_allocs: stats.num_physical_allocs,
         alloc_retries: stats.num_alloc_retries,
         orphan_frees,
         unknown_actions: unknown,

@@ -163,9 +163,10 @@ impl<B: Backend> State<B> {
         }
         let clock = self.clock();
         let pool = &mut self.pools[p as usize];
-        if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
-            pages.mark_mapped(run, clock);
-        }
+        let extents = match pool.heap_mut(h).pages.as_mut() {
+            Some(pages) => pages.mark_mapped(run, clock),
+            None => 1,
+        };
         let bytes = run.1 * g;
         pool.reserved += bytes;
         let sg = pool.kind.stat_group();
@@ -173,6 +174,7 @@ impl<B: Backend> State<B> {
             self.stats.reserved_bytes[i].add(bytes as u64);
         }
         self.stats.num_map_calls += 1;
+        self.stats.num_physical_allocs += extents as u64;
         self.stats.num_device_alloc += 1;
         let (base, stream) = (
             self.pools[p as usize].heap(h).region.base,
