@@ -50,6 +50,24 @@ pub struct BackendCaps {
     pub max_buffer_size: usize,
 }
 
+/// The pieces of a map call's range `[start, end)`: the range cut at multiples of `block`
+/// (see [`BackendCaps::physical_block`]), as `(start, end)` pairs in address order. Any unit
+/// works (bytes or pages) as long as all three are in it; `usize::MAX` never cuts.
+pub fn physical_pieces(
+    start: usize,
+    end: usize,
+    block: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    let mut p = start;
+    std::iter::from_fn(move || {
+        (p < end).then(|| {
+            let piece = (p, (p - p % block).saturating_add(block).min(end));
+            p = piece.1;
+            piece
+        })
+    })
+}
+
 /// A range of addresses obtained from a backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {

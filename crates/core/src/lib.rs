@@ -40,7 +40,7 @@ pub use allocator::{
 };
 pub use backend::{
     Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
-    check_page_range,
+    check_page_range, physical_pieces,
 };
 pub use callbacks::{Callback, CallbackEvent};
 pub use config::{Config, Policy};

@@ -152,14 +152,10 @@ impl Pages {
     /// Records a run mapped with one call: its extents, cut at multiples of `block` pages.
     /// Returns how many extents it made.
     pub fn mark_mapped(&mut self, (first, n): PageRun, now: u64) -> usize {
-        let (mut p, mut extents) = (first, 0);
-        while p < first + n {
-            let end = (p - p % self.block)
-                .saturating_add(self.block)
-                .min(first + n);
-            self.extent[p] = (end - p) as u32;
+        let mut extents = 0;
+        for (start, end) in crate::backend::physical_pieces(first, first + n, self.block) {
+            self.extent[start] = (end - start) as u32;
             extents += 1;
-            p = end;
         }
         for p in first..first + n {
             debug_assert!(!self.mapped[p]);

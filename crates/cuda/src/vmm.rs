@@ -236,18 +236,8 @@ impl PageTable {
     /// The allocations that back the unbacked run `[s, e)`: one per page, per block, or one
     /// for the run.
     fn pieces(&self, s: usize, e: usize) -> Vec<(usize, usize)> {
-        let block = match self.mode {
-            PhysicalGranularity::PerMap(_) => return vec![(s, e)],
-            mode => physical_block(mode, self.granularity),
-        };
-        let mut out = Vec::new();
-        let mut p = s;
-        while p < e {
-            let end = (p - p % block + block).min(e);
-            out.push((p, end));
-            p = end;
-        }
-        out
+        bufferheap_core::physical_pieces(s, e, physical_block(self.mode, self.granularity))
+            .collect()
     }
 
     /// Commits pages to `[offset, offset + len)`. Each unbacked run of the range gets its

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bufferheap_core::{
     Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
-    check_page_range,
+    check_page_range, physical_pieces,
 };
 use parking_lot::Mutex;
 
@@ -289,12 +289,10 @@ impl Backend for SimBackend {
         let r = st.regions.get_mut(&region.handle).expect("checked above");
         r.mapped.extend(offset / g..(offset + len) / g);
         let block = (self.block() / g).max(1);
-        let (mut p, end, mut pieces) = (offset / g, (offset + len) / g, 0);
-        while p < end {
-            let piece_end = (p - p % block).saturating_add(block).min(end);
-            r.mappings.insert(p, piece_end - p);
+        let mut pieces = 0;
+        for (first, end) in physical_pieces(offset / g, (offset + len) / g, block) {
+            r.mappings.insert(first, end - first);
             pieces += 1;
-            p = piece_end;
         }
         st.counters.allocations += pieces;
         st.counters.maps += 1;

@@ -40,6 +40,18 @@ pub(crate) struct Epochs<E> {
     pending: std::collections::VecDeque<(u64, E)>,
 }
 
+/// Blocks until `event` completes unless it has already; true if it really waited.
+pub(crate) fn wait_if_pending<B: Backend>(
+    backend: &B,
+    event: &B::Event,
+) -> std::result::Result<bool, crate::backend::BackendError> {
+    if matches!(backend.event_complete(event), Ok(true)) {
+        return Ok(false);
+    }
+    backend.wait_event(event)?;
+    Ok(true)
+}
+
 impl<B: Backend> State<B> {
     // ---- heaps and pages -----------------------------------------------------------------
 
@@ -267,9 +279,8 @@ impl<B: Backend> State<B> {
     /// idle pages can be unmapped at once, and unmaps what was retiring there.
     pub fn quiesce(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
         let event = backend.record_event(self.pools[p as usize].stream)?;
-        if !matches!(backend.event_complete(&event), Ok(true)) {
-            let start = std::time::Instant::now();
-            backend.wait_event(&event)?;
+        let start = std::time::Instant::now();
+        if wait_if_pending(backend, &event)? {
             self.stats.note_device_wait(start);
         }
         self.process_retiring(backend, Some(p), notes)
@@ -360,10 +371,7 @@ impl<B: Backend> State<B> {
         let start = std::time::Instant::now();
         let mut waited = false;
         for r in self.retiring.iter().filter(|r| r.pool == p) {
-            if !matches!(backend.event_complete(&r.event), Ok(true)) {
-                backend.wait_event(&r.event)?;
-                waited = true;
-            }
+            waited |= wait_if_pending(backend, &r.event)?;
         }
         if waited {
             self.stats.note_device_wait(start);

@@ -564,12 +564,16 @@ impl<B: Backend> State<B> {
             let rec = &mut self.records[slot as usize];
             rec.record_missing_events(backend);
             let events = &mut rec.events;
-            events.retain(|e| {
-                if matches!(backend.event_complete(e), Ok(true)) {
-                    return false;
+            // A wait that fails keeps its event (it was still a try at blocking).
+            events.retain(|e| match super::mapping::wait_if_pending(backend, e) {
+                Ok(w) => {
+                    waited |= w;
+                    false
                 }
-                waited = true;
-                backend.wait_event(e).is_err()
+                Err(_) => {
+                    waited = true;
+                    true
+                }
             });
         }
         if waited {
