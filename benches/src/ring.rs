@@ -218,6 +218,9 @@ pub struct PassProfile {
     pub placed: u64,
     pub device_allocs: u64,
     pub device_frees: u64,
+    /// Peaks over the warm-up and the pass: bytes reserved, and bytes in use.
+    pub reserved_peak: u64,
+    pub allocated_peak: u64,
 }
 
 impl PassProfile {
@@ -259,6 +262,8 @@ pub fn profile_pass<B: Backend>(a: &Allocator<B>, ring: &mut Ring) -> PassProfil
         placed: placed.load(Ordering::Relaxed),
         device_allocs: after.num_device_alloc - before.num_device_alloc,
         device_frees: after.num_device_free - before.num_device_free,
+        reserved_peak: after.reserved_bytes[0].peak,
+        allocated_peak: after.allocated_bytes[0].peak,
     }
 }
 

@@ -6,6 +6,7 @@
 //!
 //!     hotpath [--backend host|sim] [--policy default|mps] [--scenario small|medium|large|all]
 //!             [--threads T] [--own-allocators] [--repeats R] [--steps N] [--no-profile]
+//!             [--front-cache BYTES] [--unmap-rate-limit R]
 //!
 //! With `--threads T`, T threads each run their own ring at once (started together for each
 //! pass) on one shared allocator; with `--own-allocators`, each thread has an allocator of
@@ -98,9 +99,10 @@ where
         let prof = profile_pass(&a, &mut ring);
         ring.clear(&a);
         format!(
-            "  recycled {:>5.1}%  backend calls/1000 steps {:>6.2}",
+            "  recycled {:>5.1}%  backend calls/1000 steps {:>6.2}  peak reserved/allocated {:.3}",
             100.0 * prof.recycled_fraction(),
-            (prof.device_allocs + prof.device_frees) as f64 * 1000.0 / prof.steps as f64
+            (prof.device_allocs + prof.device_frees) as f64 * 1000.0 / prof.steps as f64,
+            prof.reserved_peak as f64 / prof.allocated_peak.max(1) as f64
         )
     } else {
         String::new()
@@ -131,6 +133,11 @@ fn main() {
             &args,
             "--front-cache",
             bufferheap_core::Config::default().front_cache_bytes,
+        ),
+        unmap_rate_limit: flag(
+            &args,
+            "--unmap-rate-limit",
+            bufferheap_core::Config::default().unmap_rate_limit,
         ),
         ..bufferheap_core::Config::default()
     };

@@ -77,10 +77,13 @@ fn a_churning_pool_loosens_its_budget_until_the_unmaps_stop() {
     );
     assert_eq!(large_pool_scale(&fixed), 1, "a limit of 0 keeps the budget");
 
-    let adaptive = engine(2.0);
+    // The default configuration has the feedback on.
+    let limit = Config::default().unmap_rate_limit;
+    assert!(limit > 0.0, "the churn feedback is on by default");
+    let adaptive = engine(limit);
     let (rate, peak_in_use) = ring(&adaptive, steps, &mut Rng(7));
     assert!(
-        rate <= 2.0,
+        rate <= limit,
         "{rate:.2} unmaps per 1000 allocations once the budget adapted (fixed: {fixed_rate:.2})"
     );
     let scale = large_pool_scale(&adaptive);

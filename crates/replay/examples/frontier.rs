@@ -1,6 +1,8 @@
 //! The fragmentation / map-call frontier of the default policy on the shipped traces: one row
 //! per setting of the reserved-bytes budget (`idle_page_fraction`) and of the burst chunk
-//! (`map_chunk`), plus "never unmap" and the seed's `mps` policy for reference.
+//! (`map_chunk`), plus "never unmap" and the seed's `mps` policy for reference. The churn
+//! feedback (`unmap_rate_limit`) is off in these rows; at the default budget neither trace
+//! unmaps, so it changes nothing there.
 //!
 //! `cargo run --release -p bufferheap-replay --example frontier`
 
@@ -21,6 +23,9 @@ fn main() {
             let config = Config {
                 idle_page_fraction: fraction,
                 map_chunk: chunk_mib << 20,
+                // The budget alone: with the churn feedback on, a tight budget that keeps
+                // unmapping loosens itself, and the row would no longer show that budget.
+                unmap_rate_limit: 0.0,
                 ..Config::default()
             };
             let mark = if fraction == defaults.idle_page_fraction
