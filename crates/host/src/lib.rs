@@ -44,6 +44,8 @@ struct HostState {
 pub struct HostBackend {
     total: usize,
     granularity: usize,
+    /// What the engine is told it may unmap at least (see [`HostBackend::with_physical_block`]).
+    physical_block: usize,
     unified: bool,
     state: Mutex<HostState>,
 }
@@ -93,6 +95,7 @@ impl HostBackend {
         HostBackend {
             total,
             granularity: DEFAULT_GRANULARITY,
+            physical_block: DEFAULT_GRANULARITY,
             unified: true,
             state: Mutex::new(HostState {
                 next_handle: 1,
@@ -106,6 +109,15 @@ impl HostBackend {
     /// memory takes the same decisions as on the simulated device.
     pub fn discrete(mut self) -> HostBackend {
         self.unified = false;
+        self
+    }
+
+    /// Announces a physical block (see [`BackendCaps::physical_block`]) of `bytes`: the engine
+    /// then unmaps only whole pieces of its map calls, as it does on a device that backs each
+    /// piece with one allocation, so that a replay on host memory takes that device's
+    /// decisions. Host pages themselves can be unmapped one by one whatever this says.
+    pub fn with_physical_block(mut self, bytes: usize) -> HostBackend {
+        self.physical_block = bytes;
         self
     }
 
@@ -155,8 +167,9 @@ impl Backend for HostBackend {
             unified_memory: self.unified,
             page_mapping: true,
             granularity: self.granularity,
-            // mprotect changes any page on its own.
-            physical_block: self.granularity,
+            // mprotect changes any page on its own; a larger block is announced only to take
+            // the decisions of a device that allocates whole pieces.
+            physical_block: self.physical_block,
             max_buffer_size: self.total,
         }
     }
@@ -393,6 +406,20 @@ mod tests {
         assert!(b.map(&r, 1, g).is_err());
         b.release(&r).unwrap();
         assert!(b.release(&r).is_err());
+    }
+
+    #[test]
+    fn a_physical_block_is_announced_not_enforced() {
+        let g = DEFAULT_GRANULARITY;
+        let b = HostBackend::with_memory(1 << 30).with_physical_block(8 * g);
+        assert_eq!(b.caps().physical_block, 8 * g);
+        assert_eq!(HostBackend::with_memory(1 << 30).caps().physical_block, g);
+        let r = b.reserve(8 * g, Storage::Private, false).unwrap();
+        b.map(&r, 0, 8 * g).unwrap();
+        // The host still unmaps any page on its own.
+        b.unmap(&r, 2 * g, g).unwrap();
+        assert_eq!(b.held(), 7 * g);
+        b.release(&r).unwrap();
     }
 
     #[test]

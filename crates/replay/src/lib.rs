@@ -213,7 +213,9 @@ pub fn replay(
         }
         BackendKind::Host => {
             let a = Allocator::new(
-                HostBackend::with_memory(options.device_memory).discrete(),
+                HostBackend::with_memory(options.device_memory)
+                    .discrete()
+                    .with_physical_block(bufferheap_sim::DEFAULT_PHYSICAL_BLOCK),
                 config,
             )
             .map_err(engine)?;
