@@ -100,3 +100,21 @@ fn default_policy_reserves_less_than_expandable_segments() {
         );
     }
 }
+
+#[test]
+fn a_second_gpt2_recording_stays_below_expandable_segments() {
+    // The bench's GPT-2 workload recorded on an H100 (traces/recorded/README.md): a run other
+    // than the shipped one, where expandable segments reserved 1.010 of the peak allocated.
+    let r = run(
+        &trace("recorded/gpt2_bench_h100.pkl.gz"),
+        Policy::Default,
+        BackendKind::Sim,
+    );
+    assert_eq!(r.peak_live_bytes, 14_417_664_512);
+    assert!(r.reserved_over_live < 1.010, "{}", r.reserved_over_live);
+    assert!(
+        r.map_unmap_per_1000_allocs <= 5.0,
+        "{} map+unmap calls per 1000 allocations",
+        r.map_unmap_per_1000_allocs
+    );
+}
