@@ -77,6 +77,19 @@ impl PoolKind {
             PoolKind::Scalar => 3,
         }
     }
+
+    /// The group a buffer of `size` (rounded) bytes in a pool of this kind counts under:
+    /// small buffers (up to [`crate::cache::SMALL_LIMIT`]) count as `small_pool` wherever
+    /// they live, since a page-mapped private pool holds buffers of every size. Heaps and
+    /// their reserved bytes count under the pool's own group ([`PoolKind::stat_group`]).
+    pub fn buffer_group(self, size: usize) -> usize {
+        match self {
+            PoolKind::PrivateLarge | PoolKind::SharedLarge if size <= crate::cache::SMALL_LIMIT => {
+                1
+            }
+            _ => self.stat_group(),
+        }
+    }
 }
 
 /// One region from the backend, sub-allocated by the pool.

@@ -135,9 +135,11 @@ fn grow_past_old_idle_pages(complete: bool, earlier_peak: bool) -> (u64, usize, 
     )
     .unwrap();
     if earlier_peak {
-        // In the small pool, so the large pool's own budget stays as it is.
-        let small: Vec<_> = (0..400).map(|_| a.alloc(MIB).unwrap().unwrap()).collect();
-        for b in small {
+        // In another stream's pool, so the default stream's own budget stays as it is.
+        let other: Vec<_> = (0..400)
+            .map(|_| a.alloc_on(MIB, 7).unwrap().unwrap())
+            .collect();
+        for b in other {
             a.free(b.ptr).unwrap();
         }
         a.empty_cache().unwrap();

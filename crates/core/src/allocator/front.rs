@@ -632,7 +632,7 @@ impl<B: Backend> State<B> {
         let (size, pool) = (rec.size, rec.pool);
         let kind = self.pools[pool as usize].kind;
         if rec.state != BufState::Cached
-            || kind.stat_group() != GROUPS[1]
+            || kind.buffer_group(size) != GROUPS[1]
             || size > largest_delegated(capacity)
         {
             return;

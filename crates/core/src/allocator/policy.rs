@@ -101,16 +101,16 @@ impl<B: Backend> State<B> {
             self.recycle(slot, requested, notes);
             return Ok(Some(slot));
         }
-        // A cached buffer at most 1/REUSE_SLACK_DIV larger (1/SMALL_SLACK_DIV in small pools)
-        // serves too: a size seen again with
-        // a little variation is recycled rather than placed anew (its slack is counted as in
-        // use, and bounded).
+        // A cached buffer at most 1/REUSE_SLACK_DIV larger (1/SMALL_SLACK_DIV for small
+        // buffers) serves too: a size seen again with a little variation is recycled rather
+        // than placed anew (its slack is counted as in use, and bounded).
+        let small = size <= crate::cache::SMALL_LIMIT;
         let pool = &mut self.pools[p as usize];
         if let Some(found) = pool.cache.smallest_at_least(size)
             && found
                 <= size
                     + size
-                        / if pool.kind.is_small() {
+                        / if small {
                             SMALL_SLACK_DIV
                         } else {
                             REUSE_SLACK_DIV
@@ -129,11 +129,11 @@ impl<B: Backend> State<B> {
             }
             self.trim_stale_pages(backend, p, notes)?;
         }
-        // A miss. In large pools, cached buffers go back to heap space first, so placement
+        // A miss. For a large buffer, cached buffers go back to heap space first, so placement
         // sees every free byte coalesced (a cached buffer left in place would split the space
         // around it, and large buffers are what fragmentation is made of). Small buffers share
-        // pages by the hundred: there, free space is tried first and the cache kept warm.
-        if !self.pools[p as usize].kind.is_small() {
+        // pages by the hundred: for them, free space is tried first and the cache kept warm.
+        if !small {
             self.dissolve_cache(p);
         } else if let Some(slot) = self.place_mapped(p, size, requested, notes) {
             return Ok(Some(slot));
@@ -248,7 +248,16 @@ impl<B: Backend> State<B> {
             }
             let pool = &self.pools[p as usize];
             let headroom = budget.saturating_sub(pool.reserved - pool.retiring + need) / g;
-            let extra = burst_pages.saturating_sub(1).min(headroom);
+            // Only growth past the most the pool ever placed maps ahead: there the pool climbs
+            // into new ground and the next buffers will need pages too. Below that peak it is
+            // filling a layout it had before, and pages mapped ahead would be idle pages
+            // raising the peak of reserved bytes.
+            let climbing = pool.placed + size >= pool.peak_placed;
+            let extra = if climbing {
+                burst_pages.saturating_sub(1).min(headroom)
+            } else {
+                0
+            };
             if extra > 0 {
                 runs = pages_of(self, p, h).unmapped_runs(off, size, need / g + extra);
                 need = runs.iter().map(|r| r.1 * g).sum();
