@@ -80,7 +80,7 @@ impl PoolKind {
 
     /// The group a buffer of `size` (rounded) bytes in a pool of this kind counts under:
     /// small buffers (up to [`crate::cache::SMALL_LIMIT`]) count as `small_pool` wherever
-    /// they live, since a page-mapped private pool holds buffers of every size. Heaps and
+    /// they live, since a page-mapped large private pool holds small buffers too. Heaps and
     /// their reserved bytes count under the pool's own group ([`PoolKind::stat_group`]).
     pub fn buffer_group(self, size: usize) -> usize {
         match self {

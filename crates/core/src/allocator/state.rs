@@ -107,11 +107,12 @@ pub(crate) fn one_private_range(policy: Policy, caps: &BackendCaps) -> bool {
 }
 
 /// Private buffers up to this size keep a small pool of their own even where the others
-/// share one range (see [`select_kind`]): they are the most numerous, many live as long as
-/// the model, and spread into the large range they keep its physical pieces from ever going
-/// idle whole. Measured on the replays (GPT-2 recorded twice, ResNet-50): sharing the range
-/// from 16 KiB up improves all three; sharing it for every size improves the shipped traces
-/// but makes a second GPT-2 recording and the live run on a GPU reserve more.
+/// share one range (see [`select_kind`]): they are the most numerous, and spread through
+/// the large range they keep its physical pieces from going idle whole. Measured on the
+/// replays (GPT-2 recorded twice, ResNet-50): sharing the range from 16 KiB up improves all
+/// three; sharing it for every size improves the shipped traces but makes a second GPT-2
+/// recording, and the live run on a GPU, reserve more. It is also the largest size threads'
+/// front caches hold, so what they keep stays out of the large range.
 pub(crate) const TINY_LIMIT: usize = 16 << 10;
 
 /// The seed's pool selection (with its unified-memory rule for tiny tensors under `mps`),
