@@ -112,7 +112,7 @@ pub(crate) fn one_private_range(policy: Policy, caps: &BackendCaps) -> bool {
 /// replays (GPT-2 recorded twice, ResNet-50): sharing the range from 16 KiB up improves all
 /// three; sharing it for every size improves the shipped traces but makes a second GPT-2
 /// recording, and the live run on a GPU, reserve more. It is also the largest size threads'
-/// front caches hold, so what they keep stays out of the large range.
+/// front caches hold at their default capacity, so what they keep stays out of the large range.
 pub(crate) const TINY_LIMIT: usize = 16 << 10;
 
 /// The seed's pool selection (with its unified-memory rule for tiny tensors under `mps`),
