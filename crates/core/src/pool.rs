@@ -84,9 +84,7 @@ impl PoolKind {
     /// their reserved bytes count under the pool's own group ([`PoolKind::stat_group`]).
     pub fn buffer_group(self, size: usize) -> usize {
         match self {
-            PoolKind::PrivateLarge | PoolKind::SharedLarge if size <= crate::cache::SMALL_LIMIT => {
-                1
-            }
+            PoolKind::PrivateLarge if size <= crate::cache::SMALL_LIMIT => 1,
             _ => self.stat_group(),
         }
     }

@@ -2,8 +2,8 @@
 //!
 //! Private buffers above 16 KiB share one address range per stream, so small buffers fill
 //! the holes that large ones leave (pages already mapped) instead of mapping a second range;
-//! they still count as `small_pool` in the statistics. Tiny ones keep a pool of their own. A burst of growth maps ahead only
-//! while the pool climbs past the most it ever placed.
+//! they still count as `small_pool` in the statistics. Tiny ones keep a pool of their own.
+//! A burst of growth maps ahead only while the pool climbs past the most it ever placed.
 
 use bufferheap_core::{Allocator, Config, Policy, PoolKind};
 use bufferheap_sim::SimBackend;
