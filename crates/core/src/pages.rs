@@ -278,11 +278,13 @@ impl Pages {
         runs
     }
 
-    /// Idle pages to give back, at least `want_pages` where there are enough: whole runs of
+    /// Idle pages to give back, at least `want_pages` where there are enough: runs of
     /// neighbouring idle pages (one unmap call each), the runs idle the longest first (a run
-    /// idle since before the last peak is the one least likely to be needed again). Pages
-    /// idle for less than `min_age` ticks of `now`, and pages of `[keep_offset, +keep_len)`,
-    /// are never chosen.
+    /// idle since before the last peak is the one least likely to be needed again). The last
+    /// run needed goes only in part, its highest whole extents: unmapping a whole gigabyte
+    /// run to cover a few pages would make the pool map it again soon after and move its
+    /// layout. Pages idle for less than `min_age` ticks of `now`, and pages of
+    /// `[keep_offset, +keep_len)`, are never chosen.
     pub fn surplus_runs(
         &self,
         want_pages: usize,
@@ -299,7 +301,7 @@ impl Pages {
                 && self.retiring[p] == 0
                 && now.saturating_sub(self.idle_since[p]) >= min_age
         });
-        for (p, len, idle_since) in extents {
+        for &(p, len, idle_since) in &extents {
             match runs.last_mut() {
                 Some((first, n, newest)) if *first + *n == p => {
                     *n += len;
@@ -315,8 +317,26 @@ impl Pages {
             if got >= want_pages {
                 break;
             }
-            out.push((first, n));
-            got += n;
+            if got + n <= want_pages {
+                out.push((first, n));
+                got += n;
+                continue;
+            }
+            // The last run needed: only its highest extents, as many as make up the rest.
+            // Buffers land at the start of free ranges, so the low end is the part that
+            // is used again first.
+            let mut start = first + n;
+            for &(p, _, _) in extents.iter().rev() {
+                if p >= first + n {
+                    continue;
+                }
+                if p < first || got + (first + n - start) >= want_pages {
+                    break;
+                }
+                start = p;
+            }
+            out.push((start, first + n - start));
+            got += first + n - start;
         }
         out
     }
@@ -431,6 +451,22 @@ mod tests {
             vec![(8, 4), (0, 6)],
             "runs idle the longest come first"
         );
+    }
+
+    #[test]
+    fn a_run_larger_than_needed_gives_back_only_its_highest_whole_extents() {
+        let g = 4096;
+        let mut pages = Pages::new(32 * g, g, 4 * g);
+        // One idle run of 16 pages in extents of 4: (0, 4), (4, 4), (8, 4), (12, 4).
+        pages.mark_mapped((0, 16), 0);
+        assert_eq!(pages.surplus_runs(1, 0, 0, 10, 0), vec![(12, 4)]);
+        assert_eq!(pages.surplus_runs(5, 0, 0, 10, 0), vec![(8, 8)]);
+        assert_eq!(pages.surplus_runs(16, 0, 0, 10, 0), vec![(0, 16)]);
+        // With a second, older run taken whole first, the rest comes from the top of this one.
+        pages.mark_mapped((20, 4), 0);
+        pages.occupy(0, g);
+        pages.vacate(0, g, 3);
+        assert_eq!(pages.surplus_runs(6, 0, 0, 10, 0), vec![(20, 4), (12, 4)]);
     }
 
     #[test]
