@@ -200,8 +200,9 @@ pub(crate) struct Pool {
     pub placed: usize,
     /// The most bytes ever placed at once.
     pub peak_placed: usize,
-    /// Allocation clock of the last growth, and the pages the current burst maps at a time.
-    pub last_growth: u64,
+    /// Allocation clock of the last growth (none yet: the first growth is no burst's
+    /// continuation), and the pages the current burst maps at a time.
+    pub last_growth: Option<u64>,
     pub burst_pages: usize,
     /// Allocation clock of the last look for stale pages.
     pub last_stale_check: u64,
@@ -224,7 +225,7 @@ impl Pool {
             reserved: 0,
             placed: 0,
             peak_placed: 0,
-            last_growth: 0,
+            last_growth: None,
             burst_pages: 1,
             last_stale_check: 0,
             retiring: 0,

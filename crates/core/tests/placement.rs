@@ -3,7 +3,8 @@
 //! Private buffers above 16 KiB share one address range per stream, so small buffers fill
 //! the holes that large ones leave (pages already mapped) instead of mapping a second range;
 //! they still count as `small_pool` in the statistics. Tiny ones keep a pool of their own.
-//! A burst of growth maps ahead only while the pool climbs past the most it ever placed.
+//! A burst of growth maps ahead only while the pool climbs past the most it ever placed, and
+//! a pool's first growth is no burst.
 
 use bufferheap_core::{Allocator, Config, Policy, PoolKind};
 use bufferheap_sim::SimBackend;
@@ -118,7 +119,7 @@ fn growth_maps_ahead_only_past_the_placed_peak() {
     // Climbing from nothing, a burst maps ahead in doubling chunks.
     let fresh = sim(Config::default());
     assert!(
-        burst(&fresh, 3) > 6 * MIB,
+        burst(&fresh, 4) > 8 * MIB,
         "a burst past the placed peak should map ahead"
     );
 
@@ -129,5 +130,24 @@ fn growth_maps_ahead_only_past_the_placed_peak() {
     a.free(big.ptr).unwrap();
     a.empty_cache().unwrap();
     assert_eq!(a.usage().reserved, 0);
-    assert_eq!(burst(&a, 3), 6 * MIB, "mapped ahead below the placed peak");
+    assert_eq!(burst(&a, 4), 8 * MIB, "mapped ahead below the placed peak");
+}
+
+#[test]
+fn a_pools_first_growth_maps_only_what_its_buffer_needs() {
+    // The large pool grows first; a few allocations later the tiny pool grows for the first
+    // time. That is no burst of the tiny pool's: one page holds its 8 KiB.
+    let a = sim(Config {
+        front_cache_bytes: 0,
+        ..Config::default()
+    });
+    let large = a.alloc(4 * MIB).unwrap().unwrap();
+    let tiny = a.alloc(8 << 10).unwrap().unwrap();
+    assert_eq!(
+        pool_reserved(&a, PoolKind::PrivateSmall),
+        2 * MIB,
+        "the tiny pool's first growth mapped ahead"
+    );
+    a.free(tiny.ptr).unwrap();
+    a.free(large.ptr).unwrap();
 }

@@ -231,12 +231,15 @@ impl<B: Backend> State<B> {
             // Consecutive growth (a burst, such as a first forward pass) maps in doubling
             // chunks within the budget's headroom, so a cold start costs few calls.
             let max_burst = self.config.map_chunk.div_ceil(g).max(1);
-            pool.burst_pages = if now.saturating_sub(pool.last_growth) <= BURST_WINDOW {
+            pool.burst_pages = if pool
+                .last_growth
+                .is_some_and(|last| now.saturating_sub(last) <= BURST_WINDOW)
+            {
                 (pool.burst_pages * 2).clamp(1, max_burst)
             } else {
                 1
             };
-            pool.last_growth = now;
+            pool.last_growth = Some(now);
             let burst_pages = pool.burst_pages;
             if over > 0 {
                 let min_age = self.config.min_idle_age;
