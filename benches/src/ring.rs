@@ -97,6 +97,8 @@ pub fn log_uniform_sizes(n: usize, lo: usize, hi: usize, seed: u64) -> Vec<usize
 pub enum BackendKind {
     Host,
     Sim,
+    /// CUDA device 0 through the driver API (needs a GPU).
+    Cuda,
 }
 
 impl std::str::FromStr for BackendKind {
@@ -105,7 +107,8 @@ impl std::str::FromStr for BackendKind {
         match s {
             "host" => Ok(BackendKind::Host),
             "sim" => Ok(BackendKind::Sim),
-            other => Err(format!("unknown backend {other:?} (host or sim)")),
+            "cuda" => Ok(BackendKind::Cuda),
+            other => Err(format!("unknown backend {other:?} (host, sim or cuda)")),
         }
     }
 }
@@ -134,6 +137,14 @@ pub fn sim_allocator(policy: Policy) -> Allocator<SimBackend> {
 /// The simulated backend with 64 GiB.
 pub fn sim_allocator_with(config: Config) -> Allocator<SimBackend> {
     Allocator::new(SimBackend::new(DEVICE_BYTES), config).expect("sim allocator")
+}
+
+/// CUDA device 0, or why there is none.
+pub fn cuda_allocator_with(
+    config: Config,
+) -> Result<Allocator<bufferheap_cuda::CudaBackend>, String> {
+    let backend = bufferheap_cuda::CudaBackend::new(0).map_err(|e| e.to_string())?;
+    Allocator::new(backend, config).map_err(|e| e.to_string())
 }
 
 /// One ring of live buffers and its size sequence.

@@ -4,7 +4,7 @@
 //! and what a pass does inside the allocator (share of allocations served from the cache,
 //! backend calls per 1000 steps).
 //!
-//!     hotpath [--backend host|sim] [--policy default|mps] [--scenario small|medium|large|all]
+//!     hotpath [--backend host|sim|cuda] [--policy default|mps] [--scenario small|medium|large|all]
 //!             [--threads T] [--own-allocators] [--repeats R] [--steps N] [--no-profile]
 //!             [--front-cache BYTES] [--unmap-rate-limit R]
 //!
@@ -12,14 +12,15 @@
 //! pass) on one shared allocator; with `--own-allocators`, each thread has an allocator of
 //! its own instead, the control that shows what the machine alone does to T threads.
 //! `--no-profile` skips the pass that counts recycled buffers (it registers a callback,
-//! which a profile of the hot path should not see).
+//! which a profile of the hot path should not see). `--backend cuda` runs the loop on GPU 0
+//! through the CUDA backend: the engine's cost on a GPU without PyTorch's in front of it.
 
 use std::sync::Barrier;
 use std::time::Instant;
 
 use bufferheap_benches::ring::{
-    BackendKind, Ring, SCENARIOS, SEED, STEPS, Scenario, host_allocator_with, profile_pass,
-    sim_allocator_with,
+    BackendKind, Ring, SCENARIOS, SEED, STEPS, Scenario, cuda_allocator_with, host_allocator_with,
+    profile_pass, sim_allocator_with,
 };
 use bufferheap_core::{Allocator, Backend, Policy};
 
@@ -171,6 +172,18 @@ fn main() {
                 s,
                 &p,
             ),
+            BackendKind::Cuda => {
+                if let Err(e) = cuda_allocator_with(config.clone()) {
+                    eprintln!("no CUDA backend: {e}");
+                    std::process::exit(1);
+                }
+                report(
+                    &format!("cuda {policy}"),
+                    &|| cuda_allocator_with(config.clone()).expect("CUDA backend"),
+                    s,
+                    &p,
+                )
+            }
         }
     }
 }
