@@ -5,6 +5,8 @@ usage: PYTHONPATH=python BUFFERHEAP_LIB=dist/libbufferheap_ffi.so \\
 
 WORKLOAD: gpt2 (GPT-2 124M, AdamW, bf16 autocast, batch 8, sequence length drawn from 128..1024
           each step) | resnet50 (ResNet-50, SGD with momentum, bf16 autocast, batch 32/48/64)
+          | vit (ViT-B/16, AdamW, bf16 autocast, batch 32/48/64) | bert (BERT-base masked LM,
+          AdamW, bf16 autocast, batch 16, sequence length drawn from 64..512)
 MODE:     native | expandable (expandable_segments) | async (cudaMallocAsync) | bufferheap
 --record: native modes pickle torch.cuda.memory._snapshot() with the allocation history of the
           timed steps; bufferheap pickles bufferheap.snapshot() taken after them.
@@ -30,7 +32,7 @@ GiB = 2**30
 ALLOC_CONF = {"native": None, "expandable": "expandable_segments:True", "async": "backend:cudaMallocAsync", "bufferheap": None}
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-ap.add_argument("workload", choices=["gpt2", "resnet50"])
+ap.add_argument("workload", choices=["gpt2", "resnet50", "vit", "bert"])
 ap.add_argument("mode", choices=list(ALLOC_CONF))
 ap.add_argument("--policy", default="default", choices=["default", "mps"], help="bufferheap policy")
 ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 40 for gpt2, 30 for resnet50)")
@@ -104,7 +106,46 @@ def resnet50():
     return step, 30
 
 
-step, default_steps = {"gpt2": gpt2, "resnet50": resnet50}[a.workload]()
+def vit():
+    import torchvision
+
+    model = torchvision.models.vit_b_16(weights=None).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        batch = random.choice([32, 48, 64])
+        x = torch.randn(batch, 3, 224, 224, device=dev)
+        y = torch.randint(0, 1000, (batch,), device=dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, 30
+
+
+def bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig()).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        seq = random.choice([64, 128, 192, 256, 320, 384, 448, 512])
+        x = torch.randint(0, 30522, (16, seq), device=dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    return step, 40
+
+
+step, default_steps = {"gpt2": gpt2, "resnet50": resnet50, "vit": vit, "bert": bert}[a.workload]()
 n = a.steps or default_steps
 
 step()  # warm-up, outside timing and recording
