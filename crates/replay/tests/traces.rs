@@ -118,3 +118,41 @@ fn a_second_gpt2_recording_stays_below_expandable_segments() {
         r.map_unmap_per_1000_allocs
     );
 }
+
+#[test]
+fn workloads_recorded_under_the_native_allocator_stay_below_expandable_segments() {
+    // Four more bench workloads recorded on an H100 (traces/recorded/README.md), none of them
+    // used to tune placement. The bound is what expandable segments reserved over the peak
+    // allocated running the same workload on the same GPU; the calls' ceiling is the figure
+    // each reached when it was recorded here, rounded up (ViT-B/16's batch size changes every
+    // step, so its layout does).
+    let cases: [(&str, u64, f64, f64); 4] = [
+        (
+            "resnet50_bench_seed1_h100.pkl.gz",
+            3_196_759_848,
+            1.0168,
+            5.0,
+        ),
+        ("vit_b16_bench_h100.pkl.gz", 5_773_472_896, 1.0279, 9.0),
+        ("bert_base_bench_h100.pkl.gz", 7_890_109_132, 1.0128, 5.0),
+        ("gpt2_bench_seed1_h100.pkl.gz", 14_431_917_768, 1.0098, 5.0),
+    ];
+    for (name, peak_live, expandable, calls) in cases {
+        let r = run(
+            &trace(&format!("recorded/{name}")),
+            Policy::Default,
+            BackendKind::Sim,
+        );
+        assert_eq!(r.peak_live_bytes, peak_live, "{name}");
+        assert!(
+            r.reserved_over_live < expandable,
+            "{name}: {} against expandable segments' {expandable}",
+            r.reserved_over_live
+        );
+        assert!(
+            r.map_unmap_per_1000_allocs <= calls,
+            "{name}: {} map+unmap calls per 1000 allocations",
+            r.map_unmap_per_1000_allocs
+        );
+    }
+}
