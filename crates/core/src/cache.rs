@@ -4,7 +4,10 @@
 //! size is the key it is filed under; a slot appears at most once; `len`/`bytes` equal the
 //! number and total size of the entries. Sizes are multiples of [`crate::pool::ALIGN`].
 //! Small sizes (up to [`SMALL_LIMIT`]) live in an array of bins with a bitmap of non-empty
-//! bins, so exact and best-fit lookups are O(1)/O(bins/64); larger sizes live in a B-tree.
+//! bins, so exact and best-fit lookups are O(1)/O(bins/64); larger sizes live in a B-tree
+//! keyed by (size, order of arrival), one node entry per buffer: a size seen for the first
+//! time costs no allocation of its own, which matters where large sizes rarely repeat and
+//! each buffer passes through the cache once. Within a size, the newest entry goes first.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +22,11 @@ const WORDS: usize = SMALL_BINS.div_ceil(64);
 pub(crate) struct BufferCache {
     small: Vec<Vec<u32>>,
     nonempty: [u64; WORDS],
-    large: BTreeMap<usize, Vec<u32>>,
+    /// Entries in the small bins (so that emptying a cache of large buffers skips them).
+    small_len: usize,
+    /// (size, arrival) -> slot.
+    large: BTreeMap<(usize, u64), u32>,
+    arrivals: u64,
     len: usize,
     bytes: usize,
 }
@@ -29,7 +36,9 @@ impl Default for BufferCache {
         BufferCache {
             small: vec![Vec::new(); SMALL_BINS],
             nonempty: [0; WORDS],
+            small_len: 0,
             large: BTreeMap::new(),
+            arrivals: 0,
             len: 0,
             bytes: 0,
         }
@@ -50,8 +59,10 @@ impl BufferCache {
             let bin = size / ALIGN;
             self.small[bin].push(slot);
             self.nonempty[bin / 64] |= 1 << (bin % 64);
+            self.small_len += 1;
         } else {
-            self.large.entry(size).or_default().push(slot);
+            self.arrivals += 1;
+            self.large.insert((size, self.arrivals), slot);
         }
         self.len += 1;
         self.bytes += size;
@@ -66,14 +77,11 @@ impl BufferCache {
             if stack.is_empty() {
                 self.nonempty[bin / 64] &= !(1 << (bin % 64));
             }
+            self.small_len -= 1;
             slot
         } else {
-            let stack = self.large.get_mut(&size)?;
-            let slot = stack.pop()?;
-            if stack.is_empty() {
-                self.large.remove(&size);
-            }
-            slot
+            let (&key, _) = self.large.range((size, 0)..=(size, u64::MAX)).next_back()?;
+            self.large.remove(&key)?
         };
         self.len -= 1;
         self.bytes -= size;
@@ -98,9 +106,9 @@ impl BufferCache {
             }
         }
         self.large
-            .range(size.max(SMALL_LIMIT + 1)..)
+            .range((size.max(SMALL_LIMIT + 1), 0)..)
             .next()
-            .map(|(&s, _)| s)
+            .map(|(&(s, _), _)| s)
     }
 
     /// Removes a given slot filed under `size`; false if it is not there.
@@ -114,24 +122,18 @@ impl BufferCache {
                     if stack.is_empty() {
                         self.nonempty[bin / 64] &= !(1 << (bin % 64));
                     }
+                    self.small_len -= 1;
                     true
                 }
                 None => false,
             }
         } else {
-            match self.large.get_mut(&size) {
-                Some(stack) => match stack.iter().position(|&s| s == slot) {
-                    Some(i) => {
-                        stack.swap_remove(i);
-                        if stack.is_empty() {
-                            self.large.remove(&size);
-                        }
-                        true
-                    }
-                    None => false,
-                },
-                None => false,
-            }
+            let key = self
+                .large
+                .range((size, 0)..=(size, u64::MAX))
+                .find(|&(_, &s)| s == slot)
+                .map(|(&key, _)| key);
+            key.and_then(|key| self.large.remove(&key)).is_some()
         };
         if removed {
             self.len -= 1;
@@ -143,9 +145,19 @@ impl BufferCache {
     /// All entries as (size, slot), ascending by size. Visits only non-empty bins.
     pub fn entries(&self) -> Vec<(usize, u32)> {
         let mut out = Vec::with_capacity(self.len);
-        if self.len == 0 {
-            return out;
+        self.entries_into(&mut out);
+        out
+    }
+
+    /// Appends every entry to `out`.
+    pub fn entries_into(&self, out: &mut Vec<(usize, u32)>) {
+        if self.small_len > 0 {
+            self.small_entries_into(out);
         }
+        out.extend(self.large.iter().map(|(&(size, _), &s)| (size, s)));
+    }
+
+    fn small_entries_into(&self, out: &mut Vec<(usize, u32)>) {
         for (w, &word) in self.nonempty.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
@@ -154,16 +166,19 @@ impl BufferCache {
                 bits &= bits - 1;
             }
         }
-        for (&size, stack) in &self.large {
-            out.extend(stack.iter().map(|&s| (size, s)));
-        }
-        out
     }
 
     /// Removes and returns every entry.
     pub fn drain(&mut self) -> Vec<(usize, u32)> {
-        let out = self.entries();
-        if self.len > 0 {
+        let mut out = Vec::with_capacity(self.len);
+        self.drain_into(&mut out);
+        out
+    }
+
+    /// Removes every entry, appending it to `out` (no allocation when `out` has room).
+    pub fn drain_into(&mut self, out: &mut Vec<(usize, u32)>) {
+        self.entries_into(out);
+        if self.small_len > 0 {
             for w in 0..WORDS {
                 let mut bits = self.nonempty[w];
                 while bits != 0 {
@@ -173,11 +188,11 @@ impl BufferCache {
                 }
                 self.nonempty[w] = 0;
             }
-            self.large.clear();
+            self.small_len = 0;
         }
+        self.large.clear();
         self.len = 0;
         self.bytes = 0;
-        out
     }
 }
 
@@ -202,5 +217,22 @@ mod tests {
         assert_eq!((c.len(), c.bytes()), (1, 1024));
         assert_eq!(c.drain(), vec![(1024, 1)]);
         assert_eq!(c.smallest_at_least(0), None);
+    }
+
+    #[test]
+    fn large_buffers_of_one_size_go_newest_first() {
+        let mut c = BufferCache::default();
+        for slot in [7, 3, 9] {
+            c.push(4 << 20, slot);
+        }
+        c.push(6 << 20, 1);
+        assert!(c.remove(4 << 20, 3));
+        assert_eq!(c.take_exact(4 << 20), Some(9));
+        assert_eq!(c.smallest_at_least(5 << 20), Some(6 << 20));
+        let mut out = vec![(0, 0)];
+        c.drain_into(&mut out);
+        assert_eq!(out, vec![(0, 0), (4 << 20, 7), (6 << 20, 1)]);
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+        assert_eq!(c.take_exact(4 << 20), None);
     }
 }

@@ -168,6 +168,8 @@ pub(crate) struct State<B: Backend> {
     pool_index: AddrMap<[u32; 5]>,
     pub records: Vec<Record<B::Event>>,
     free_slots: Vec<u32>,
+    /// Scratch space for emptying a cache (kept, so the hot path does not allocate).
+    dissolving: Vec<(usize, u32)>,
     pub by_ptr: AddrMap<u32>,
     pub pending: Vec<u32>,
     /// Page runs to unmap once their event completes.
@@ -215,6 +217,7 @@ impl<B: Backend> State<B> {
             pool_index: AddrMap::default(),
             records: Vec::new(),
             free_slots: Vec::new(),
+            dissolving: Vec::new(),
             by_ptr: AddrMap::default(),
             pending: Vec::new(),
             retiring: Vec::new(),
@@ -546,11 +549,14 @@ impl<B: Backend> State<B> {
 
     /// Dissolves every cached buffer of pool `p`; returns the bytes dissolved.
     pub fn dissolve_cache(&mut self, p: u32) -> usize {
-        let entries = self.pools[p as usize].cache.drain();
+        let mut entries = std::mem::take(&mut self.dissolving);
+        self.pools[p as usize].cache.drain_into(&mut entries);
         let bytes = entries.iter().map(|&(s, _)| s).sum();
-        for (_, slot) in entries {
+        for &(_, slot) in &entries {
             self.dissolve(slot);
         }
+        entries.clear();
+        self.dissolving = entries;
         bytes
     }
 
