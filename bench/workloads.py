@@ -67,15 +67,13 @@ def sample():
     peak_used = max(peak_used, free0 - free)
 
 
-def gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config()).to(dev)
+def language_model(model, vocab, batch, seqs):
+    """A step of a model that takes token ids and returns its own loss (labels = the input)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        seq = random.choice([128, 256, 384, 512, 640, 768, 896, 1024])
-        x = torch.randint(0, 50257, (8, seq), device=dev)
+        seq = random.choice(seqs)
+        x = torch.randint(0, vocab, (batch, seq), device=dev)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(input_ids=x, labels=x)  # logits stay alive through the step, as in BASELINES.md
         out.loss.backward()
@@ -83,14 +81,11 @@ def gpt2():
         opt.zero_grad(set_to_none=True)
         return out.loss.item()
 
-    return step, 40
+    return step
 
 
-def resnet50():
-    import torchvision
-
-    model = torchvision.models.resnet50(weights=None).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+def image_classifier(model, opt):
+    """A step of an ImageNet-shaped classifier at a batch size drawn from 32/48/64."""
 
     def step():
         batch = random.choice([32, 48, 64])
@@ -103,46 +98,35 @@ def resnet50():
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step, 30
+    return step
 
 
-def vit():
-    import torchvision
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = torchvision.models.vit_b_16(weights=None).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        batch = random.choice([32, 48, 64])
-        x = torch.randn(batch, 3, 224, 224, device=dev)
-        y = torch.randint(0, 1000, (batch,), device=dev)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step, 30
+    model = GPT2LMHeadModel(GPT2Config()).to(dev)
+    return language_model(model, 50257, 8, [128, 256, 384, 512, 640, 768, 896, 1024]), 40
 
 
 def bert():
     from transformers import BertConfig, BertForMaskedLM
 
     model = BertForMaskedLM(BertConfig()).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return language_model(model, 30522, 16, [64, 128, 192, 256, 320, 384, 448, 512]), 40
 
-    def step():
-        seq = random.choice([64, 128, 192, 256, 320, 384, 448, 512])
-        x = torch.randint(0, 30522, (16, seq), device=dev)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(input_ids=x, labels=x)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss.item()
 
-    return step, 40
+def resnet50():
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None).to(dev)
+    return image_classifier(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)), 30
+
+
+def vit():
+    import torchvision
+
+    model = torchvision.models.vit_b_16(weights=None).to(dev)
+    return image_classifier(model, torch.optim.AdamW(model.parameters(), lr=1e-4)), 30
 
 
 step, default_steps = {"gpt2": gpt2, "resnet50": resnet50, "vit": vit, "bert": bert}[a.workload]()
