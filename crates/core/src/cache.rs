@@ -22,8 +22,6 @@ const WORDS: usize = SMALL_BINS.div_ceil(64);
 pub(crate) struct BufferCache {
     small: Vec<Vec<u32>>,
     nonempty: [u64; WORDS],
-    /// Entries in the small bins (so that emptying a cache of large buffers skips them).
-    small_len: usize,
     /// (size, arrival) -> slot.
     large: BTreeMap<(usize, u64), u32>,
     arrivals: u64,
@@ -36,7 +34,6 @@ impl Default for BufferCache {
         BufferCache {
             small: vec![Vec::new(); SMALL_BINS],
             nonempty: [0; WORDS],
-            small_len: 0,
             large: BTreeMap::new(),
             arrivals: 0,
             len: 0,
@@ -59,7 +56,6 @@ impl BufferCache {
             let bin = size / ALIGN;
             self.small[bin].push(slot);
             self.nonempty[bin / 64] |= 1 << (bin % 64);
-            self.small_len += 1;
         } else {
             self.arrivals += 1;
             self.large.insert((size, self.arrivals), slot);
@@ -77,10 +73,9 @@ impl BufferCache {
             if stack.is_empty() {
                 self.nonempty[bin / 64] &= !(1 << (bin % 64));
             }
-            self.small_len -= 1;
             slot
         } else {
-            let (&key, _) = self.large.range((size, 0)..=(size, u64::MAX)).next_back()?;
+            let (&key, _) = self.large.range(Self::of_size(size)).next_back()?;
             self.large.remove(&key)?
         };
         self.len -= 1;
@@ -122,7 +117,6 @@ impl BufferCache {
                     if stack.is_empty() {
                         self.nonempty[bin / 64] &= !(1 << (bin % 64));
                     }
-                    self.small_len -= 1;
                     true
                 }
                 None => false,
@@ -130,7 +124,7 @@ impl BufferCache {
         } else {
             let key = self
                 .large
-                .range((size, 0)..=(size, u64::MAX))
+                .range(Self::of_size(size))
                 .find(|&(_, &s)| s == slot)
                 .map(|(&key, _)| key);
             key.and_then(|key| self.large.remove(&key)).is_some()
@@ -151,21 +145,27 @@ impl BufferCache {
 
     /// Appends every entry to `out`.
     pub fn entries_into(&self, out: &mut Vec<(usize, u32)>) {
-        if self.small_len > 0 {
-            self.small_entries_into(out);
+        if self.has_small() {
+            for (w, &word) in self.nonempty.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let bin = w * 64 + bits.trailing_zeros() as usize;
+                    out.extend(self.small[bin].iter().map(|&s| (bin * ALIGN, s)));
+                    bits &= bits - 1;
+                }
+            }
         }
         out.extend(self.large.iter().map(|(&(size, _), &s)| (size, s)));
     }
 
-    fn small_entries_into(&self, out: &mut Vec<(usize, u32)>) {
-        for (w, &word) in self.nonempty.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let bin = w * 64 + bits.trailing_zeros() as usize;
-                out.extend(self.small[bin].iter().map(|&s| (bin * ALIGN, s)));
-                bits &= bits - 1;
-            }
-        }
+    /// True if any small bin holds an entry (emptying a cache of large buffers skips them).
+    fn has_small(&self) -> bool {
+        self.len > self.large.len()
+    }
+
+    /// The keys of the large entries of one size.
+    fn of_size(size: usize) -> std::ops::RangeInclusive<(usize, u64)> {
+        (size, 0)..=(size, u64::MAX)
     }
 
     /// Removes and returns every entry.
@@ -178,7 +178,7 @@ impl BufferCache {
     /// Removes every entry, appending it to `out` (no allocation when `out` has room).
     pub fn drain_into(&mut self, out: &mut Vec<(usize, u32)>) {
         self.entries_into(out);
-        if self.small_len > 0 {
+        if self.has_small() {
             for w in 0..WORDS {
                 let mut bits = self.nonempty[w];
                 while bits != 0 {
@@ -188,7 +188,6 @@ impl BufferCache {
                 }
                 self.nonempty[w] = 0;
             }
-            self.small_len = 0;
         }
         self.large.clear();
         self.len = 0;
