@@ -19,6 +19,7 @@
 //! This crate has no `unsafe` code and names no driver: backends live in their own crates.
 #![forbid(unsafe_code)]
 
+mod addr_map;
 mod allocator;
 pub mod backend;
 mod cache;

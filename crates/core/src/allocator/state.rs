@@ -16,10 +16,9 @@
 //! - a `Cached` record is in its pool's cache exactly once; a `Pending` record is in
 //!   `pending` exactly once.
 
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
+pub(crate) use crate::addr_map::AddrMap;
 use crate::backend::{Backend, BackendCaps, Region, Storage, StreamId};
 use crate::callbacks::{CallbackEvent, Notes};
 use crate::config::{Config, Policy, debug};
@@ -31,26 +30,6 @@ use crate::pool::{Pool, PoolKind};
 use crate::stats::Stats;
 
 use super::limits::Limits;
-
-/// A fast hasher for addresses (multiply-shift; addresses are already well spread).
-#[derive(Default, Clone, Copy)]
-pub(crate) struct AddrHasher(u64);
-
-impl std::hash::Hasher for AddrHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-pub(crate) type AddrMap<V> = HashMap<u64, V, BuildHasherDefault<AddrHasher>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BufState {
