@@ -28,6 +28,7 @@ pub mod config;
 mod error;
 pub mod faults;
 mod format;
+mod free_space;
 mod history;
 mod pages;
 mod pool;

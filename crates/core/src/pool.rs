@@ -5,20 +5,20 @@
 //! coalescing, keeping all metadata out of band.
 //!
 //! Invariants:
-//! - each heap's `free` map holds disjoint, non-adjacent ranges (neighbours are always merged);
+//! - each heap's `free` ranges are disjoint and non-adjacent (neighbours are always merged);
 //!   ranges and offsets are multiples of [`ALIGN`];
 //! - the pool's `free_index` holds exactly one `(len, heap, offset)` entry per free range of
-//!   every heap of the pool, so a best-fit lookup across heaps is one B-tree search;
+//!   every heap of the pool, so a best-fit lookup across heaps is one search
+//!   ([`crate::free_space`]);
 //! - a heap's `n_buffers` counts the buffers placed in it (in use, cached or pending); a heap
 //!   with `n_buffers == 0` has one free range covering it all;
 //! - for page-mapped heaps, the page table records exactly the pages the backend has mapped,
 //!   and `reserved` (the pool's share of reserved bytes) counts mapped bytes; for other heaps
 //!   it counts their whole size.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use crate::backend::{Region, Storage, StreamId};
 use crate::cache::BufferCache;
+use crate::free_space::{FreeRanges, SizeIndex};
 use crate::pages::Pages;
 
 /// Alignment and rounding of every buffer.
@@ -97,7 +97,7 @@ pub(crate) struct Heap {
     pub region: Region,
     /// Holds many buffers (false: dedicated to one large buffer).
     pub split: bool,
-    pub free: BTreeMap<usize, usize>,
+    pub free: FreeRanges,
     pub n_buffers: u32,
     pub pages: Option<Pages>,
 }
@@ -111,7 +111,7 @@ impl Heap {
     }
 
     pub fn largest_free(&self) -> usize {
-        self.free.values().copied().max().unwrap_or(0)
+        self.free.largest()
     }
 }
 
@@ -190,7 +190,7 @@ pub(crate) struct Pool {
     pub stream: StreamId,
     pub heaps: Vec<Option<Heap>>,
     free_heap_slots: Vec<u32>,
-    free_index: BTreeSet<(usize, u32, usize)>,
+    free_index: SizeIndex,
     pub cache: BufferCache,
     /// Allocation attempts on this pool: the clock that ages cached buffers for GC.
     pub clock: u64,
@@ -219,7 +219,7 @@ impl Pool {
             stream,
             heaps: Vec::new(),
             free_heap_slots: Vec::new(),
-            free_index: BTreeSet::new(),
+            free_index: SizeIndex::default(),
             cache: BufferCache::default(),
             clock: 0,
             reserved: 0,
@@ -260,7 +260,7 @@ impl Pool {
             id,
             region,
             split,
-            free: BTreeMap::from([(0, size)]),
+            free: FreeRanges::whole(size),
             n_buffers: 0,
             pages,
         };
@@ -283,7 +283,7 @@ impl Pool {
     pub fn remove_heap(&mut self, h: u32) -> Heap {
         let heap = self.heaps[h as usize].take().expect("heap slot in use");
         debug_assert_eq!(heap.n_buffers, 0);
-        for (&off, &len) in &heap.free {
+        for (off, len) in heap.free.iter() {
             self.free_index.remove(&(len, h, off));
         }
         self.reserved -= heap.reserved_bytes();
@@ -298,28 +298,26 @@ impl Pool {
         if !mapped_only {
             return self
                 .free_index
-                .range((len, 0, 0)..)
+                .at_least(len)
                 .next()
-                .map(|&(_, h, off)| (h, off));
+                .map(|(_, h, off)| (h, off));
         }
         // Mapped space lies in holes between buffers, which are few compared with the
         // index; stop at the first range whose start is mapped.
-        self.free_index
-            .range((len, 0, 0)..)
-            .find_map(|&(_, h, off)| {
-                let heap = self.heap(h);
-                match &heap.pages {
-                    Some(p) if !p.is_mapped(off, len) => None,
-                    _ => Some((h, off)),
-                }
-            })
+        self.free_index.at_least(len).find_map(|(_, h, off)| {
+            let heap = self.heap(h);
+            match &heap.pages {
+                Some(p) if !p.is_mapped(off, len) => None,
+                _ => Some((h, off)),
+            }
+        })
     }
 
     /// Among free ranges of at least `len`, the one needing the fewest unmapped pages at its
     /// start (ties: smallest range), looking at no more than `limit` candidates.
     pub fn least_unmapped_fit(&self, len: usize, limit: usize) -> Option<(u32, usize, usize)> {
         let mut best: Option<(usize, u32, usize)> = None;
-        for &(_, h, off) in self.free_index.range((len, 0, 0)..).take(limit) {
+        for (_, h, off) in self.free_index.at_least(len).take(limit) {
             let heap = self.heap(h);
             let missing = heap
                 .pages
@@ -340,7 +338,7 @@ impl Pool {
         let heap = self.heaps[h as usize].as_mut().expect("heap slot in use");
         let range_len = heap
             .free
-            .remove(&off)
+            .remove(off)
             .expect("placement at the start of a free range");
         debug_assert!(range_len >= len);
         self.free_index.remove(&(range_len, h, off));
@@ -358,15 +356,12 @@ impl Pool {
         let heap = self.heaps[h as usize].as_mut().expect("heap slot in use");
         let mut start = off;
         let mut end = off + len;
-        if let Some((&prev_off, &prev_len)) = heap.free.range(..off).next_back()
-            && prev_off + prev_len == off
-        {
-            heap.free.remove(&prev_off);
+        if let Some((prev_off, prev_len)) = heap.free.ending_at(off) {
+            heap.free.remove(prev_off);
             self.free_index.remove(&(prev_len, h, prev_off));
             start = prev_off;
         }
-        if let Some(&next_len) = heap.free.get(&end) {
-            heap.free.remove(&end);
+        if let Some(next_len) = heap.free.remove(end) {
             self.free_index.remove(&(next_len, h, end));
             end += next_len;
         }
@@ -385,10 +380,7 @@ impl Pool {
 
     /// The largest free range over all heaps.
     pub fn largest_free(&self) -> usize {
-        self.free_index
-            .iter()
-            .next_back()
-            .map_or(0, |&(len, _, _)| len)
+        self.free_index.last().map_or(0, |(len, _, _)| len)
     }
 
     /// Mapped bytes with no buffer on them, over the page-mapped heaps.

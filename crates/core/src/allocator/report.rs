@@ -261,7 +261,7 @@ impl<B: Backend> Allocator<B> {
                         .unwrap_or(0),
                     None => heap.region.size,
                 };
-                for (&off, &len) in &heap.free {
+                for (off, len) in heap.free.iter() {
                     if off < extent {
                         let len = len.min(extent - off);
                         blocks.push(BlockInfo {

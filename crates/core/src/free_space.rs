@@ -1,0 +1,270 @@
+//! Free space of a pool: the free ranges of each heap, and one index over all of them that
+//! answers best-fit queries.
+//!
+//! [`FreeRanges`] (one per heap) maps each free range's start to its length and its end to its
+//! start, so the two neighbours of a range given back are found by two hash lookups rather
+//! than by searching an ordered map. [`SizeIndex`] (one per pool) holds one `(len, heap,
+//! offset)` entry per free range in the exact order of that tuple; it files them in bins of
+//! lengths (one bin per length below 16 units of [`ALIGN`], then eight bins per doubling), each
+//! a sorted vector, with a bitmap of the non-empty bins. A best-fit lookup is one binary search
+//! in the request's bin and, when that bin has nothing long enough, one bitmap scan to the next
+//! non-empty bin: the same answer as a search in one ordered set of all entries, without the
+//! pointer chasing.
+//!
+//! Invariants: ranges of one heap are disjoint and never adjacent (the pool merges neighbours);
+//! `by_end` holds exactly the ends of the ranges in `by_start`; a [`SizeIndex`] bin holds only
+//! entries whose length maps to it, sorted, without duplicates; its bit in `nonempty` is set
+//! exactly when it holds an entry; `len` counts the entries.
+
+use crate::addr_map::AddrMap;
+use crate::pool::ALIGN;
+
+/// The free ranges of one heap: start -> length and end -> start.
+#[derive(Debug, Default)]
+pub(crate) struct FreeRanges {
+    by_start: AddrMap<usize>,
+    by_end: AddrMap<usize>,
+}
+
+impl FreeRanges {
+    /// One free range covering `[0, size)`.
+    pub fn whole(size: usize) -> FreeRanges {
+        let mut ranges = FreeRanges::default();
+        ranges.insert(0, size);
+        ranges
+    }
+
+    pub fn insert(&mut self, start: usize, len: usize) {
+        self.by_start.insert(start as u64, len);
+        self.by_end.insert((start + len) as u64, start);
+    }
+
+    /// Removes the range starting at `start`; returns its length.
+    pub fn remove(&mut self, start: usize) -> Option<usize> {
+        let len = self.by_start.remove(&(start as u64))?;
+        self.by_end.remove(&((start + len) as u64));
+        Some(len)
+    }
+
+    /// The range ending exactly at `end`, as (start, length).
+    pub fn ending_at(&self, end: usize) -> Option<(usize, usize)> {
+        let start = *self.by_end.get(&(end as u64))?;
+        Some((start, self.by_start[&(start as u64)]))
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    /// Every range as (start, length), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.by_start
+            .iter()
+            .map(|(&start, &len)| (start as usize, len))
+    }
+
+    pub fn largest(&self) -> usize {
+        self.by_start.values().copied().max().unwrap_or(0)
+    }
+}
+
+/// An index entry: (length, heap slot, offset).
+pub(crate) type Entry = (usize, u32, usize);
+
+/// Lengths below this many [`ALIGN`] units have a bin each.
+const EXACT_BINS: usize = 16;
+/// Bins per doubling of length above [`EXACT_BINS`] units (a power of two).
+const SUB_BINS: usize = 8;
+const SUB_BITS: u32 = SUB_BINS.trailing_zeros();
+const BINS: usize = EXACT_BINS
+    + (usize::BITS - ALIGN.trailing_zeros() - EXACT_BINS.trailing_zeros()) as usize * SUB_BINS;
+const WORDS: usize = BINS.div_ceil(64);
+
+/// The bin of a range of `len` bytes; bins grow with length, so the order of bins and the
+/// order of lengths agree.
+fn bin_of(len: usize) -> usize {
+    let units = len / ALIGN;
+    if units < EXACT_BINS {
+        return units;
+    }
+    let top = usize::BITS - 1 - units.leading_zeros();
+    let sub = (units >> (top - SUB_BITS)) & (SUB_BINS - 1);
+    EXACT_BINS + (top - EXACT_BINS.trailing_zeros()) as usize * SUB_BINS + sub
+}
+
+/// Every free range of a pool, ordered by (length, heap, offset).
+#[derive(Debug)]
+pub(crate) struct SizeIndex {
+    bins: Vec<Vec<Entry>>,
+    nonempty: [u64; WORDS],
+    len: usize,
+}
+
+impl Default for SizeIndex {
+    fn default() -> Self {
+        SizeIndex {
+            bins: (0..BINS).map(|_| Vec::new()).collect(),
+            nonempty: [0; WORDS],
+            len: 0,
+        }
+    }
+}
+
+impl SizeIndex {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn insert(&mut self, entry: Entry) {
+        let b = bin_of(entry.0);
+        let bin = &mut self.bins[b];
+        let at = bin.partition_point(|e| *e < entry);
+        if bin.get(at) == Some(&entry) {
+            return;
+        }
+        bin.insert(at, entry);
+        self.nonempty[b / 64] |= 1 << (b % 64);
+        self.len += 1;
+    }
+
+    /// Removes `entry`; false if it is not there.
+    pub fn remove(&mut self, entry: &Entry) -> bool {
+        let b = bin_of(entry.0);
+        let bin = &mut self.bins[b];
+        let Ok(at) = bin.binary_search(entry) else {
+            return false;
+        };
+        bin.remove(at);
+        if bin.is_empty() {
+            self.nonempty[b / 64] &= !(1 << (b % 64));
+        }
+        self.len -= 1;
+        true
+    }
+
+    /// The first non-empty bin at or after `from`.
+    fn next_bin(&self, from: usize) -> Option<usize> {
+        let mut word = from / 64;
+        if word >= WORDS {
+            return None;
+        }
+        let mut bits = self.nonempty[word] & (!0u64 << (from % 64));
+        loop {
+            if bits != 0 {
+                return Some(word * 64 + bits.trailing_zeros() as usize);
+            }
+            word += 1;
+            if word == WORDS {
+                return None;
+            }
+            bits = self.nonempty[word];
+        }
+    }
+
+    /// Entries of length at least `len`, in order.
+    pub fn at_least(&self, len: usize) -> AtLeast<'_> {
+        let bin = bin_of(len);
+        let at = self.bins[bin].partition_point(|e| e.0 < len);
+        AtLeast {
+            index: self,
+            bin,
+            at,
+        }
+    }
+
+    /// The greatest entry.
+    pub fn last(&self) -> Option<Entry> {
+        let w = self.nonempty.iter().rposition(|&w| w != 0)?;
+        let b = w * 64 + 63 - self.nonempty[w].leading_zeros() as usize;
+        self.bins[b].last().copied()
+    }
+}
+
+/// Iterator of [`SizeIndex::at_least`].
+pub(crate) struct AtLeast<'a> {
+    index: &'a SizeIndex,
+    bin: usize,
+    at: usize,
+}
+
+impl Iterator for AtLeast<'_> {
+    type Item = Entry;
+
+    fn next(&mut self) -> Option<Entry> {
+        loop {
+            if let Some(&e) = self.index.bins[self.bin].get(self.at) {
+                self.at += 1;
+                return Some(e);
+            }
+            self.bin = self.index.next_bin(self.bin + 1)?;
+            self.at = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn bins_follow_lengths() {
+        let mut last = 0;
+        for units in 1..100_000usize {
+            let b = bin_of(units * ALIGN);
+            assert!(b >= last && b < BINS, "length {} units", units);
+            last = b;
+        }
+        assert!(bin_of(usize::MAX / ALIGN * ALIGN) < BINS);
+        assert_eq!(bin_of(15 * ALIGN), 15);
+        assert_eq!(bin_of(16 * ALIGN), EXACT_BINS);
+    }
+
+    #[test]
+    fn neighbours_are_found_from_either_end() {
+        let mut r = FreeRanges::whole(4096);
+        assert_eq!(r.remove(0), Some(4096));
+        r.insert(512, 1024);
+        r.insert(2048, 512);
+        assert_eq!(r.ending_at(1536), Some((512, 1024)));
+        assert_eq!(r.ending_at(2048), None);
+        assert_eq!(r.remove(2048), Some(512));
+        assert_eq!(r.ending_at(2560), None);
+        assert_eq!((r.len(), r.largest()), (1, 1024));
+    }
+
+    proptest! {
+        /// The index answers exactly as one ordered set of all entries would.
+        #[test]
+        fn the_index_orders_like_an_ordered_set(
+            ops in prop::collection::vec((any::<bool>(), 1usize..5000, 0u32..3, 0usize..64), 1..400),
+            queries in prop::collection::vec(1usize..6000, 1..20),
+        ) {
+            let mut index = SizeIndex::default();
+            let mut model = BTreeSet::new();
+            for (add, units, heap, slot) in ops {
+                // Spread lengths over many doublings.
+                let len = units * units * ALIGN / 8 / ALIGN * ALIGN + ALIGN;
+                let entry = (len, heap, slot * ALIGN);
+                if add {
+                    index.insert(entry);
+                    model.insert(entry);
+                } else {
+                    prop_assert_eq!(index.remove(&entry), model.remove(&entry));
+                }
+                prop_assert_eq!(index.len(), model.len());
+            }
+            prop_assert_eq!(index.last(), model.iter().next_back().copied());
+            for q in queries {
+                let len = q * q * ALIGN / 8 / ALIGN * ALIGN;
+                let got: Vec<Entry> = index.at_least(len).collect();
+                let want: Vec<Entry> = model.range((len, 0, 0)..).copied().collect();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+}
