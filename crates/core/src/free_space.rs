@@ -9,7 +9,9 @@
 //! a sorted vector, with a bitmap of the non-empty bins. A best-fit lookup is one binary search
 //! in the request's bin and, when that bin has nothing long enough, one bitmap scan to the next
 //! non-empty bin: the same answer as a search in one ordered set of all entries, without the
-//! pointer chasing.
+//! pointer chasing. The price: an insert or remove shifts the entries after it in its bin. A
+//! bin holds ranges within 1/8 of one length, a few dozen even in fragmented pools, and
+//! shifting that many is cheaper than a tree's node walk.
 //!
 //! Invariants: ranges of one heap are disjoint and never adjacent (the pool merges neighbours);
 //! `by_end` holds exactly the ends of the ranges in `by_start`; a [`SizeIndex`] bin holds only
