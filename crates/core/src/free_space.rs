@@ -3,7 +3,7 @@
 //!
 //! [`FreeRanges`] (one per heap) maps each free range's start to its length and its end to its
 //! start, so the two neighbours of a range given back are found by two hash lookups rather
-//! than by searching an ordered map. [`SizeIndex`] (one per pool) holds one `(len, heap,
+//! than by searching an ordered map, and a split or merge updates entries in place. [`SizeIndex`] (one per pool) holds one `(len, heap,
 //! offset)` entry per free range in the exact order of that tuple; it files them in bins of
 //! lengths (one bin per length below 16 units of [`ALIGN`], then eight bins per doubling), each
 //! a sorted vector, with a bitmap of the non-empty bins. A best-fit lookup is one binary search
@@ -36,22 +36,63 @@ impl FreeRanges {
         ranges
     }
 
-    pub fn insert(&mut self, start: usize, len: usize) {
+    fn insert(&mut self, start: usize, len: usize) {
         self.by_start.insert(start as u64, len);
         self.by_end.insert((start + len) as u64, start);
     }
 
-    /// Removes the range starting at `start`; returns its length.
-    pub fn remove(&mut self, start: usize) -> Option<usize> {
-        let len = self.by_start.remove(&(start as u64))?;
-        self.by_end.remove(&((start + len) as u64));
-        Some(len)
+    /// Takes `[start, start + len)` from the front of the range starting at `start`; returns
+    /// that range's length (its rest stays free). None, changing nothing, if no range starts
+    /// there or it is shorter than `len`.
+    pub fn take_front(&mut self, start: usize, len: usize) -> Option<usize> {
+        let range_len = *self.by_start.get(&(start as u64))?;
+        if range_len < len {
+            return None;
+        }
+        self.by_start.remove(&(start as u64));
+        let end = (start + range_len) as u64;
+        if range_len == len {
+            self.by_end.remove(&end);
+        } else {
+            self.by_start.insert((start + len) as u64, range_len - len);
+            *self
+                .by_end
+                .get_mut(&end)
+                .expect("every range's end is filed") = start + len;
+        }
+        Some(range_len)
     }
 
-    /// The range ending exactly at `end`, as (start, length).
-    pub fn ending_at(&self, end: usize) -> Option<(usize, usize)> {
-        let start = *self.by_end.get(&(end as u64))?;
-        Some((start, self.by_start[&(start as u64)]))
+    /// Frees `[start, start + len)` (not free now), merged with the free ranges touching it.
+    /// Returns the neighbours it absorbed, as (start, length), before and after it.
+    pub fn give(&mut self, start: usize, len: usize) -> [Option<(usize, usize)>; 2] {
+        let end = start + len;
+        let before = self
+            .by_end
+            .remove(&(start as u64))
+            .map(|s| (s, self.by_start[&(s as u64)]));
+        let after = self.by_start.remove(&(end as u64)).map(|l| (end, l));
+        let merged_start = before.map_or(start, |(s, _)| s);
+        let merged_end = after.map_or(end, |(e, l)| e + l);
+        let merged_len = merged_end - merged_start;
+        match before {
+            Some((s, _)) => *self.by_start.get_mut(&(s as u64)).expect("filed above") = merged_len,
+            None => {
+                self.by_start.insert(start as u64, merged_len);
+            }
+        }
+        match after {
+            Some(_) => {
+                *self
+                    .by_end
+                    .get_mut(&(merged_end as u64))
+                    .expect("every range's end is filed") = merged_start
+            }
+            None => {
+                self.by_end.insert(merged_end as u64, merged_start);
+            }
+        }
+        [before, after]
     }
 
     #[cfg(test)]
@@ -226,17 +267,41 @@ mod tests {
         assert_eq!(bin_of(16 * ALIGN), EXACT_BINS);
     }
 
+    fn sorted(r: &FreeRanges) -> Vec<(usize, usize)> {
+        let mut v: Vec<_> = r.iter().collect();
+        v.sort();
+        for &(s, l) in &v {
+            assert_eq!(
+                r.by_end.get(&((s + l) as u64)),
+                Some(&s),
+                "end of {s}+{l} filed"
+            );
+        }
+        assert_eq!(r.by_end.len(), v.len());
+        v
+    }
+
     #[test]
-    fn neighbours_are_found_from_either_end() {
-        let mut r = FreeRanges::whole(4096);
-        assert_eq!(r.remove(0), Some(4096));
-        r.insert(512, 1024);
-        r.insert(2048, 512);
-        assert_eq!(r.ending_at(1536), Some((512, 1024)));
-        assert_eq!(r.ending_at(2048), None);
-        assert_eq!(r.remove(2048), Some(512));
-        assert_eq!(r.ending_at(2560), None);
-        assert_eq!((r.len(), r.largest()), (1, 1024));
+    fn ranges_split_and_merge_with_both_neighbours() {
+        let mut r = FreeRanges::whole(8192);
+        assert_eq!(r.take_front(0, 1024), Some(8192));
+        assert_eq!(r.take_front(1024, 1024), Some(7168));
+        assert_eq!(r.take_front(2048, 1024), Some(6144));
+        assert_eq!(r.take_front(512, 512), None, "no range starts there");
+        assert_eq!(r.take_front(3072, 8192), None, "too short");
+        assert_eq!(sorted(&r), vec![(3072, 5120)]);
+        assert_eq!(r.give(0, 1024), [None, None]);
+        assert_eq!(r.give(2048, 1024), [None, Some((3072, 5120))]);
+        assert_eq!(sorted(&r), vec![(0, 1024), (2048, 6144)]);
+        assert_eq!(r.give(1024, 1024), [Some((0, 1024)), Some((2048, 6144))]);
+        assert_eq!(sorted(&r), vec![(0, 8192)]);
+        assert_eq!(r.take_front(0, 8192), Some(8192));
+        assert_eq!(sorted(&r), vec![]);
+        assert_eq!(r.give(4096, 512), [None, None]);
+        assert_eq!(r.give(3584, 512), [None, Some((4096, 512))]);
+        assert_eq!(r.give(4608, 512), [Some((3584, 1024)), None]);
+        assert_eq!((r.len(), r.largest()), (1, 1536));
+        assert_eq!(sorted(&r), vec![(3584, 1536)]);
     }
 
     proptest! {

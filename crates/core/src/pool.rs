@@ -338,12 +338,10 @@ impl Pool {
         let heap = self.heaps[h as usize].as_mut().expect("heap slot in use");
         let range_len = heap
             .free
-            .remove(off)
-            .expect("placement at the start of a free range");
-        debug_assert!(range_len >= len);
+            .take_front(off, len)
+            .expect("placement at the start of a free range long enough");
         self.free_index.remove(&(range_len, h, off));
         if range_len > len {
-            heap.free.insert(off + len, range_len - len);
             self.free_index.insert((range_len - len, h, off + len));
         }
         heap.n_buffers += 1;
@@ -354,19 +352,13 @@ impl Pool {
     /// Returns `[off, off + len)` of heap `h` to its free space, merging neighbours.
     pub fn give_back(&mut self, h: u32, off: usize, len: usize) {
         let heap = self.heaps[h as usize].as_mut().expect("heap slot in use");
-        let mut start = off;
-        let mut end = off + len;
-        if let Some((prev_off, prev_len)) = heap.free.ending_at(off) {
-            heap.free.remove(prev_off);
-            self.free_index.remove(&(prev_len, h, prev_off));
-            start = prev_off;
+        let (mut start, mut merged) = (off, len);
+        for (s, l) in heap.free.give(off, len).into_iter().flatten() {
+            self.free_index.remove(&(l, h, s));
+            start = start.min(s);
+            merged += l;
         }
-        if let Some(next_len) = heap.free.remove(end) {
-            self.free_index.remove(&(next_len, h, end));
-            end += next_len;
-        }
-        heap.free.insert(start, end - start);
-        self.free_index.insert((end - start, h, start));
+        self.free_index.insert((merged, h, start));
         heap.n_buffers -= 1;
         self.placed -= len;
     }
