@@ -335,19 +335,19 @@ impl<B: Backend> Allocator<B> {
     ) -> Result<Option<Buffer>> {
         let backend = &self.engine.backend;
         let mut notes = Notes::new(self.engine.callbacks.active());
-        {
-            // The engine's hot path: a cached buffer of exactly this size.
-            let mut st = self.engine.lock();
-            let kind = st.select_kind(size, aligned, storage, scalar);
-            let p = st.pool_for(kind, stream);
-            if let Some(slot) = st.pools[p as usize].cache.take_exact(aligned) {
-                st.recycle(slot, size, &mut notes);
-                let buffer = self.describe(&st, slot);
-                drop(st);
-                self.fire(notes);
-                return Ok(Some(buffer));
-            }
+        // The engine's hot path: a cached buffer of exactly this size. On a miss the lock is
+        // kept for the first phase below.
+        let mut held = self.engine.lock();
+        let kind = held.select_kind(size, aligned, storage, scalar);
+        let p = held.pool_for(kind, stream);
+        if let Some(slot) = held.pools[p as usize].cache.take_exact(aligned) {
+            held.recycle(slot, size, &mut notes);
+            let buffer = self.describe(&held, slot);
+            drop(held);
+            self.fire(notes);
+            return Ok(Some(buffer));
         }
+        let mut held = Some(held);
         for phase in [
             Phase::Normal,
             Phase::AfterCallbacks,
@@ -355,7 +355,7 @@ impl<B: Backend> Allocator<B> {
             Phase::ReleaseAll,
         ] {
             let result = {
-                let mut st = self.engine.lock();
+                let mut st = held.take().unwrap_or_else(|| self.engine.lock());
                 let kind = st.select_kind(size, aligned, storage, scalar);
                 let p = st.pool_for(kind, stream);
                 if phase == Phase::Normal {
