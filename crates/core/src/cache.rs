@@ -4,13 +4,13 @@
 //! size is the key it is filed under; a slot appears at most once; `len`/`bytes` equal the
 //! number and total size of the entries. Sizes are multiples of [`crate::pool::ALIGN`].
 //! Small sizes (up to [`SMALL_LIMIT`]) live in an array of bins with a bitmap of non-empty
-//! bins, so exact and best-fit lookups are O(1)/O(bins/64); larger sizes live in a B-tree
-//! keyed by (size, order of arrival), one node entry per buffer: a size seen for the first
-//! time costs no allocation of its own, which matters where large sizes rarely repeat and
-//! each buffer passes through the cache once. Within a size, the newest entry goes first.
+//! bins, so exact and best-fit lookups are O(1)/O(bins/64); larger sizes live in a
+//! [`SizeIndex`] ordered by (size, order of arrival), one entry per buffer: a size seen for
+//! the first time costs no allocation of its own, which matters where large sizes rarely
+//! repeat and each buffer passes through the cache once. Within a size, the newest entry goes
+//! first.
 
-use std::collections::BTreeMap;
-
+use crate::free_space::SizeIndex;
 use crate::pool::ALIGN;
 
 /// Largest size kept in the array of bins.
@@ -22,8 +22,8 @@ const WORDS: usize = SMALL_BINS.div_ceil(64);
 pub(crate) struct BufferCache {
     small: Vec<Vec<u32>>,
     nonempty: [u64; WORDS],
-    /// (size, arrival) -> slot.
-    large: BTreeMap<(usize, u64), u32>,
+    /// (size, arrival, slot).
+    large: SizeIndex<(usize, u64, u32)>,
     arrivals: u64,
     len: usize,
     bytes: usize,
@@ -34,7 +34,7 @@ impl Default for BufferCache {
         BufferCache {
             small: vec![Vec::new(); SMALL_BINS],
             nonempty: [0; WORDS],
-            large: BTreeMap::new(),
+            large: SizeIndex::default(),
             arrivals: 0,
             len: 0,
             bytes: 0,
@@ -58,7 +58,7 @@ impl BufferCache {
             self.nonempty[bin / 64] |= 1 << (bin % 64);
         } else {
             self.arrivals += 1;
-            self.large.insert((size, self.arrivals), slot);
+            self.large.insert((size, self.arrivals, slot));
         }
         self.len += 1;
         self.bytes += size;
@@ -75,8 +75,9 @@ impl BufferCache {
             }
             slot
         } else {
-            let (&key, _) = self.large.range(Self::of_size(size)).next_back()?;
-            self.large.remove(&key)?
+            let newest = *self.large.of_length(size).last()?;
+            self.large.remove(&newest);
+            newest.2
         };
         self.len -= 1;
         self.bytes -= size;
@@ -101,9 +102,9 @@ impl BufferCache {
             }
         }
         self.large
-            .range((size.max(SMALL_LIMIT + 1), 0)..)
+            .at_least(size.max(SMALL_LIMIT + 1))
             .next()
-            .map(|(&(s, _), _)| s)
+            .map(|(s, _, _)| s)
     }
 
     /// Removes a given slot filed under `size`; false if it is not there.
@@ -122,12 +123,13 @@ impl BufferCache {
                 None => false,
             }
         } else {
-            let key = self
+            let entry = self
                 .large
-                .range(Self::of_size(size))
-                .find(|&(_, &s)| s == slot)
-                .map(|(&key, _)| key);
-            key.and_then(|key| self.large.remove(&key)).is_some()
+                .of_length(size)
+                .iter()
+                .find(|e| e.2 == slot)
+                .copied();
+            entry.is_some_and(|e| self.large.remove(&e))
         };
         if removed {
             self.len -= 1;
@@ -155,17 +157,12 @@ impl BufferCache {
                 }
             }
         }
-        out.extend(self.large.iter().map(|(&(size, _), &s)| (size, s)));
+        out.extend(self.large.at_least(0).map(|(size, _, s)| (size, s)));
     }
 
     /// True if any small bin holds an entry (emptying a cache of large buffers skips them).
     fn has_small(&self) -> bool {
         self.len > self.large.len()
-    }
-
-    /// The keys of the large entries of one size.
-    fn of_size(size: usize) -> std::ops::RangeInclusive<(usize, u64)> {
-        (size, 0)..=(size, u64::MAX)
     }
 
     /// Removes and returns every entry.

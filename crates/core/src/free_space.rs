@@ -112,8 +112,26 @@ impl FreeRanges {
     }
 }
 
-/// An index entry: (length, heap slot, offset).
-pub(crate) type Entry = (usize, u32, usize);
+/// An entry of a [`SizeIndex`]: ordered, with a length leading its order.
+pub(crate) trait Entry: Ord + Copy {
+    fn length(&self) -> usize;
+}
+
+/// A free range: (length, heap slot, offset).
+pub(crate) type FreeEntry = (usize, u32, usize);
+
+impl Entry for FreeEntry {
+    fn length(&self) -> usize {
+        self.0
+    }
+}
+
+/// A cached buffer: (size, order of arrival, record slot).
+impl Entry for (usize, u64, u32) {
+    fn length(&self) -> usize {
+        self.0
+    }
+}
 
 /// Lengths below this many [`ALIGN`] units have a bin each.
 const EXACT_BINS: usize = 16;
@@ -136,15 +154,16 @@ fn bin_of(len: usize) -> usize {
     EXACT_BINS + (top - EXACT_BINS.trailing_zeros()) as usize * SUB_BINS + sub
 }
 
-/// Every free range of a pool, ordered by (length, heap, offset).
+/// Entries ordered as their tuples (every free range of a pool by (length, heap, offset);
+/// the large buffers of a cache by (size, arrival)), binned by length.
 #[derive(Debug)]
-pub(crate) struct SizeIndex {
-    bins: Vec<Vec<Entry>>,
+pub(crate) struct SizeIndex<E> {
+    bins: Vec<Vec<E>>,
     nonempty: [u64; WORDS],
     len: usize,
 }
 
-impl Default for SizeIndex {
+impl<E> Default for SizeIndex<E> {
     fn default() -> Self {
         SizeIndex {
             bins: (0..BINS).map(|_| Vec::new()).collect(),
@@ -154,13 +173,13 @@ impl Default for SizeIndex {
     }
 }
 
-impl SizeIndex {
+impl<E: Entry> SizeIndex<E> {
     pub fn len(&self) -> usize {
         self.len
     }
 
-    pub fn insert(&mut self, entry: Entry) {
-        let b = bin_of(entry.0);
+    pub fn insert(&mut self, entry: E) {
+        let b = bin_of(entry.length());
         let bin = &mut self.bins[b];
         let at = bin.partition_point(|e| *e < entry);
         if bin.get(at) == Some(&entry) {
@@ -172,8 +191,8 @@ impl SizeIndex {
     }
 
     /// Removes `entry`; false if it is not there.
-    pub fn remove(&mut self, entry: &Entry) -> bool {
-        let b = bin_of(entry.0);
+    pub fn remove(&mut self, entry: &E) -> bool {
+        let b = bin_of(entry.length());
         let bin = &mut self.bins[b];
         let Ok(at) = bin.binary_search(entry) else {
             return false;
@@ -206,9 +225,9 @@ impl SizeIndex {
     }
 
     /// Entries of length at least `len`, in order.
-    pub fn at_least(&self, len: usize) -> AtLeast<'_> {
+    pub fn at_least(&self, len: usize) -> AtLeast<'_, E> {
         let bin = bin_of(len);
-        let at = self.bins[bin].partition_point(|e| e.0 < len);
+        let at = self.bins[bin].partition_point(|e| e.length() < len);
         AtLeast {
             index: self,
             bin,
@@ -216,8 +235,29 @@ impl SizeIndex {
         }
     }
 
+    /// The entries of length exactly `len`, in order.
+    pub fn of_length(&self, len: usize) -> &[E] {
+        let bin = &self.bins[bin_of(len)];
+        let from = bin.partition_point(|e| e.length() < len);
+        let to = from + bin[from..].partition_point(|e| e.length() == len);
+        &bin[from..to]
+    }
+
+    /// Removes every entry.
+    pub fn clear(&mut self) {
+        for w in 0..WORDS {
+            let mut bits = self.nonempty[w];
+            while bits != 0 {
+                self.bins[w * 64 + bits.trailing_zeros() as usize].clear();
+                bits &= bits - 1;
+            }
+            self.nonempty[w] = 0;
+        }
+        self.len = 0;
+    }
+
     /// The greatest entry.
-    pub fn last(&self) -> Option<Entry> {
+    pub fn last(&self) -> Option<E> {
         let w = self.nonempty.iter().rposition(|&w| w != 0)?;
         let b = w * 64 + 63 - self.nonempty[w].leading_zeros() as usize;
         self.bins[b].last().copied()
@@ -225,16 +265,16 @@ impl SizeIndex {
 }
 
 /// Iterator of [`SizeIndex::at_least`].
-pub(crate) struct AtLeast<'a> {
-    index: &'a SizeIndex,
+pub(crate) struct AtLeast<'a, E> {
+    index: &'a SizeIndex<E>,
     bin: usize,
     at: usize,
 }
 
-impl Iterator for AtLeast<'_> {
-    type Item = Entry;
+impl<E: Entry> Iterator for AtLeast<'_, E> {
+    type Item = E;
 
-    fn next(&mut self) -> Option<Entry> {
+    fn next(&mut self) -> Option<E> {
         loop {
             if let Some(&e) = self.index.bins[self.bin].get(self.at) {
                 self.at += 1;
@@ -311,7 +351,7 @@ mod tests {
             ops in prop::collection::vec((any::<bool>(), 1usize..5000, 0u32..3, 0usize..64), 1..400),
             queries in prop::collection::vec(1usize..6000, 1..20),
         ) {
-            let mut index = SizeIndex::default();
+            let mut index = SizeIndex::<FreeEntry>::default();
             let mut model = BTreeSet::new();
             for (add, units, heap, slot) in ops {
                 // Spread lengths over many doublings.
@@ -326,12 +366,18 @@ mod tests {
                 prop_assert_eq!(index.len(), model.len());
             }
             prop_assert_eq!(index.last(), model.iter().next_back().copied());
-            for q in queries {
-                let len = q * q * ALIGN / 8 / ALIGN * ALIGN;
-                let got: Vec<Entry> = index.at_least(len).collect();
-                let want: Vec<Entry> = model.range((len, 0, 0)..).copied().collect();
+            let lengths = model.iter().map(|e| e.0).take(8).collect::<Vec<_>>();
+            let queries = queries.iter().map(|q| q * q * ALIGN / 8 / ALIGN * ALIGN);
+            for len in queries.chain(lengths) {
+                let got: Vec<FreeEntry> = index.at_least(len).collect();
+                let want: Vec<FreeEntry> = model.range((len, 0, 0)..).copied().collect();
                 prop_assert_eq!(got, want);
+                let exact: Vec<FreeEntry> =
+                    model.range((len, 0, 0)..(len + 1, 0, 0)).copied().collect();
+                prop_assert_eq!(index.of_length(len), &exact[..]);
             }
+            index.clear();
+            prop_assert_eq!((index.len(), index.last(), index.at_least(0).next()), (0, None, None));
         }
     }
 }

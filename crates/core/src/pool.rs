@@ -18,7 +18,7 @@
 
 use crate::backend::{Region, Storage, StreamId};
 use crate::cache::BufferCache;
-use crate::free_space::{FreeRanges, SizeIndex};
+use crate::free_space::{FreeEntry, FreeRanges, SizeIndex};
 use crate::pages::Pages;
 
 /// Alignment and rounding of every buffer.
@@ -190,7 +190,7 @@ pub(crate) struct Pool {
     pub stream: StreamId,
     pub heaps: Vec<Option<Heap>>,
     free_heap_slots: Vec<u32>,
-    free_index: SizeIndex,
+    free_index: SizeIndex<FreeEntry>,
     pub cache: BufferCache,
     /// Allocation attempts on this pool: the clock that ages cached buffers for GC.
     pub clock: u64,
