@@ -75,7 +75,7 @@ impl BufferCache {
             }
             slot
         } else {
-            let newest = *self.large.of_length(size).last()?;
+            let newest = self.large.of_length(size).next_back()?;
             self.large.remove(&newest);
             newest.2
         };
@@ -123,12 +123,7 @@ impl BufferCache {
                 None => false,
             }
         } else {
-            let entry = self
-                .large
-                .of_length(size)
-                .iter()
-                .find(|e| e.2 == slot)
-                .copied();
+            let entry = self.large.of_length(size).find(|e| e.2 == slot);
             entry.is_some_and(|e| self.large.remove(&e))
         };
         if removed {

@@ -10,13 +10,16 @@
 //! in the request's bin and, when that bin has nothing long enough, one bitmap scan to the next
 //! non-empty bin: the same answer as a search in one ordered set of all entries, without the
 //! pointer chasing. The price: an insert or remove shifts the entries after it in its bin. A
-//! bin holds ranges within 1/8 of one length, a few dozen even in fragmented pools, and
-//! shifting that many is cheaper than a tree's node walk.
+//! bin holds ranges within 1/8 of one length, a few dozen in most pools, and shifting that
+//! many is cheaper than a tree's node walk; a bin past 256 entries (a pool cut into thousands
+//! of equal holes) becomes a B-tree until it shrinks below 64, so no operation is linear.
 //!
 //! Invariants: ranges of one heap are disjoint and never adjacent (the pool merges neighbours);
 //! `by_end` holds exactly the ends of the ranges in `by_start`; a [`SizeIndex`] bin holds only
 //! entries whose length maps to it, sorted, without duplicates; its bit in `nonempty` is set
 //! exactly when it holds an entry; `len` counts the entries.
+
+use std::collections::BTreeSet;
 
 use crate::addr_map::AddrMap;
 use crate::pool::ALIGN;
@@ -115,6 +118,8 @@ impl FreeRanges {
 /// An entry of a [`SizeIndex`]: ordered, with a length leading its order.
 pub(crate) trait Entry: Ord + Copy {
     fn length(&self) -> usize;
+    /// The least entry of length `len`.
+    fn first_of_length(len: usize) -> Self;
 }
 
 /// A free range: (length, heap slot, offset).
@@ -124,12 +129,18 @@ impl Entry for FreeEntry {
     fn length(&self) -> usize {
         self.0
     }
+    fn first_of_length(len: usize) -> Self {
+        (len, 0, 0)
+    }
 }
 
 /// A cached buffer: (size, order of arrival, record slot).
 impl Entry for (usize, u64, u32) {
     fn length(&self) -> usize {
         self.0
+    }
+    fn first_of_length(len: usize) -> Self {
+        (len, 0, 0)
     }
 }
 
@@ -141,6 +152,10 @@ const SUB_BITS: u32 = SUB_BINS.trailing_zeros();
 const BINS: usize = EXACT_BINS
     + (usize::BITS - ALIGN.trailing_zeros() - EXACT_BINS.trailing_zeros()) as usize * SUB_BINS;
 const WORDS: usize = BINS.div_ceil(64);
+/// A sorted bin holding more entries than this becomes a tree (a shift would move too many).
+const TREE_ABOVE: usize = 256;
+/// A tree bin holding fewer entries than this becomes sorted again.
+const SORTED_BELOW: usize = 64;
 
 /// The bin of a range of `len` bytes; bins grow with length, so the order of bins and the
 /// order of lengths agree.
@@ -154,11 +169,155 @@ fn bin_of(len: usize) -> usize {
     EXACT_BINS + (top - EXACT_BINS.trailing_zeros()) as usize * SUB_BINS + sub
 }
 
+/// One bin: a sorted vector while short, a B-tree when many ranges share a length (a pool
+/// fragmented into thousands of equal holes), so no operation ever shifts a long vector.
+#[derive(Debug)]
+enum Bin<E> {
+    Sorted(Vec<E>),
+    Tree(BTreeSet<E>),
+}
+
+impl<E: Entry> Bin<E> {
+    fn len(&self) -> usize {
+        match self {
+            Bin::Sorted(v) => v.len(),
+            Bin::Tree(t) => t.len(),
+        }
+    }
+
+    /// Inserts `entry`; false if it was there.
+    #[inline]
+    fn insert(&mut self, entry: E) -> bool {
+        match self {
+            Bin::Sorted(v) => {
+                let at = v.partition_point(|e| *e < entry);
+                if v.get(at) == Some(&entry) {
+                    return false;
+                }
+                v.insert(at, entry);
+                if v.len() > TREE_ABOVE {
+                    self.become_tree();
+                }
+                true
+            }
+            Bin::Tree(t) => t.insert(entry),
+        }
+    }
+
+    /// Removes `entry`; false if it was not there.
+    #[inline]
+    fn remove(&mut self, entry: &E) -> bool {
+        match self {
+            Bin::Sorted(v) => match v.binary_search(entry) {
+                Ok(at) => {
+                    v.remove(at);
+                    true
+                }
+                Err(_) => false,
+            },
+            Bin::Tree(t) => {
+                let removed = t.remove(entry);
+                if t.len() < SORTED_BELOW {
+                    self.become_sorted();
+                }
+                removed
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn become_tree(&mut self) {
+        if let Bin::Sorted(v) = self {
+            *self = Bin::Tree(std::mem::take(v).into_iter().collect());
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn become_sorted(&mut self) {
+        if let Bin::Tree(t) = self {
+            *self = Bin::Sorted(std::mem::take(t).into_iter().collect());
+        }
+    }
+
+    /// Entries of length at least `from` and below `to` (none: to the bin's end).
+    #[inline]
+    fn lengths(&self, from: usize, to: Option<usize>) -> BinIter<'_, E> {
+        match self {
+            Bin::Sorted(v) => {
+                let start = v.partition_point(|e| e.length() < from);
+                let end = to.map_or(v.len(), |to| {
+                    start + v[start..].partition_point(|e| e.length() < to)
+                });
+                BinIter::Sorted(v[start..end].iter())
+            }
+            Bin::Tree(t) => {
+                let first = E::first_of_length(from);
+                BinIter::Tree(match to {
+                    Some(to) => t.range(first..E::first_of_length(to.max(from))),
+                    None => t.range(first..),
+                })
+            }
+        }
+    }
+
+    #[inline]
+    fn all(&self) -> BinIter<'_, E> {
+        match self {
+            Bin::Sorted(v) => BinIter::Sorted(v.iter()),
+            Bin::Tree(t) => BinIter::Tree(t.range(..)),
+        }
+    }
+
+    fn last(&self) -> Option<E> {
+        match self {
+            Bin::Sorted(v) => v.last().copied(),
+            Bin::Tree(t) => t.last().copied(),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Bin::Sorted(v) => v.clear(),
+            Bin::Tree(_) => *self = Bin::Sorted(Vec::new()),
+        }
+    }
+}
+
+/// Entries of one bin, in order, from either end.
+pub(crate) enum BinIter<'a, E> {
+    Sorted(std::slice::Iter<'a, E>),
+    Tree(std::collections::btree_set::Range<'a, E>),
+}
+
+impl<E: Copy> Iterator for BinIter<'_, E> {
+    type Item = E;
+
+    #[inline]
+    fn next(&mut self) -> Option<E> {
+        match self {
+            BinIter::Sorted(i) => i.next().copied(),
+            BinIter::Tree(i) => i.next().copied(),
+        }
+    }
+}
+
+impl<E: Copy> DoubleEndedIterator for BinIter<'_, E> {
+    #[inline]
+    fn next_back(&mut self) -> Option<E> {
+        match self {
+            BinIter::Sorted(i) => i.next_back().copied(),
+            BinIter::Tree(i) => i.next_back().copied(),
+        }
+    }
+}
+
 /// Entries ordered as their tuples (every free range of a pool by (length, heap, offset);
 /// the large buffers of a cache by (size, arrival)), binned by length.
 #[derive(Debug)]
 pub(crate) struct SizeIndex<E> {
-    bins: Vec<Vec<E>>,
+    bins: Vec<Bin<E>>,
     nonempty: [u64; WORDS],
     len: usize,
 }
@@ -166,7 +325,7 @@ pub(crate) struct SizeIndex<E> {
 impl<E> Default for SizeIndex<E> {
     fn default() -> Self {
         SizeIndex {
-            bins: (0..BINS).map(|_| Vec::new()).collect(),
+            bins: (0..BINS).map(|_| Bin::Sorted(Vec::new())).collect(),
             nonempty: [0; WORDS],
             len: 0,
         }
@@ -180,25 +339,20 @@ impl<E: Entry> SizeIndex<E> {
 
     pub fn insert(&mut self, entry: E) {
         let b = bin_of(entry.length());
-        let bin = &mut self.bins[b];
-        let at = bin.partition_point(|e| *e < entry);
-        if bin.get(at) == Some(&entry) {
-            return;
+        if self.bins[b].insert(entry) {
+            self.nonempty[b / 64] |= 1 << (b % 64);
+            self.len += 1;
         }
-        bin.insert(at, entry);
-        self.nonempty[b / 64] |= 1 << (b % 64);
-        self.len += 1;
     }
 
     /// Removes `entry`; false if it is not there.
     pub fn remove(&mut self, entry: &E) -> bool {
         let b = bin_of(entry.length());
         let bin = &mut self.bins[b];
-        let Ok(at) = bin.binary_search(entry) else {
+        if !bin.remove(entry) {
             return false;
-        };
-        bin.remove(at);
-        if bin.is_empty() {
+        }
+        if bin.len() == 0 {
             self.nonempty[b / 64] &= !(1 << (b % 64));
         }
         self.len -= 1;
@@ -225,22 +379,20 @@ impl<E: Entry> SizeIndex<E> {
     }
 
     /// Entries of length at least `len`, in order.
+    #[inline]
     pub fn at_least(&self, len: usize) -> AtLeast<'_, E> {
         let bin = bin_of(len);
-        let at = self.bins[bin].partition_point(|e| e.length() < len);
         AtLeast {
             index: self,
             bin,
-            at,
+            entries: self.bins[bin].lengths(len, None),
         }
     }
 
     /// The entries of length exactly `len`, in order.
-    pub fn of_length(&self, len: usize) -> &[E] {
-        let bin = &self.bins[bin_of(len)];
-        let from = bin.partition_point(|e| e.length() < len);
-        let to = from + bin[from..].partition_point(|e| e.length() == len);
-        &bin[from..to]
+    #[inline]
+    pub fn of_length(&self, len: usize) -> BinIter<'_, E> {
+        self.bins[bin_of(len)].lengths(len, Some(len.saturating_add(1)))
     }
 
     /// Removes every entry.
@@ -260,7 +412,7 @@ impl<E: Entry> SizeIndex<E> {
     pub fn last(&self) -> Option<E> {
         let w = self.nonempty.iter().rposition(|&w| w != 0)?;
         let b = w * 64 + 63 - self.nonempty[w].leading_zeros() as usize;
-        self.bins[b].last().copied()
+        self.bins[b].last()
     }
 }
 
@@ -268,20 +420,20 @@ impl<E: Entry> SizeIndex<E> {
 pub(crate) struct AtLeast<'a, E> {
     index: &'a SizeIndex<E>,
     bin: usize,
-    at: usize,
+    entries: BinIter<'a, E>,
 }
 
 impl<E: Entry> Iterator for AtLeast<'_, E> {
     type Item = E;
 
+    #[inline]
     fn next(&mut self) -> Option<E> {
         loop {
-            if let Some(&e) = self.index.bins[self.bin].get(self.at) {
-                self.at += 1;
+            if let Some(e) = self.entries.next() {
                 return Some(e);
             }
             self.bin = self.index.next_bin(self.bin + 1)?;
-            self.at = 0;
+            self.entries = self.index.bins[self.bin].all();
         }
     }
 }
@@ -344,40 +496,85 @@ mod tests {
         assert_eq!(sorted(&r), vec![(3584, 1536)]);
     }
 
+    /// Checks every query of `index` against `model`.
+    fn agree(index: &SizeIndex<FreeEntry>, model: &BTreeSet<FreeEntry>, lens: &[usize]) {
+        assert_eq!(index.len(), model.len());
+        assert_eq!(index.last(), model.iter().next_back().copied());
+        let lengths = model.iter().map(|e| e.0).step_by(model.len() / 8 + 1);
+        for len in lens.iter().copied().chain(lengths) {
+            let got: Vec<FreeEntry> = index.at_least(len).collect();
+            let want: Vec<FreeEntry> = model.range((len, 0, 0)..).copied().collect();
+            assert_eq!(got, want, "at least {len}");
+            let exact: Vec<FreeEntry> =
+                model.range((len, 0, 0)..(len + 1, 0, 0)).copied().collect();
+            assert_eq!(
+                index.of_length(len).collect::<Vec<_>>(),
+                exact,
+                "of length {len}"
+            );
+            assert_eq!(index.of_length(len).next_back(), exact.last().copied());
+        }
+    }
+
     proptest! {
-        /// The index answers exactly as one ordered set of all entries would.
+        /// The index answers exactly as one ordered set of all entries would: lengths spread
+        /// over many doublings, or crowded into three lengths so that bins turn into trees
+        /// and back.
         #[test]
         fn the_index_orders_like_an_ordered_set(
-            ops in prop::collection::vec((any::<bool>(), 1usize..5000, 0u32..3, 0usize..64), 1..400),
+            crowded in any::<bool>(),
+            ops in prop::collection::vec((0u8..3, 1usize..5000, 0u32..3, 0usize..2000), 1..1500),
             queries in prop::collection::vec(1usize..6000, 1..20),
         ) {
             let mut index = SizeIndex::<FreeEntry>::default();
             let mut model = BTreeSet::new();
-            for (add, units, heap, slot) in ops {
-                // Spread lengths over many doublings.
-                let len = units * units * ALIGN / 8 / ALIGN * ALIGN + ALIGN;
+            for (op, units, heap, slot) in ops {
+                let len = if crowded {
+                    (units % 3 + 1) * ALIGN
+                } else {
+                    units * units * ALIGN / 8 / ALIGN * ALIGN + ALIGN
+                };
                 let entry = (len, heap, slot * ALIGN);
-                if add {
+                // Two inserts for one remove, so crowded bins grow past the tree threshold.
+                if op < 2 {
                     index.insert(entry);
                     model.insert(entry);
                 } else {
                     prop_assert_eq!(index.remove(&entry), model.remove(&entry));
                 }
-                prop_assert_eq!(index.len(), model.len());
             }
-            prop_assert_eq!(index.last(), model.iter().next_back().copied());
-            let lengths = model.iter().map(|e| e.0).take(8).collect::<Vec<_>>();
-            let queries = queries.iter().map(|q| q * q * ALIGN / 8 / ALIGN * ALIGN);
-            for len in queries.chain(lengths) {
-                let got: Vec<FreeEntry> = index.at_least(len).collect();
-                let want: Vec<FreeEntry> = model.range((len, 0, 0)..).copied().collect();
-                prop_assert_eq!(got, want);
-                let exact: Vec<FreeEntry> =
-                    model.range((len, 0, 0)..(len + 1, 0, 0)).copied().collect();
-                prop_assert_eq!(index.of_length(len), &exact[..]);
+            let lens: Vec<usize> = queries.iter().map(|q| q * q * ALIGN / 8 / ALIGN * ALIGN).collect();
+            agree(&index, &model, &lens);
+            // Emptied again, entry by entry: crowded bins go back to sorted vectors.
+            let all: Vec<FreeEntry> = model.iter().copied().collect();
+            for (i, e) in all.iter().enumerate() {
+                prop_assert!(index.remove(e));
+                model.remove(e);
+                if i % 97 == 0 {
+                    agree(&index, &model, &lens);
+                }
+            }
+            agree(&index, &model, &lens);
+            for e in all.iter().take(300) {
+                index.insert(*e);
             }
             index.clear();
             prop_assert_eq!((index.len(), index.last(), index.at_least(0).next()), (0, None, None));
         }
+    }
+
+    #[test]
+    fn crowded_bins_become_trees_and_sorted_again() {
+        let mut index = SizeIndex::<FreeEntry>::default();
+        for off in 0..1000 {
+            index.insert((ALIGN, 0, off * ALIGN));
+        }
+        assert!(matches!(index.bins[1], Bin::Tree(_)));
+        assert_eq!(index.at_least(ALIGN).next(), Some((ALIGN, 0, 0)));
+        for off in 0..990 {
+            assert!(index.remove(&(ALIGN, 0, off * ALIGN)));
+        }
+        assert!(matches!(index.bins[1], Bin::Sorted(_)));
+        assert_eq!(index.of_length(ALIGN).count(), 10);
     }
 }
