@@ -4,7 +4,7 @@
 //! the holes that large ones leave (pages already mapped) instead of mapping a second range;
 //! they still count as `small_pool` in the statistics. Tiny ones keep a pool of their own.
 //! A burst of growth maps ahead only while the pool climbs past the most it ever placed, and
-//! a pool's first growth is no burst.
+//! a pool's first growth is no burst. Among equal holes, the lowest address is taken first.
 
 use bufferheap_core::{Allocator, Config, Policy, PoolKind};
 use bufferheap_sim::SimBackend;
@@ -150,4 +150,31 @@ fn a_pools_first_growth_maps_only_what_its_buffer_needs() {
     );
     a.free(tiny.ptr).unwrap();
     a.free(large.ptr).unwrap();
+}
+
+#[test]
+fn among_many_equal_holes_placement_takes_the_lowest_address() {
+    // Thousands of equal holes crowd one bin of the free-space index past the size where it
+    // turns into a tree: placement must still be best fit, lowest address first.
+    let a = sim(Config {
+        front_cache_bytes: 0,
+        ..Config::default()
+    });
+    let buffers: Vec<_> = (0..3000).map(|_| a.alloc(4096).unwrap().unwrap()).collect();
+    let mut holes: Vec<u64> = buffers.iter().step_by(2).map(|b| b.ptr).collect();
+    for &ptr in &holes {
+        a.free(ptr).unwrap();
+    }
+    a.empty_cache().unwrap();
+    holes.sort();
+    let reserved = a.usage().reserved;
+    for (i, &hole) in holes.iter().enumerate().take(1200) {
+        let b = a.alloc(4096).unwrap().unwrap();
+        assert_eq!(b.ptr, hole, "allocation {i} not in the lowest free hole");
+    }
+    assert_eq!(
+        a.usage().reserved,
+        reserved,
+        "holes filled without new pages"
+    );
 }
