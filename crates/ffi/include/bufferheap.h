@@ -54,9 +54,15 @@ extern "C" {
  * memory (the message gives the figures and a hint), or a backend that cannot start. */
 void *bufferheap_malloc(ssize_t size, int device, void *stream);
 
+/* Allocates like bufferheap_malloc for callers that raise their own errors: never throws,
+ * never writes to stderr. Answers 0 with *out set (NULL for size 0), 1 when the device is out
+ * of memory, -1 on any other failure (unknown device, a backend that cannot start, out = NULL);
+ * the reason is bufferheap_last_error(). */
+int bufferheap_try_malloc(size_t size, int device, void *stream, void **out);
+
 /* Frees a pointer from bufferheap_malloc; `size`, `device` and `stream` are those of the
  * allocation (only used in messages: the pointer alone identifies the buffer, on whichever
- * device it lives). NULL: nothing. A pointer bufferheap does not know (never allocated here,
+ * device it lives; size 0 and device -1 when unknown). NULL: nothing. A pointer bufferheap does not know (never allocated here,
  * or freed twice): a message on stderr and nothing else. */
 void bufferheap_free(void *ptr, ssize_t size, int device, void *stream);
 

@@ -22,6 +22,9 @@ pub struct FfiError {
     pub message: String,
     /// Already written to stderr (setup errors are written once, where first met).
     pub shown: bool,
+    /// The device's memory is exhausted (as opposed to a bad argument or a broken backend):
+    /// callers that raise their own errors raise PyTorch's `OutOfMemoryError` for it.
+    pub out_of_memory: bool,
 }
 
 impl FfiError {
@@ -29,6 +32,15 @@ impl FfiError {
         FfiError {
             message: message.into(),
             shown: false,
+            out_of_memory: false,
+        }
+    }
+
+    /// An allocation that failed because the device is full.
+    pub fn out_of_memory(message: impl Into<String>) -> Self {
+        FfiError {
+            out_of_memory: true,
+            ..FfiError::new(message)
         }
     }
 

@@ -9,8 +9,9 @@
 //! - a pointer is looked up in the allocator of the device it is given with first, then in
 //!   every other device's allocator: device addresses are unique in the process (one virtual
 //!   address space), so at most one allocator knows it;
-//! - `unsafe` is limited to the three functions that dereference pointers from C
-//!   (`bufferheap_configure`, `bufferheap_base_alloc`, `bufferheap_string_free`).
+//! - `unsafe` is limited to the four functions that dereference pointers from C
+//!   (`bufferheap_configure`, `bufferheap_base_alloc`, `bufferheap_string_free`,
+//!   `bufferheap_try_malloc`).
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::ptr::null_mut;
@@ -84,11 +85,63 @@ fn malloc(size: isize, device: c_int, stream: StreamId) -> FfiResult<*mut c_void
     match allocator.alloc_on(size as usize, stream) {
         Ok(Some(buffer)) => Ok(buffer.ptr as usize as *mut c_void),
         Ok(None) => Ok(null_mut()),
-        Err(Error::OutOfMemory(oom)) => Err(FfiError::new(format!("{oom} (device {d})"))),
+        Err(Error::OutOfMemory(oom)) => Err(FfiError::out_of_memory(format!("{oom} (device {d})"))),
         Err(e) => Err(FfiError::new(format!(
             "bufferheap: allocation of {size} bytes on device {d} failed: {e}"
         ))),
     }
+}
+
+/// `bufferheap_try_malloc`'s answers.
+const ALLOCATED: c_int = 0;
+const OUT_OF_MEMORY: c_int = 1;
+const FAILED: c_int = -1;
+
+/// Allocates like `bufferheap_malloc`, for callers that raise their own errors (the C++ front
+/// of `bufferheap.torch`): never throws, never writes to stderr. 0 with `*out` set (NULL for
+/// size 0), 1 when the device is out of memory, -1 on any other failure, the reason being
+/// the last error either way. A size above `isize::MAX` is out of memory.
+///
+/// # Safety
+/// `out` must be NULL (the call then fails) or point to writable storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bufferheap_try_malloc(
+    size: usize,
+    device: c_int,
+    stream: *mut c_void,
+    out: *mut *mut c_void,
+) -> c_int {
+    guard("bufferheap_try_malloc", FAILED, || {
+        if out.is_null() {
+            set_last_error("bufferheap_try_malloc: `out` is NULL; nothing was allocated");
+            return FAILED;
+        }
+        let result = match isize::try_from(size) {
+            Ok(size) => malloc(size, device, stream_id(stream)),
+            Err(_) => Err(FfiError::out_of_memory(format!(
+                "bufferheap: cannot allocate {size} bytes on device {device}: more than any \
+                 device's address space"
+            ))),
+        };
+        let (ptr, answer) = match result {
+            Ok(ptr) => (ptr, ALLOCATED),
+            Err(e) => {
+                set_last_error(&e.message);
+                (
+                    null_mut(),
+                    if e.out_of_memory {
+                        OUT_OF_MEMORY
+                    } else {
+                        FAILED
+                    },
+                )
+            }
+        };
+        // SAFETY: `out` is not NULL (checked above) and the caller guarantees it points to
+        // writable storage for one pointer.
+        unsafe { out.write(ptr) };
+        answer
+    })
 }
 
 /// Frees a pointer from `bufferheap_malloc`. NULL: nothing. A pointer bufferheap does not know
@@ -152,7 +205,7 @@ fn free(ptr: u64, size: isize, device: c_int) -> FfiResult<()> {
     for (d, allocator) in sys.all_existing().filter(|(d, _)| Some(*d) != hint) {
         match free_in(allocator, d, ptr, size) {
             Freed::Done => {
-                if reg.debug() != 0 {
+                if reg.debug() != 0 && hint.is_some() {
                     eprint_lines(&format!(
                         "bufferheap: free of {ptr:#x} named device {device}, but the pointer \
                          belongs to device {d}; freed there"

@@ -131,6 +131,8 @@ fn signatures_match_the_contract() {
     // The header's declarations, as Rust function pointer types: a mismatch fails to compile.
     let _: extern "C-unwind" fn(isize, c_int, *mut c_void) -> *mut c_void = bufferheap_malloc;
     let _: extern "C" fn(*mut c_void, isize, c_int, *mut c_void) = bufferheap_free;
+    let _: unsafe extern "C" fn(usize, c_int, *mut c_void, *mut *mut c_void) -> c_int =
+        bufferheap_try_malloc;
     let _: extern "C" fn(c_int) = bufferheap_init;
     let _: extern "C" fn() = bufferheap_reset;
     let _: extern "C" fn(f64, c_int) = bufferheap_set_memory_fraction;
@@ -432,11 +434,41 @@ fn watermarks_memory_fraction_and_oom() {
     bufferheap_set_memory_fraction(0.0, d);
     assert!(malloc(512, d).is_null());
     assert!(last_error().contains("out of memory"));
+    // the C++ front's entry: out of memory is told apart from other failures
+    assert_eq!(try_malloc(512, d).1, 1);
+    assert!(last_error().contains("out of memory"));
+    assert_eq!(try_malloc(usize::MAX, d).1, 1);
+    assert!(last_error().contains("more than any device's address space"));
+    assert_eq!(try_malloc(512, 99).1, -1);
+    assert!(
+        last_error().contains("invalid device 99"),
+        "{}",
+        last_error()
+    );
+    // SAFETY: a NULL `out` is refused before anything is written.
+    let answer = unsafe { bufferheap_try_malloc(512, d, null_mut(), null_mut()) };
+    assert_eq!(answer, -1);
+    assert!(last_error().contains("`out` is NULL"));
     // lifted again
     assert_eq!(bufferheap_set_watermarks(d, 0.0, 0.0), 0);
     let p = malloc(64 << 20, d);
     assert!(!p.is_null(), "{}", last_error());
     free(p, d);
+    let (p, answer) = try_malloc(64 << 20, d);
+    assert_eq!(answer, 0, "{}", last_error());
+    assert!(!p.is_null());
+    assert_eq!(try_malloc(0, d), (null_mut(), 0));
+    // freed by address alone: no size, no device
+    bufferheap_free(p, 0, -1, null_mut());
+    assert_eq!(stat(d, "allocated_bytes.all.current"), 0);
+}
+
+/// `bufferheap_try_malloc` on the default stream: the pointer and the answer.
+fn try_malloc(size: usize, device: c_int) -> (*mut c_void, c_int) {
+    let mut out = std::ptr::dangling_mut::<c_void>(); // overwritten by every answer
+    // SAFETY: `out` is a valid place for one pointer.
+    let answer = unsafe { bufferheap_try_malloc(size, device, null_mut(), &mut out) };
+    (out, answer)
 }
 
 #[test]
@@ -505,6 +537,7 @@ fn header_declares_exactly_the_exports() {
     declared.sort_unstable();
     let mut exported = vec![
         "bufferheap_malloc",
+        "bufferheap_try_malloc",
         "bufferheap_free",
         "bufferheap_init",
         "bufferheap_reset",
@@ -547,6 +580,7 @@ fn header_compiles_with_the_contract_types() {
         r#"#include <bufferheap.h>
 void *(*p_malloc)(ssize_t, int, void *) = bufferheap_malloc;
 void (*p_free)(void *, ssize_t, int, void *) = bufferheap_free;
+int (*p_try_malloc)(size_t, int, void *, void **) = bufferheap_try_malloc;
 void (*p_init)(int) = bufferheap_init;
 void (*p_reset)(void) = bufferheap_reset;
 void (*p_fraction)(double, int) = bufferheap_set_memory_fraction;
