@@ -1,13 +1,14 @@
 """Quick functional check of bufferheap as PyTorch's CUDA allocator on one GPU.
 
-usage: PYTHONPATH=python BUFFERHEAP_LIB=dist/libbufferheap_ffi.so python3 bench/gpu_smoke.py [--policy default|mps]
+usage: PYTHONPATH=python BUFFERHEAP_LIB=dist/libbufferheap_ffi.so python3 bench/gpu_smoke.py [--policy default|mps] [--direct]
 
 Installs bufferheap, then: tensors of many sizes on cuda:0 with results checked against the
 CPU; frees; memory_stats keys present and consistent; empty_cache lowers reserved memory;
 snapshot() writes a pickle that loads back with segments and device_traces (and that PyTorch's
 memory viewer renders); a tensor made on a side stream and used on the main stream while the
 side stream reuses memory keeps its data when record_stream is called; and what PyTorch
-shows for an impossible (1 PiB) allocation. Prints one JSON object; exit status 1 if a check failed.
+shows for an impossible (1 PiB) allocation. `--direct` installs the C++ front
+(install(direct=True)), whose full device must raise torch.OutOfMemoryError. Prints one JSON object; exit status 1 if a check failed.
 """
 
 import argparse
@@ -20,7 +21,9 @@ import traceback
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--policy", default="default", choices=["default", "mps"])
+ap.add_argument("--direct", action="store_true", help="install through the C++ front")
 a = ap.parse_args()
+DIRECT = a.direct  # checks below name their tensors `a`
 
 for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
     os.environ.pop(var, None)
@@ -50,8 +53,8 @@ def check(name):
 
 @check("install")
 def _():
-    info["install"] = bufferheap.torch.install(policy=a.policy)
-    info["install_again_same"] = bufferheap.torch.install(policy=a.policy) == info["install"]
+    info["install"] = bufferheap.torch.install(policy=a.policy, direct=a.direct)
+    info["install_again_same"] = bufferheap.torch.install(policy=a.policy, direct=a.direct) == info["install"]
     return info["install_again_same"]
 
 
@@ -59,7 +62,7 @@ def _():
 def _():
     other = "mps" if a.policy == "default" else "default"
     try:
-        bufferheap.torch.install(policy=other)
+        bufferheap.torch.install(policy=other, direct=a.direct)
     except RuntimeError as e:
         info["install_other_settings"] = str(e)
         return True
@@ -234,6 +237,8 @@ def _():
     except Exception as e:  # noqa: BLE001
         info["device_full"] = {"raised": type(e).__name__, "message": str(e)[:2000]}
         ok = "out of memory" in str(e)
+        if DIRECT:  # the direct front raises PyTorch's own out-of-memory error
+            ok &= isinstance(e, torch.OutOfMemoryError)
     del a
     bufferheap.empty_cache()
     y = torch.ones(MiB, device=dev)

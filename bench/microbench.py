@@ -4,6 +4,7 @@ usage: PYTHONPATH=python BUFFERHEAP_LIB=dist/libbufferheap_ffi.so \\
        python3 bench/microbench.py MODE [--policy default|mps] [--steps N] [--repeats R]
 
 MODE: native | expandable (expandable_segments) | async (cudaMallocAsync) | bufferheap
+      | bufferheap-direct (bufferheap through its C++ front, install(direct=True))
 
 A C++ loop (built with torch.utils.cpp_extension.load_inline) calls
 c10::cuda::CUDACachingAllocator::raw_alloc / raw_delete, which reach whichever allocator is
@@ -17,7 +18,7 @@ import json
 import os
 
 RANGES = [(512, 4096, 64), (512, 1 << 20, 256), (1 << 20, 64 << 20, 32)]
-ALLOC_CONF = {"native": None, "expandable": "expandable_segments:True", "async": "backend:cudaMallocAsync", "bufferheap": None}
+ALLOC_CONF = {"native": None, "expandable": "expandable_segments:True", "async": "backend:cudaMallocAsync", "bufferheap": None, "bufferheap-direct": None}
 
 SRC = r"""
 #include <torch/extension.h>
@@ -64,11 +65,11 @@ if ALLOC_CONF[a.mode]:
 import torch  # noqa: E402
 from torch.utils.cpp_extension import load_inline  # noqa: E402
 
-ours = a.mode == "bufferheap"
+ours = a.mode.startswith("bufferheap")
 if ours:
     import bufferheap
 
-    bufferheap.torch.install(policy=a.policy)
+    bufferheap.torch.install(policy=a.policy, direct=a.mode == "bufferheap-direct")
 
 torch.zeros(1, device="cuda")
 ext = load_inline("bufferheap_microbench", cpp_sources=SRC, functions=["bench"], with_cuda=True, verbose=False)

@@ -6,7 +6,7 @@
 #   env: OUT        results folder (default ./out); lines are appended to $OUT/results.jsonl,
 #                   each run's stderr kept in $OUT/logs/
 #        BUFFERHEAP_LIB  the built libbufferheap_ffi.so (default: dist/libbufferheap_ffi.so if present)
-#        MODES      default "native expandable async bufferheap"
+#        MODES      default "native expandable async bufferheap bufferheap-direct"
 #        POLICIES   bufferheap policies to run (default "default"; e.g. "default mps")
 #        WORKLOADS  default "gpt2 resnet50"
 #        STEPS      timed steps per workload (default: the script's own, 40 / 30)
@@ -22,7 +22,7 @@ set -u
 cd "$(dirname "$0")/.."
 what=${1:-all}
 OUT=${OUT:-./out}
-MODES=${MODES:-native expandable async bufferheap}
+MODES=${MODES:-native expandable async bufferheap bufferheap-direct}
 POLICIES=${POLICIES:-default}
 WORKLOADS=${WORKLOADS:-gpt2 resnet50}
 TIMEOUT=${TIMEOUT:-900}
@@ -58,7 +58,7 @@ EOF
 
 # mode_runs MODE: the (mode, policy) pairs for one mode, one per line
 mode_runs() {
-    if [ "$1" = bufferheap ]; then
+    if [ "${1#bufferheap}" != "$1" ]; then
         for p in $POLICIES; do echo "bufferheap $p"; done
     else
         echo "$1 -"

@@ -25,8 +25,8 @@ LOSS_RTOL = 1e-2
 
 def label(rec):
     mode = rec.get("mode", "?")
-    if mode == "bufferheap":
-        return f"bufferheap ({rec.get('policy') or 'default'})"
+    if mode.startswith("bufferheap"):
+        return f"{mode} ({rec.get('policy') or 'default'})"
     return MODE_NAMES.get(mode, mode)
 
 

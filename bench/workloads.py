@@ -8,6 +8,7 @@ WORKLOAD: gpt2 (GPT-2 124M, AdamW, bf16 autocast, batch 8, sequence length drawn
           | vit (ViT-B/16, AdamW, bf16 autocast, batch 32/48/64) | bert (BERT-base masked LM,
           AdamW, bf16 autocast, batch 16, sequence length drawn from 64..512)
 MODE:     native | expandable (expandable_segments) | async (cudaMallocAsync) | bufferheap
+          | bufferheap-direct (bufferheap through its C++ front, install(direct=True))
 --record: native modes pickle torch.cuda.memory._snapshot() with the allocation history of the
           timed steps; bufferheap pickles bufferheap.snapshot() taken after them.
 
@@ -29,7 +30,7 @@ import random
 import time
 
 GiB = 2**30
-ALLOC_CONF = {"native": None, "expandable": "expandable_segments:True", "async": "backend:cudaMallocAsync", "bufferheap": None}
+ALLOC_CONF = {"native": None, "expandable": "expandable_segments:True", "async": "backend:cudaMallocAsync", "bufferheap": None, "bufferheap-direct": None}
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("workload", choices=["gpt2", "resnet50", "vit", "bert"])
@@ -48,11 +49,11 @@ if ALLOC_CONF[a.mode]:
 
 import torch  # noqa: E402
 
-ours = a.mode == "bufferheap"
+ours = a.mode.startswith("bufferheap")
 if ours:
     import bufferheap
 
-    bufferheap.torch.install(policy=a.policy)
+    bufferheap.torch.install(policy=a.policy, direct=a.mode == "bufferheap-direct")
 
 torch.manual_seed(a.seed)
 random.seed(a.seed)

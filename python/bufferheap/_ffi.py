@@ -46,6 +46,7 @@ class LibraryNotFoundError(BufferheapError):
 _c = ctypes
 _SIGNATURES = {
     "bufferheap_malloc": (_c.c_void_p, [_c.c_ssize_t, _c.c_int, _c.c_void_p]),
+    "bufferheap_try_malloc": (_c.c_int, [_c.c_size_t, _c.c_int, _c.c_void_p, _c.POINTER(_c.c_void_p)]),
     "bufferheap_free": (None, [_c.c_void_p, _c.c_ssize_t, _c.c_int, _c.c_void_p]),
     "bufferheap_init": (None, [_c.c_int]),
     "bufferheap_reset": (None, []),

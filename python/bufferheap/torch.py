@@ -22,7 +22,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import bufferheap
 
-from . import _config, _ffi
+from . import _config, _direct, _ffi
 
 _TOO_LATE = (
     "bufferheap.torch.install() must be called before any CUDA tensor is created: CUDA is already "
@@ -51,6 +51,7 @@ def install(
     front_cache_bytes: Optional[int] = None,
     idle_page_fraction: Optional[float] = None,
     unmap_rate_limit: Optional[float] = None,
+    direct: bool = False,
 ) -> Dict[str, Any]:
     """Make bufferheap PyTorch's CUDA allocator for this process.
 
@@ -58,6 +59,12 @@ def install(
     trace that `bufferheap replay` and PyTorch's memory viewer can play back.
     `front_cache_bytes` sets what each thread may keep cached in front of the allocator's lock
     (default 1 MiB; 0 turns these caches off).
+
+    `direct=True` registers bufferheap's own C++ allocator class with PyTorch instead of going
+    through `torch.cuda.memory.CUDAPluggableAllocator`, whose mutex and map of live pointers cost
+    about as much as bufferheap itself on every allocation and free; a full device then raises
+    `torch.OutOfMemoryError`. The class is compiled on first use against the running PyTorch
+    (cached afterwards; needs a C++ compiler, ninja and PyTorch's CUDA headers).
 
     Must run before CUDA is initialized. A second call with the same settings does nothing;
     with other settings it raises RuntimeError. Returns what was installed: the library
@@ -68,6 +75,9 @@ def install(
             policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes, idle_page_fraction,
             unmap_rate_limit,
         ))
+    if not isinstance(direct, bool):
+        raise TypeError(f"direct must be True or False, not {direct!r}")
+    wanted["front"] = "direct" if direct else "pluggable"
     if _installed is not None:
         if wanted != _installed:
             raise RuntimeError(
@@ -81,8 +91,24 @@ def install(
         raise RuntimeError(_TOO_LATE)
 
     library = _ffi.lib()
+    # Built before anything is configured, so that a failed build leaves the process as it was.
+    front = _direct.build() if direct else None
     bufferheap.configure(policy, low_watermark_ratio, high_watermark_ratio, debug, history)
+    try:
+        if front is not None:
+            alloc, hooks = front, _direct.install(library, front)
+        else:
+            alloc, hooks = _install_pluggable(library)
+    except RuntimeError as e:
+        if "already initialized" in str(e) or torch.cuda.is_initialized():
+            raise RuntimeError(_TOO_LATE) from e
+        raise
+    _installed, _allocator, _hooks = wanted, alloc, hooks
+    return _info()
 
+
+def _install_pluggable(library: "_ffi.Library"):
+    """Installs through PyTorch's CUDAPluggableAllocator; returns it and the hooks it set."""
     alloc = torch.cuda.memory.CUDAPluggableAllocator(str(library.path), "bufferheap_malloc", "bufferheap_free")
     raw = alloc.allocator()
     hooks = []
@@ -92,14 +118,8 @@ def install(
             continue
         set_hook(library.address(symbol))
         hooks.append(setter)
-    try:
-        torch.cuda.memory.change_current_allocator(alloc)
-    except RuntimeError as e:
-        if "already initialized" in str(e) or torch.cuda.is_initialized():
-            raise RuntimeError(_TOO_LATE) from e
-        raise
-    _installed, _allocator, _hooks = wanted, alloc, hooks
-    return _info()
+    torch.cuda.memory.change_current_allocator(alloc)
+    return alloc, hooks
 
 
 def _info() -> Dict[str, Any]:

@@ -75,3 +75,32 @@ def test_install_after_cuda_started_is_refused():
         """
     )
     assert r["msg"] and "before any CUDA tensor is created" in r["msg"]
+
+
+def test_direct_front_allocates_frees_and_raises_out_of_memory():
+    r = _run(
+        """
+        import json, torch, bufferheap
+        info = bufferheap.torch.install(direct=True)
+        x = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
+        s = float(x.sum())
+        allocated = bufferheap.memory_allocated()
+        del x
+        free, _ = torch.cuda.mem_get_info()
+        try:
+            torch.empty(2 * free, dtype=torch.uint8, device="cuda")
+            raised = None
+        except torch.OutOfMemoryError as e:
+            raised = str(e)
+        y = torch.ones(1 << 20, device="cuda")  # the process goes on working
+        print(json.dumps(dict(info=info, sum=s, allocated=allocated, after=bufferheap.memory_allocated(),
+                              raised=raised, ones=float(y.sum()))))
+        """
+    )
+    assert r["info"]["settings"]["front"] == "direct"
+    assert "set_init_fn" in r["info"]["hooks"] and "set_record_stream_fn" in r["info"]["hooks"]
+    assert r["sum"] == float(sum(range(1 << 20)))
+    assert r["allocated"] >= 4 << 20
+    assert r["after"] == 4 << 20  # only y is live
+    assert r["raised"] and "out of memory" in r["raised"]
+    assert r["ones"] == float(1 << 20)

@@ -437,6 +437,12 @@ fn watermarks_memory_fraction_and_oom() {
     // the C++ front's entry: out of memory is told apart from other failures
     assert_eq!(try_malloc(512, d).1, 1);
     assert!(last_error().contains("out of memory"));
+    assert_eq!(try_malloc(1 << 60, d).1, 1);
+    assert!(
+        last_error().contains("exceeds the largest buffer"),
+        "{}",
+        last_error()
+    );
     assert_eq!(try_malloc(usize::MAX, d).1, 1);
     assert!(last_error().contains("more than any device's address space"));
     assert_eq!(try_malloc(512, 99).1, -1);

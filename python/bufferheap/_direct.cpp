@@ -1,0 +1,163 @@
+// bufferheap's direct front inside PyTorch: a CUDAAllocator that calls the C ABI itself.
+//
+// PyTorch's CUDAPluggableAllocator keeps a map of every live pointer under one mutex, only so
+// that it can hand size, device and stream back to the plug-in's free. bufferheap finds all
+// three from the address, so this subclass drops that bookkeeping: allocate and raw_alloc call
+// bufferheap_try_malloc and raise PyTorch's own errors (torch.OutOfMemoryError when the device
+// is full), and every free goes straight to bufferheap_free. Everything else (init,
+// empty_cache, the memory fraction, record_stream, base allocations, CUDA graph pools) is the
+// pluggable allocator's, with the same hooks the pluggable path sets.
+//
+// Built by bufferheap.torch.install(direct=True) through torch.utils.cpp_extension against the
+// running PyTorch. The C ABI's functions arrive as addresses from the package's ctypes handle,
+// so this library links against PyTorch only. Nothing here throws across its C entry point.
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <memory>
+#include <string>
+
+namespace {
+
+// The C ABI (crates/ffi/include/bufferheap.h).
+using TryMallocFn = int (*)(size_t size, int device, void* stream, void** out);
+using FreeFn = void (*)(void* ptr, ptrdiff_t size, int device, void* stream);
+using LastErrorFn = const char* (*)();
+
+TryMallocFn try_malloc_fn = nullptr;
+FreeFn free_fn = nullptr;
+LastErrorFn last_error_fn = nullptr;
+
+constexpr int kAllocated = 0;
+constexpr int kOutOfMemory = 1;
+
+void free_buffer(void* ptr) {
+  // Size 0 and device -1: bufferheap knows both from the address.
+  free_fn(ptr, 0, -1, nullptr);
+}
+
+void* take(size_t size, c10::DeviceIndex device, cudaStream_t stream) {
+  void* ptr = nullptr;
+  int answer = try_malloc_fn(size, device, stream, &ptr);
+  if (answer == kAllocated) {
+    return ptr;
+  }
+  std::string reason = last_error_fn();
+  if (answer == kOutOfMemory) {
+    C10_THROW_ERROR(OutOfMemoryError, reason);
+  }
+  C10_THROW_ERROR(Error, reason);
+}
+
+c10::DeviceIndex current_device() {
+  c10::DeviceIndex device = -1;
+  C10_CUDA_CHECK(c10::cuda::GetDevice(&device));
+  return device;
+}
+
+using Pluggable = torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
+
+struct DirectAllocator final : Pluggable {
+  // The base keeps these two for its own malloc, which nothing calls on this class.
+  DirectAllocator()
+      : Pluggable(
+            [](size_t size, int device, cudaStream_t stream) {
+              return take(size, static_cast<c10::DeviceIndex>(device), stream);
+            },
+            [](void* ptr, size_t, int, cudaStream_t) { free_buffer(ptr); }) {}
+
+  c10::DataPtr allocate(size_t size) override {
+    c10::DeviceIndex device = current_device();
+    void* ptr = take(size, device, c10::cuda::getCurrentCUDAStream(device));
+    return {ptr, ptr, &free_buffer, c10::Device(c10::DeviceType::CUDA, device)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override {
+    return &free_buffer;
+  }
+
+  void* raw_alloc(size_t size) override {
+    c10::DeviceIndex device = current_device();
+    return take(size, device, c10::cuda::getCurrentCUDAStream(device));
+  }
+
+  void* raw_alloc_with_stream(size_t size, cudaStream_t stream) override {
+    return take(size, current_device(), stream);
+  }
+
+  void raw_delete(void* ptr) override {
+    free_buffer(ptr);
+  }
+};
+
+template <typename Fn>
+Fn as_function(uintptr_t address) {
+  return reinterpret_cast<Fn>(address);
+}
+
+void write_error(char* out, size_t len, const char* text) {
+  if (out != nullptr && len > 0) {
+    std::snprintf(out, len, "%s", text);
+  }
+}
+
+}  // namespace
+
+// Makes a DirectAllocator PyTorch's CUDA allocator. The first three addresses are required;
+// a hook whose address is 0 is left unset. 0 on success; -1 with the reason in `error`
+// (PyTorch's own text, e.g. when CUDA already allocated and the allocator cannot be swapped).
+extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
+    uintptr_t try_malloc,
+    uintptr_t free,
+    uintptr_t last_error,
+    uintptr_t init,
+    uintptr_t reset,
+    uintptr_t memory_fraction,
+    uintptr_t record_stream,
+    uintptr_t base_alloc,
+    char* error,
+    size_t error_len) {
+  if (try_malloc == 0 || free == 0 || last_error == 0) {
+    write_error(error, error_len, "bufferheap_try_malloc, bufferheap_free and bufferheap_last_error are required");
+    return -1;
+  }
+  try {
+    try_malloc_fn = as_function<TryMallocFn>(try_malloc);
+    free_fn = as_function<FreeFn>(free);
+    last_error_fn = as_function<LastErrorFn>(last_error);
+    auto allocator = std::make_shared<DirectAllocator>();
+    if (init != 0) {
+      allocator->set_init_fn(as_function<void (*)(int)>(init));
+    }
+    if (reset != 0) {
+      allocator->set_reset_fn(as_function<void (*)()>(reset));
+    }
+    if (memory_fraction != 0) {
+      allocator->set_memory_fraction_fn(as_function<void (*)(double, int)>(memory_fraction));
+    }
+    if (record_stream != 0) {
+      allocator->set_record_stream_fn(as_function<void (*)(void*, cudaStream_t)>(record_stream));
+    }
+    if (base_alloc != 0) {
+      allocator->set_base_alloc_fn(as_function<void* (*)(void*, size_t*)>(base_alloc));
+    }
+    // Checks that the current allocator has not started, then keeps `allocator` alive.
+    torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(allocator);
+    return 0;
+  } catch (const c10::Error& e) {
+    write_error(error, error_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_error(error, error_len, e.what());
+  } catch (...) {
+    write_error(error, error_len, "unknown C++ exception");
+  }
+  return -1;
+}
