@@ -128,15 +128,29 @@ def _():
     return not missing and 0 <= cur_a <= peak_a and cur_a <= cur_r <= peak_r and peak_a >= (1 << 30)
 
 
-@check("torch_stats_need_bufferheap")
+@check("torch_stats")
 def _():
-    # PyTorch has no statistics of a pluggable allocator: show what it says
+    # Through the pluggable path PyTorch has no statistics (show what it says); the direct
+    # front answers PyTorch's own calls with bufferheap's counters.
+    x = torch.ones(5 * MiB, device=dev)
     try:
-        torch.cuda.memory_allocated()
-        info["torch.cuda.memory_allocated"] = "worked"
+        theirs = torch.cuda.memory_allocated()
+        info["torch.cuda.memory_allocated"] = theirs
     except RuntimeError as e:
         info["torch.cuda.memory_allocated"] = str(e).splitlines()[0]
-    return True
+        return not DIRECT
+    ours = bufferheap.memory_stats()
+    torch_stats = torch.cuda.memory_stats()
+    same = [k for k in REQUIRED_KEYS + ["active_bytes.all.current", "requested_bytes.large_pool.peak"]
+            if torch_stats.get(k) != ours.get(k)]
+    info["torch_stats_differing"] = same
+    torch.cuda.reset_peak_memory_stats()
+    peak_reset = torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated()
+    torch.cuda.reset_accumulated_memory_stats()
+    counts_reset = torch.cuda.memory_stats()["allocation.all.allocated"] == 0
+    info["torch_memory_summary_lines"] = len(torch.cuda.memory_summary().splitlines())
+    del x
+    return DIRECT and theirs == bufferheap.memory_allocated() and not same and peak_reset and counts_reset
 
 
 @check("empty_cache_lowers_reserved")

@@ -37,6 +37,7 @@ __all__ = [
     "memory_allocated",
     "memory_reserved",
     "memory_stats",
+    "reset_accumulated_memory_stats",
     "reset_peak_memory_stats",
     "set_watermarks",
     "snapshot",
@@ -171,6 +172,14 @@ def reset_peak_memory_stats(device: Device = None) -> None:
     """Reset the peak figures of a device (the current one by default; -1: every device)."""
     d = -1 if device == -1 else _device_index(device)
     lib().reset_peak(d)
+
+
+def reset_accumulated_memory_stats(device: Device = None) -> None:
+    """Zero the cumulative figures of a device (the current one by default; -1: every device):
+    every ``.allocated`` and ``.freed`` and counts such as ``num_ooms``; current values and
+    peaks stay, as with ``torch.cuda.reset_accumulated_memory_stats()``."""
+    d = -1 if device == -1 else _device_index(device)
+    lib().reset_accumulated(d)
 
 
 def empty_cache(device: Device = None) -> None:

@@ -4,7 +4,9 @@
 // that it can hand size, device and stream back to the plug-in's free. bufferheap finds all
 // three from the address, so this subclass drops that bookkeeping: allocate and raw_alloc call
 // bufferheap_try_malloc and raise PyTorch's own errors (torch.OutOfMemoryError when the device
-// is full), and every free goes straight to bufferheap_free. Everything else (init,
+// is full), and every free goes straight to bufferheap_free. PyTorch's statistics calls
+// (torch.cuda.memory_stats(), memory_allocated(), max_memory_reserved(), reset_peak_memory_stats(),
+// ...) read and reset bufferheap's counters, which no pluggable allocator offers. Everything else (init,
 // empty_cache, the memory fraction, record_stream, base allocations, CUDA graph pools) is the
 // pluggable allocator's, with the same hooks the pluggable path sets.
 //
@@ -22,8 +24,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <iterator>
 #include <memory>
 #include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -31,10 +37,15 @@ namespace {
 using TryMallocFn = int (*)(size_t size, int device, void* stream, void** out);
 using FreeFn = void (*)(void* ptr, ptrdiff_t size, int device, void* stream);
 using LastErrorFn = const char* (*)();
+using StatsValuesFn = int (*)(int device, const char* const* keys, size_t n, int64_t* out);
+using DeviceCallFn = int (*)(int device);
 
 TryMallocFn try_malloc_fn = nullptr;
 FreeFn free_fn = nullptr;
 LastErrorFn last_error_fn = nullptr;
+StatsValuesFn stats_values_fn = nullptr;
+DeviceCallFn reset_peak_fn = nullptr;
+DeviceCallFn reset_accumulated_fn = nullptr;
 
 constexpr int kAllocated = 0;
 constexpr int kOutOfMemory = 1;
@@ -55,6 +66,84 @@ void* take(size_t size, c10::DeviceIndex device, cudaStream_t stream) {
     C10_THROW_ERROR(OutOfMemoryError, reason);
   }
   C10_THROW_ERROR(Error, reason);
+}
+
+using c10::CachingDeviceAllocator::DeviceStats;
+using c10::CachingDeviceAllocator::StatArray;
+
+// DeviceStats' counters in the order their keys are listed (memory_stats() names).
+constexpr std::pair<const char*, StatArray DeviceStats::*> kStatArrays[] = {
+    {"allocation", &DeviceStats::allocation},
+    {"segment", &DeviceStats::segment},
+    {"active", &DeviceStats::active},
+    {"inactive_split", &DeviceStats::inactive_split},
+    {"allocated_bytes", &DeviceStats::allocated_bytes},
+    {"reserved_bytes", &DeviceStats::reserved_bytes},
+    {"active_bytes", &DeviceStats::active_bytes},
+    {"inactive_split_bytes", &DeviceStats::inactive_split_bytes},
+    {"requested_bytes", &DeviceStats::requested_bytes},
+};
+constexpr std::pair<const char*, int64_t DeviceStats::*> kStatCounts[] = {
+    {"num_alloc_retries", &DeviceStats::num_alloc_retries},
+    {"num_ooms", &DeviceStats::num_ooms},
+    {"num_sync_all_streams", &DeviceStats::num_sync_all_streams},
+    {"num_device_alloc", &DeviceStats::num_device_alloc},
+    {"num_device_free", &DeviceStats::num_device_free},
+};
+// A StatArray's entries: the aggregate, then the small and the large pool.
+constexpr const char* kPools[] = {"all", "small_pool", "large_pool"};
+static_assert(std::tuple_size<StatArray>::value == std::size(kPools), "StatArray has one Stat per pool");
+
+// Every key, in the order DeviceStats is filled.
+const std::vector<std::string>& stat_keys() {
+  static const std::vector<std::string> keys = [] {
+    std::vector<std::string> k;
+    for (const auto& array : kStatArrays) {
+      for (const char* pool : kPools) {
+        for (const char* field : {"current", "peak", "allocated", "freed"}) {
+          k.push_back(std::string(array.first) + "." + pool + "." + field);
+        }
+      }
+    }
+    for (const auto& count : kStatCounts) {
+      k.emplace_back(count.first);
+    }
+    return k;
+  }();
+  return keys;
+}
+
+DeviceStats read_stats(c10::DeviceIndex device) {
+  const auto& keys = stat_keys();
+  std::vector<const char*> names;
+  names.reserve(keys.size());
+  for (const auto& key : keys) {
+    names.push_back(key.c_str());
+  }
+  std::vector<int64_t> values(keys.size(), 0);
+  if (stats_values_fn(device, names.data(), names.size(), values.data()) < 0) {
+    C10_THROW_ERROR(Error, last_error_fn());
+  }
+  DeviceStats stats;
+  size_t i = 0;
+  for (const auto& array : kStatArrays) {
+    for (auto& stat : stats.*array.second) {
+      stat.current = values[i++];
+      stat.peak = values[i++];
+      stat.allocated = values[i++];
+      stat.freed = values[i++];
+    }
+  }
+  for (const auto& count : kStatCounts) {
+    stats.*count.second = values[i++];
+  }
+  return stats;
+}
+
+void call_on_device(DeviceCallFn fn, c10::DeviceIndex device) {
+  if (fn(device) != 0) {
+    C10_THROW_ERROR(Error, last_error_fn());
+  }
 }
 
 c10::DeviceIndex current_device() {
@@ -96,6 +185,18 @@ struct DirectAllocator final : Pluggable {
   void raw_delete(void* ptr) override {
     free_buffer(ptr);
   }
+
+  DeviceStats getDeviceStats(c10::DeviceIndex device) override {
+    return read_stats(device);
+  }
+
+  void resetPeakStats(c10::DeviceIndex device) override {
+    call_on_device(reset_peak_fn, device);
+  }
+
+  void resetAccumulatedStats(c10::DeviceIndex device) override {
+    call_on_device(reset_accumulated_fn, device);
+  }
 };
 
 template <typename Fn>
@@ -111,13 +212,16 @@ void write_error(char* out, size_t len, const char* text) {
 
 }  // namespace
 
-// Makes a DirectAllocator PyTorch's CUDA allocator. The first three addresses are required;
-// a hook whose address is 0 is left unset. 0 on success; -1 with the reason in `error`
+// Makes a DirectAllocator PyTorch's CUDA allocator. The first six addresses are required; a
+// hook whose address is 0 is left unset. 0 on success; -1 with the reason in `error`
 // (PyTorch's own text, e.g. when CUDA already allocated and the allocator cannot be swapped).
 extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
     uintptr_t try_malloc,
     uintptr_t free,
     uintptr_t last_error,
+    uintptr_t stats_values,
+    uintptr_t reset_peak,
+    uintptr_t reset_accumulated,
     uintptr_t init,
     uintptr_t reset,
     uintptr_t memory_fraction,
@@ -125,14 +229,18 @@ extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
     uintptr_t base_alloc,
     char* error,
     size_t error_len) {
-  if (try_malloc == 0 || free == 0 || last_error == 0) {
-    write_error(error, error_len, "bufferheap_try_malloc, bufferheap_free and bufferheap_last_error are required");
+  if (try_malloc == 0 || free == 0 || last_error == 0 || stats_values == 0 || reset_peak == 0 ||
+      reset_accumulated == 0) {
+    write_error(error, error_len, "a required bufferheap function has no address");
     return -1;
   }
   try {
     try_malloc_fn = as_function<TryMallocFn>(try_malloc);
     free_fn = as_function<FreeFn>(free);
     last_error_fn = as_function<LastErrorFn>(last_error);
+    stats_values_fn = as_function<StatsValuesFn>(stats_values);
+    reset_peak_fn = as_function<DeviceCallFn>(reset_peak);
+    reset_accumulated_fn = as_function<DeviceCallFn>(reset_accumulated);
     auto allocator = std::make_shared<DirectAllocator>();
     if (init != 0) {
       allocator->set_init_fn(as_function<void (*)(int)>(init));

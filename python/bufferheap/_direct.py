@@ -3,8 +3,9 @@
 PyTorch's pluggable wrapper (``CUDAPluggableAllocator``) takes a mutex and updates a hash map of
 live pointers on every allocation and every free, only to hand size, device and stream back to
 the plug-in; bufferheap finds them from the address. ``_direct.cpp`` subclasses that wrapper
-without the map, calls the C ABI itself and raises ``torch.OutOfMemoryError`` when the device is
-full. It is compiled once per PyTorch version by ``torch.utils.cpp_extension`` into PyTorch's
+without the map, calls the C ABI itself, raises ``torch.OutOfMemoryError`` when the device is full and
+answers PyTorch's own statistics calls (``torch.cuda.memory_stats()``, ``memory_allocated()``,
+``reset_peak_memory_stats()``, ...) with bufferheap's counters. It is compiled once per PyTorch version by ``torch.utils.cpp_extension`` into PyTorch's
 extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), which needs a
 C++ compiler, ninja and the CUDA headers PyTorch was built with; later processes reuse the build.
 """
@@ -21,7 +22,8 @@ from . import _ffi
 SOURCE = Path(__file__).with_name("_direct.cpp")
 NAME = "bufferheap_direct"
 # The C ABI functions the front calls itself, then the hooks it sets, by PyTorch's setter name.
-_CALLS = ("bufferheap_try_malloc", "bufferheap_free", "bufferheap_last_error")
+_CALLS = ("bufferheap_try_malloc", "bufferheap_free", "bufferheap_last_error", "bufferheap_stats_values",
+          "bufferheap_reset_peak", "bufferheap_reset_accumulated")
 _HOOKS = ("set_init_fn", "set_reset_fn", "set_memory_fraction_fn", "set_record_stream_fn", "set_base_alloc_fn")
 _ERROR_BYTES = 4096
 
@@ -75,7 +77,7 @@ def install(library: "_ffi.Library", front: Path) -> List[str]:
     hooks = {setter: 0 if symbol in library.missing else library.address(symbol) for setter, symbol in zip(_HOOKS, symbols)}
     entry = ctypes.CDLL(str(front)).bufferheap_direct_install
     entry.restype = ctypes.c_int
-    entry.argtypes = [ctypes.c_size_t] * 8 + [ctypes.c_char_p, ctypes.c_size_t]
+    entry.argtypes = [ctypes.c_size_t] * (len(_CALLS) + len(_HOOKS)) + [ctypes.c_char_p, ctypes.c_size_t]
     error = ctypes.create_string_buffer(_ERROR_BYTES)
     if entry(*calls, *hooks.values(), error, _ERROR_BYTES) != 0:
         raise RuntimeError(error.value.decode("utf-8", "replace"))

@@ -60,6 +60,8 @@ _SIGNATURES = {
     "bufferheap_string_free": (None, [_c.c_void_p]),
     "bufferheap_empty_cache": (_c.c_int, [_c.c_int]),
     "bufferheap_reset_peak": (_c.c_int, [_c.c_int]),
+    "bufferheap_reset_accumulated": (_c.c_int, [_c.c_int]),
+    "bufferheap_stats_values": (_c.c_int, [_c.c_int, _c.POINTER(_c.c_char_p), _c.c_size_t, _c.POINTER(_c.c_int64)]),
     "bufferheap_set_watermarks": (_c.c_int, [_c.c_int, _c.c_double, _c.c_double]),
     "bufferheap_last_error": (_c.c_char_p, []),
 }
@@ -189,6 +191,10 @@ class Library:
 
     def reset_peak(self, device: int) -> None:
         self.check_status(f"bufferheap_reset_peak({device})", self.fn("bufferheap_reset_peak")(device))
+
+    def reset_accumulated(self, device: int) -> None:
+        status = self.fn("bufferheap_reset_accumulated")(device)
+        self.check_status(f"bufferheap_reset_accumulated({device})", status)
 
     def set_watermarks(self, device: int, low: float, high: float) -> None:
         status = self.fn("bufferheap_set_watermarks")(device, low, high)

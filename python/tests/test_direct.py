@@ -15,7 +15,8 @@ def _entry_parameters():
 def test_addresses_are_passed_in_the_order_the_cpp_entry_takes_them():
     names = _entry_parameters()
     assert len(names) == len(_direct._CALLS) + len(_direct._HOOKS) + 2
-    calls, hooks, rest = names[:3], names[3:8], names[8:]
+    k = len(_direct._CALLS)
+    calls, hooks, rest = names[:k], names[k:k + len(_direct._HOOKS)], names[k + len(_direct._HOOKS):]
     assert calls == [c.removeprefix("bufferheap_") for c in _direct._CALLS]
     assert hooks == [h.removeprefix("set_").removesuffix("_fn") for h in _direct._HOOKS]
     assert rest == ["error", "error_len"]

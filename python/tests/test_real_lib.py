@@ -61,6 +61,10 @@ def test_stats_follow_allocations(real_lib):
     assert bufferheap.memory_reserved() < reserved
     bufferheap.reset_peak_memory_stats()
     assert bufferheap.max_memory_allocated() == _rounded(3000)
+    assert bufferheap.memory_stats()["allocation.all.allocated"] >= 2
+    bufferheap.reset_accumulated_memory_stats()
+    stats = bufferheap.memory_stats()
+    assert stats["allocation.all.allocated"] == 0 and stats["allocation.all.current"] == 1
     _free(real_lib, p)
 
 

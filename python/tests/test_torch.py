@@ -85,6 +85,7 @@ def test_direct_front_allocates_frees_and_raises_out_of_memory():
         x = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
         s = float(x.sum())
         allocated = bufferheap.memory_allocated()
+        theirs = torch.cuda.memory_allocated(), torch.cuda.memory_stats()["allocation.all.current"]
         del x
         free, _ = torch.cuda.mem_get_info()
         try:
@@ -93,7 +94,7 @@ def test_direct_front_allocates_frees_and_raises_out_of_memory():
         except torch.OutOfMemoryError as e:
             raised = str(e)
         y = torch.ones(1 << 20, device="cuda")  # the process goes on working
-        print(json.dumps(dict(info=info, sum=s, allocated=allocated, after=bufferheap.memory_allocated(),
+        print(json.dumps(dict(info=info, sum=s, allocated=allocated, theirs=theirs, after=bufferheap.memory_allocated(),
                               raised=raised, ones=float(y.sum()))))
         """
     )
@@ -101,6 +102,7 @@ def test_direct_front_allocates_frees_and_raises_out_of_memory():
     assert "set_init_fn" in r["info"]["hooks"] and "set_record_stream_fn" in r["info"]["hooks"]
     assert r["sum"] == float(sum(range(1 << 20)))
     assert r["allocated"] >= 4 << 20
+    assert r["theirs"] == [r["allocated"], 1]  # PyTorch's own statistics are bufferheap's
     assert r["after"] == 4 << 20  # only y is live
     assert r["raised"] and "out of memory" in r["raised"]
     assert r["ones"] == float(1 << 20)

@@ -104,9 +104,9 @@ impl Stats {
         }
     }
 
-    /// Resets every peak to its current value.
-    pub fn reset_peak(&mut self) {
-        for group in [
+    /// Every per-group counter.
+    fn groups_mut(&mut self) -> [&mut GroupStat; 8] {
+        [
             &mut self.allocated_bytes,
             &mut self.reserved_bytes,
             &mut self.active_bytes,
@@ -115,11 +115,31 @@ impl Stats {
             &mut self.allocation,
             &mut self.active,
             &mut self.segment,
-        ] {
+        ]
+    }
+
+    /// Resets every peak to its current value.
+    pub fn reset_peak(&mut self) {
+        for group in self.groups_mut() {
             for s in group.iter_mut() {
                 s.peak = s.current;
             }
         }
+    }
+
+    /// Zeroes the cumulative counters (every `allocated` and `freed`, and the event counts
+    /// such as `num_ooms` and `num_map_calls`), as `torch.cuda.reset_accumulated_memory_stats()`
+    /// does; current values and peaks stay.
+    pub fn reset_accumulated(&mut self) {
+        // Only the gauges survive: every field that is not a current or a peak is a count.
+        let mut fresh = Stats::default();
+        for (kept, old) in fresh.groups_mut().into_iter().zip(self.groups_mut()) {
+            for (k, o) in kept.iter_mut().zip(old.iter()) {
+                k.current = o.current;
+                k.peak = o.peak;
+            }
+        }
+        *self = fresh;
     }
 
     /// Flat map with `torch.cuda.memory_stats()` key names, e.g.
@@ -182,4 +202,27 @@ pub struct Usage {
     pub buffers: usize,
     /// Heaps held.
     pub heaps: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_accumulated_keeps_gauges_and_zeroes_counts() {
+        let mut st = Stats::default();
+        st.allocated_bytes[0].add(300);
+        st.allocated_bytes[0].sub(100);
+        st.segment[2].add(1);
+        st.num_ooms = 2;
+        st.num_map_calls = 7;
+        st.reset_accumulated();
+        let a = st.allocated_bytes[0];
+        assert_eq!((a.current, a.peak, a.allocated, a.freed), (200, 300, 0, 0));
+        assert_eq!((st.segment[2].current, st.segment[2].allocated), (1, 0));
+        assert_eq!((st.num_ooms, st.num_map_calls), (0, 0));
+        // counting goes on from zero
+        st.allocated_bytes[0].sub(50);
+        assert_eq!(st.allocated_bytes[0].freed, 50);
+    }
 }

@@ -43,6 +43,7 @@
 #define BUFFERHEAP_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #ifdef __cplusplus
@@ -106,6 +107,11 @@ int bufferheap_initialized(void);
  * NULL on error (unknown device, backend that cannot start). */
 char *bufferheap_stats_json(int device);
 
+/* The numeric statistics named by `keys` (n NUL-terminated strings, the key names of
+ * bufferheap_stats_json) written to out[0..n), 0 for a key bufferheap does not keep; all from
+ * one consistent reading. Answers how many keys it keeps, -1 on error. */
+int bufferheap_stats_values(int device, const char *const *keys, size_t n, int64_t *out);
+
 /* Segments of `device` (-1: every device) in the shape of PyTorch's
  * torch.cuda.memory._snapshot(): {"segments": [{"device", "address", "total_size",
  * "allocated_size", "active_size", "requested_size", "stream", "segment_type",
@@ -122,6 +128,10 @@ int bufferheap_empty_cache(int device);
 
 /* Resets the peak statistics of `device` (-1: every device) to their current values. */
 int bufferheap_reset_peak(int device);
+
+/* Zeroes the cumulative statistics of `device` (-1: every device): every ".allocated" and
+ * ".freed", and event counts such as "num_ooms"; current values and peaks stay. */
+int bufferheap_reset_accumulated(int device);
 
 /* Sets the low and high watermark ratios of `device` (0.0 to 2.0; 0 disables a limit;
  * low <= high while high is enabled). */

@@ -9,9 +9,9 @@
 //! - a pointer is looked up in the allocator of the device it is given with first, then in
 //!   every other device's allocator: device addresses are unique in the process (one virtual
 //!   address space), so at most one allocator knows it;
-//! - `unsafe` is limited to the four functions that dereference pointers from C
+//! - `unsafe` is limited to the five functions that dereference pointers from C
 //!   (`bufferheap_configure`, `bufferheap_base_alloc`, `bufferheap_string_free`,
-//!   `bufferheap_try_malloc`).
+//!   `bufferheap_try_malloc`, `bufferheap_stats_values`).
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::ptr::null_mut;
@@ -426,6 +426,53 @@ pub extern "C" fn bufferheap_stats_json(device: c_int) -> *mut c_char {
     })
 }
 
+/// Writes the statistics named by `keys` (the keys of `bufferheap_stats_json`'s numeric
+/// answers) into `out`, 0 for a key bufferheap does not keep; answers how many it keeps, or
+/// -1 with the last error. One consistent reading for all of them.
+///
+/// # Safety
+/// `keys` must point to `n` NUL-terminated strings and `out` to room for `n` integers
+/// (either may be NULL when `n` is 0).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bufferheap_stats_values(
+    device: c_int,
+    keys: *const *const c_char,
+    n: usize,
+    out: *mut i64,
+) -> c_int {
+    guard("bufferheap_stats_values", -1, || {
+        let counters = registry().system().and_then(|sys| {
+            let d = sys.check_device(device)?;
+            Ok(sys.existing(d).map(|a| a.stats()).unwrap_or_default())
+        });
+        let counters = match counters {
+            Ok(c) => c.to_map(),
+            Err(e) => {
+                set_last_error(&e.message);
+                return -1;
+            }
+        };
+        if n > 0 && (keys.is_null() || out.is_null()) {
+            set_last_error("bufferheap_stats_values: `keys` or `out` is NULL");
+            return -1;
+        }
+        let mut known = 0;
+        for i in 0..n {
+            // SAFETY: `keys` holds `n` pointers to NUL-terminated strings (caller's contract;
+            // not NULL, checked above) and `i < n`.
+            let key = unsafe { CStr::from_ptr(*keys.add(i)) };
+            let value = key.to_str().ok().and_then(|k| counters.get(k)).copied();
+            known += c_int::from(value.is_some());
+            // SAFETY: `out` has room for `n` integers (caller's contract) and `i < n`.
+            unsafe {
+                out.add(i)
+                    .write(value.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX)))
+            };
+        }
+        known
+    })
+}
+
 /// Segments of `device` (-1: every device) in PyTorch's snapshot shape, as JSON.
 #[unsafe(no_mangle)]
 pub extern "C" fn bufferheap_snapshot_json(device: c_int) -> *mut c_char {
@@ -482,6 +529,21 @@ pub extern "C" fn bufferheap_reset_peak(device: c_int) -> c_int {
         for d in sys.devices_of(device)? {
             if let Some(a) = sys.existing(d) {
                 a.reset_peak();
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Zeroes the cumulative counters of `device` (-1: every device): every `.allocated` and
+/// `.freed`, and the event counts such as `num_ooms`; current values and peaks stay.
+#[unsafe(no_mangle)]
+pub extern "C" fn bufferheap_reset_accumulated(device: c_int) -> c_int {
+    status("bufferheap_reset_accumulated", || {
+        let sys = registry().system()?;
+        for d in sys.devices_of(device)? {
+            if let Some(a) = sys.existing(d) {
+                a.reset_accumulated();
             }
         }
         Ok(())

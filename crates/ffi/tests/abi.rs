@@ -145,6 +145,9 @@ fn signatures_match_the_contract() {
     let _: unsafe extern "C" fn(*mut c_char) = bufferheap_string_free;
     let _: extern "C" fn(c_int) -> c_int = bufferheap_empty_cache;
     let _: extern "C" fn(c_int) -> c_int = bufferheap_reset_peak;
+    let _: extern "C" fn(c_int) -> c_int = bufferheap_reset_accumulated;
+    let _: unsafe extern "C" fn(c_int, *const *const c_char, usize, *mut i64) -> c_int =
+        bufferheap_stats_values;
     let _: extern "C" fn(c_int, f64, f64) -> c_int = bufferheap_set_watermarks;
     let _: extern "C" fn() -> *const c_char = bufferheap_last_error;
 }
@@ -360,9 +363,32 @@ fn stats_snapshot_and_empty_cache() {
     assert!(bufferheap_snapshot_json(42).is_null());
     assert!(last_error().contains("invalid device 42"));
 
+    // the same figures by name, as the C++ front reads them
+    let names = [
+        "allocation.all.current",
+        "allocated_bytes.all.peak",
+        "no_such_key",
+    ]
+    .map(|k| std::ffi::CString::new(k).unwrap());
+    let keys: Vec<*const c_char> = names.iter().map(|c| c.as_ptr()).collect();
+    let mut out = [-1i64; 3];
+    // SAFETY: three valid NUL-terminated strings and room for three integers.
+    let known = unsafe { bufferheap_stats_values(d, keys.as_ptr(), 3, out.as_mut_ptr()) };
+    assert_eq!((known, out), (2, [3, want as i64, 0]));
+    // SAFETY: with n = 0 nothing is read or written.
+    let known = unsafe { bufferheap_stats_values(42, std::ptr::null(), 0, null_mut()) };
+    assert_eq!(known, -1);
+    assert!(last_error().contains("invalid device 42"));
+
     for &p in &ptrs {
         free(p, d);
     }
+    // cumulative counts start again from zero; gauges and peaks stay
+    assert!(stat(d, "allocation.all.allocated") >= 3);
+    assert_eq!(bufferheap_reset_accumulated(d), 0);
+    assert_eq!(stat(d, "allocation.all.allocated"), 0);
+    assert_eq!(stat(d, "allocation.all.freed"), 0);
+    assert_eq!(stat(d, "allocated_bytes.all.peak"), want);
     let s = stats(d);
     assert_eq!(s["allocated_bytes.all.current"], 0);
     assert_eq!(s["allocated_bytes.all.peak"], want);
@@ -557,6 +583,8 @@ fn header_declares_exactly_the_exports() {
         "bufferheap_string_free",
         "bufferheap_empty_cache",
         "bufferheap_reset_peak",
+        "bufferheap_reset_accumulated",
+        "bufferheap_stats_values",
         "bufferheap_set_watermarks",
         "bufferheap_last_error",
     ];
@@ -599,6 +627,8 @@ char *(*p_snapshot)(int) = bufferheap_snapshot_json;
 void (*p_string_free)(char *) = bufferheap_string_free;
 int (*p_empty)(int) = bufferheap_empty_cache;
 int (*p_peak)(int) = bufferheap_reset_peak;
+int (*p_accumulated)(int) = bufferheap_reset_accumulated;
+int (*p_values)(int, const char *const *, size_t, int64_t *) = bufferheap_stats_values;
 int (*p_marks)(int, double, double) = bufferheap_set_watermarks;
 const char *(*p_error)(void) = bufferheap_last_error;
 "#,

@@ -156,6 +156,14 @@ impl<B: Backend> Allocator<B> {
         st.stats.reset_peak();
     }
 
+    /// Zeroes the cumulative counters; current values and peaks stay (see
+    /// [`Stats::reset_accumulated`]).
+    pub fn reset_accumulated(&self) {
+        let mut st = self.engine.lock();
+        st.fold_fronts(true);
+        st.stats.reset_accumulated();
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> crate::Policy {
         self.engine.lock().policy
