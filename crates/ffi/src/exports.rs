@@ -88,7 +88,7 @@ fn malloc(size: isize, device: c_int, stream: StreamId) -> FfiResult<*mut c_void
         Err(Error::OutOfMemory(oom)) => Err(FfiError::out_of_memory(format!("{oom} (device {d})"))),
         // Larger than the device: PyTorch's own allocators call this out of memory too.
         Err(e @ Error::InvalidSize { .. }) => Err(FfiError::out_of_memory(format!(
-            "bufferheap: allocation of {size} bytes on device {d} failed: {e}"
+            "bufferheap out of memory: allocation of {size} bytes on device {d} failed: {e}"
         ))),
         Err(e) => Err(FfiError::new(format!(
             "bufferheap: allocation of {size} bytes on device {d} failed: {e}"
