@@ -1,6 +1,11 @@
 """The direct front's Python side against its C++ source (no torch, no GPU)."""
 
 import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
 
 from bufferheap import _direct, _ffi
 
@@ -29,3 +34,48 @@ def test_every_pluggable_hook_is_set_by_the_direct_front_too():
 def test_the_calls_it_makes_are_bound_by_the_loader():
     for name in _direct._CALLS:
         assert name in _ffi._SIGNATURES
+
+
+class _FakeCppExtension:
+    """Stands in for torch.utils.cpp_extension: records the call, then fails or leaves a build."""
+
+    def __init__(self, root, error=None):
+        self.root, self.error, self.calls = root, error, []
+
+    def get_default_build_root(self):
+        return str(self.root)
+
+    def load(self, **kw):
+        self.calls.append(kw)
+        if self.error:
+            raise self.error
+        Path(kw["build_directory"], kw["name"] + ".so").write_bytes(b"")
+
+
+def _fake_torch(monkeypatch, ext):
+    torch = types.ModuleType("torch")
+    torch.__version__ = "2.11.0+cu130"
+    utils = types.ModuleType("torch.utils")
+    utils.cpp_extension = ext
+    torch.utils = utils
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch.utils", utils)
+    monkeypatch.setitem(sys.modules, "torch.utils.cpp_extension", ext)
+
+
+def test_build_goes_to_one_folder_per_torch_version(monkeypatch, tmp_path):
+    ext = _FakeCppExtension(tmp_path)
+    _fake_torch(monkeypatch, ext)
+    built = _direct.build()
+    assert built == tmp_path / "bufferheap_direct-torch2.11.0_cu130" / "bufferheap_direct.so"
+    (call,) = ext.calls
+    assert call["sources"] == [str(_direct.SOURCE)] and call["with_cuda"] and not call["is_python_module"]
+
+
+def test_a_failed_build_says_what_is_missing_and_what_works_without_it(monkeypatch, tmp_path):
+    _fake_torch(monkeypatch, _FakeCppExtension(tmp_path, RuntimeError("Ninja is required to load C++ extensions")))
+    with pytest.raises(RuntimeError) as e:
+        _direct.build()
+    msg = str(e.value)
+    assert "Ninja is required" in msg and "2.11.0+cu130" in msg
+    assert "needs a C++ compiler, ninja" in msg and "install(direct=False)" in msg
