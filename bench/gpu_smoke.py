@@ -154,6 +154,25 @@ def _():
     return DIRECT and all(r.values())
 
 
+@check("cudnn_benchmark")
+def _():
+    # cuDNN's benchmark mode asks the allocator for its largest available block (cacheInfo);
+    # PyTorch's pluggable wrapper raises there, the direct front answers.
+    torch.backends.cudnn.benchmark = True
+    try:
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(dev)
+        x = torch.randn(32, 64, 56, 56, device=dev, requires_grad=True)
+        conv(x).sum().backward()
+        torch.cuda.synchronize()
+        info["cudnn_benchmark"] = "worked"
+        return True
+    except RuntimeError as e:
+        info["cudnn_benchmark"] = str(e).splitlines()[0]
+        return not DIRECT
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
 @check("empty_cache_lowers_reserved")
 def _():
     keep = torch.ones(8 * MiB, device=dev)

@@ -6,7 +6,8 @@
 // bufferheap_try_malloc and raise PyTorch's own errors (torch.OutOfMemoryError when the device
 // is full), and every free goes straight to bufferheap_free. PyTorch's statistics calls
 // (torch.cuda.memory_stats(), memory_allocated(), max_memory_reserved(), reset_peak_memory_stats(),
-// ...) read and reset bufferheap's counters, which no pluggable allocator offers. Everything else (init,
+// ...) read and reset bufferheap's counters, which no pluggable allocator offers, and cuDNN's
+// benchmark mode learns how large a workspace it may take (cacheInfo). Everything else (init,
 // empty_cache, the memory fraction, record_stream, base allocations, CUDA graph pools) is the
 // pluggable allocator's, with the same hooks the pluggable path sets.
 //
@@ -39,6 +40,7 @@ using FreeFn = void (*)(void* ptr, ptrdiff_t size, int device, void* stream);
 using LastErrorFn = const char* (*)();
 using StatsValuesFn = int (*)(int device, const char* const* keys, size_t n, int64_t* out);
 using DeviceCallFn = int (*)(int device);
+using LargestAvailableFn = int (*)(int device, size_t* out);
 
 TryMallocFn try_malloc_fn = nullptr;
 FreeFn free_fn = nullptr;
@@ -46,6 +48,7 @@ LastErrorFn last_error_fn = nullptr;
 StatsValuesFn stats_values_fn = nullptr;
 DeviceCallFn reset_peak_fn = nullptr;
 DeviceCallFn reset_accumulated_fn = nullptr;
+LargestAvailableFn largest_available_fn = nullptr;
 
 constexpr int kAllocated = 0;
 constexpr int kOutOfMemory = 1;
@@ -197,6 +200,16 @@ struct DirectAllocator final : Pluggable {
   void resetAccumulatedStats(c10::DeviceIndex device) override {
     call_on_device(reset_accumulated_fn, device);
   }
+
+  // cuDNN's benchmark (torch.backends.cudnn.benchmark) sizes its workspaces by this; the
+  // pluggable wrapper raises here, which fails every convolution in benchmark mode.
+  void cacheInfo(c10::DeviceIndex device, size_t* largestBlock) override {
+    size_t largest = 0;
+    if (largest_available_fn(device, &largest) != 0) {
+      C10_THROW_ERROR(Error, last_error_fn());
+    }
+    *largestBlock = largest;
+  }
 };
 
 template <typename Fn>
@@ -222,6 +235,7 @@ extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
     uintptr_t stats_values,
     uintptr_t reset_peak,
     uintptr_t reset_accumulated,
+    uintptr_t largest_available,
     uintptr_t init,
     uintptr_t reset,
     uintptr_t memory_fraction,
@@ -230,7 +244,7 @@ extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
     char* error,
     size_t error_len) {
   if (try_malloc == 0 || free == 0 || last_error == 0 || stats_values == 0 || reset_peak == 0 ||
-      reset_accumulated == 0) {
+      reset_accumulated == 0 || largest_available == 0) {
     write_error(error, error_len, "a required bufferheap function has no address");
     return -1;
   }
@@ -241,6 +255,7 @@ extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
     stats_values_fn = as_function<StatsValuesFn>(stats_values);
     reset_peak_fn = as_function<DeviceCallFn>(reset_peak);
     reset_accumulated_fn = as_function<DeviceCallFn>(reset_accumulated);
+    largest_available_fn = as_function<LargestAvailableFn>(largest_available);
     auto allocator = std::make_shared<DirectAllocator>();
     if (init != 0) {
       allocator->set_init_fn(as_function<void (*)(int)>(init));

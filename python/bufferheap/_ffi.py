@@ -61,6 +61,7 @@ _SIGNATURES = {
     "bufferheap_empty_cache": (_c.c_int, [_c.c_int]),
     "bufferheap_reset_peak": (_c.c_int, [_c.c_int]),
     "bufferheap_reset_accumulated": (_c.c_int, [_c.c_int]),
+    "bufferheap_largest_available": (_c.c_int, [_c.c_int, _c.POINTER(_c.c_size_t)]),
     "bufferheap_stats_values": (_c.c_int, [_c.c_int, _c.POINTER(_c.c_char_p), _c.c_size_t, _c.POINTER(_c.c_int64)]),
     "bufferheap_set_watermarks": (_c.c_int, [_c.c_int, _c.c_double, _c.c_double]),
     "bufferheap_last_error": (_c.c_char_p, []),

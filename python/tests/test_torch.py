@@ -94,8 +94,12 @@ def test_direct_front_allocates_frees_and_raises_out_of_memory():
         except torch.OutOfMemoryError as e:
             raised = str(e)
         y = torch.ones(1 << 20, device="cuda")  # the process goes on working
-        print(json.dumps(dict(info=info, sum=s, allocated=allocated, theirs=theirs, after=bufferheap.memory_allocated(),
-                              raised=raised, ones=float(y.sum()))))
+        after = bufferheap.memory_allocated()
+        torch.backends.cudnn.benchmark = True  # asks the allocator for its largest block
+        conv = torch.nn.Conv2d(8, 8, 3).cuda()
+        conv(torch.randn(4, 8, 32, 32, device="cuda")).sum().backward()
+        print(json.dumps(dict(info=info, sum=s, allocated=allocated, theirs=theirs, after=after,
+                              raised=raised, ones=float(y.sum()), conv_grad=float(conv.weight.grad.abs().sum()))))
         """
     )
     assert r["info"]["settings"]["front"] == "direct"
@@ -106,3 +110,4 @@ def test_direct_front_allocates_frees_and_raises_out_of_memory():
     assert r["after"] == 4 << 20  # only y is live
     assert r["raised"] and "out of memory" in r["raised"]
     assert r["ones"] == float(1 << 20)
+    assert r["conv_grad"] > 0  # cuDNN's benchmark mode ran

@@ -51,6 +51,16 @@ impl BufferCache {
         self.bytes
     }
 
+    /// The size of the largest cached buffer (0 when empty).
+    pub fn largest(&self) -> usize {
+        if let Some((size, _, _)) = self.large.last() {
+            return size;
+        }
+        self.nonempty.iter().rposition(|&w| w != 0).map_or(0, |w| {
+            (w * 64 + 63 - self.nonempty[w].leading_zeros() as usize) * ALIGN
+        })
+    }
+
     pub fn push(&mut self, size: usize, slot: u32) {
         if size <= SMALL_LIMIT {
             let bin = size / ALIGN;
@@ -190,6 +200,18 @@ impl BufferCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn largest_is_the_biggest_cached_buffer_small_or_large() {
+        let mut c = BufferCache::default();
+        assert_eq!(c.largest(), 0);
+        c.push(1024, 1);
+        c.push(SMALL_LIMIT, 2);
+        c.push(4096, 3);
+        assert_eq!(c.largest(), SMALL_LIMIT);
+        c.push(8 << 20, 4);
+        assert_eq!(c.largest(), 8 << 20);
+    }
 
     #[test]
     fn exact_and_best_fit() {

@@ -489,3 +489,36 @@ fn front_cache_and_page_budget_settings_from_the_environment() {
     c.set("front_cache_bytes", "4096").unwrap();
     assert_eq!((c.front_cache_bytes, c.idle_page_fraction), (4096, 0.02));
 }
+
+#[test]
+fn largest_available_is_what_one_request_can_get() {
+    for policy in both_policies() {
+        let a = sim(policy);
+        let fresh = a.largest_available();
+        assert!(
+            fresh > GIB && fresh < 16 * GIB,
+            "{policy}: {}",
+            format_size(fresh)
+        );
+        let all = a.alloc(fresh).unwrap().unwrap();
+        a.free(all.ptr).unwrap();
+
+        // a high watermark caps it
+        let a = sim(policy);
+        a.set_watermark_ratios(0.0, 0.25).unwrap();
+        let capped = a.largest_available();
+        assert!(
+            capped > 3 * GIB && capped <= 4 * GIB,
+            "{policy}: {}",
+            format_size(capped)
+        );
+        let b = a.alloc(capped).unwrap().unwrap();
+        a.free(b.ptr).unwrap();
+        assert!(matches!(
+            a.alloc(capped + 2 * GIB),
+            Err(Error::OutOfMemory(_))
+        ));
+        // what a freed buffer left in the pool stays available
+        assert!(a.largest_available() >= capped, "{policy}");
+    }
+}

@@ -129,6 +129,11 @@ int bufferheap_empty_cache(int device);
 /* Resets the peak statistics of `device` (-1: every device) to their current values. */
 int bufferheap_reset_peak(int device);
 
+/* The largest buffer one request on `device` could get now without failing (the largest cached
+ * buffer or free range, or the device's free memory within the high watermark), in *out: what
+ * PyTorch's cacheInfo tells cuDNN when it sizes benchmark workspaces. */
+int bufferheap_largest_available(int device, size_t *out);
+
 /* Zeroes the cumulative statistics of `device` (-1: every device): every ".allocated" and
  * ".freed", and event counts such as "num_ooms"; current values and peaks stay. */
 int bufferheap_reset_accumulated(int device);

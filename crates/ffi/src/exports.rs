@@ -9,9 +9,9 @@
 //! - a pointer is looked up in the allocator of the device it is given with first, then in
 //!   every other device's allocator: device addresses are unique in the process (one virtual
 //!   address space), so at most one allocator knows it;
-//! - `unsafe` is limited to the five functions that dereference pointers from C
+//! - `unsafe` is limited to the six functions that dereference pointers from C
 //!   (`bufferheap_configure`, `bufferheap_base_alloc`, `bufferheap_string_free`,
-//!   `bufferheap_try_malloc`, `bufferheap_stats_values`).
+//!   `bufferheap_try_malloc`, `bufferheap_stats_values`, `bufferheap_largest_available`).
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::ptr::null_mut;
@@ -531,6 +531,26 @@ pub extern "C" fn bufferheap_reset_peak(device: c_int) -> c_int {
                 a.reset_peak();
             }
         }
+        Ok(())
+    })
+}
+
+/// The largest buffer one request on `device` could get now without failing (PyTorch's
+/// `cacheInfo`, which sizes cuDNN's benchmark workspaces), written to `*out`.
+///
+/// # Safety
+/// `out` must be NULL (the call then fails) or point to writable storage for one `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bufferheap_largest_available(device: c_int, out: *mut usize) -> c_int {
+    status("bufferheap_largest_available", || {
+        if out.is_null() {
+            return Err(FfiError::new("bufferheap_largest_available: `out` is NULL"));
+        }
+        let reg = registry();
+        let sys = reg.system()?;
+        let allocator = sys.get_or_create(reg, sys.check_device(device)?)?;
+        // SAFETY: `out` is not NULL (checked above) and points to storage for one size_t.
+        unsafe { out.write(allocator.largest_available()) };
         Ok(())
     })
 }

@@ -146,6 +146,7 @@ fn signatures_match_the_contract() {
     let _: extern "C" fn(c_int) -> c_int = bufferheap_empty_cache;
     let _: extern "C" fn(c_int) -> c_int = bufferheap_reset_peak;
     let _: extern "C" fn(c_int) -> c_int = bufferheap_reset_accumulated;
+    let _: unsafe extern "C" fn(c_int, *mut usize) -> c_int = bufferheap_largest_available;
     let _: unsafe extern "C" fn(c_int, *const *const c_char, usize, *mut i64) -> c_int =
         bufferheap_stats_values;
     let _: extern "C" fn(c_int, f64, f64) -> c_int = bufferheap_set_watermarks;
@@ -481,8 +482,19 @@ fn watermarks_memory_fraction_and_oom() {
     let answer = unsafe { bufferheap_try_malloc(512, d, null_mut(), null_mut()) };
     assert_eq!(answer, -1);
     assert!(last_error().contains("`out` is NULL"));
+    // nothing more can be had under a fraction of 0
+    let mut largest = usize::MAX;
+    // SAFETY: `largest` is a valid place for one size_t.
+    assert_eq!(unsafe { bufferheap_largest_available(d, &mut largest) }, 0);
+    assert_eq!(largest, 0);
+    // SAFETY: a NULL `out` is refused before anything is written.
+    let answer = unsafe { bufferheap_largest_available(d, null_mut()) };
+    assert_eq!(answer, -1);
     // lifted again
     assert_eq!(bufferheap_set_watermarks(d, 0.0, 0.0), 0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { bufferheap_largest_available(d, &mut largest) }, 0);
+    assert!(largest >= 64 << 20, "{largest}");
     let p = malloc(64 << 20, d);
     assert!(!p.is_null(), "{}", last_error());
     free(p, d);
@@ -584,6 +596,7 @@ fn header_declares_exactly_the_exports() {
         "bufferheap_empty_cache",
         "bufferheap_reset_peak",
         "bufferheap_reset_accumulated",
+        "bufferheap_largest_available",
         "bufferheap_stats_values",
         "bufferheap_set_watermarks",
         "bufferheap_last_error",
@@ -628,6 +641,7 @@ void (*p_string_free)(char *) = bufferheap_string_free;
 int (*p_empty)(int) = bufferheap_empty_cache;
 int (*p_peak)(int) = bufferheap_reset_peak;
 int (*p_accumulated)(int) = bufferheap_reset_accumulated;
+int (*p_largest)(int, size_t *) = bufferheap_largest_available;
 int (*p_values)(int, const char *const *, size_t, int64_t *) = bufferheap_stats_values;
 int (*p_marks)(int, double, double) = bufferheap_set_watermarks;
 const char *(*p_error)(void) = bufferheap_last_error;

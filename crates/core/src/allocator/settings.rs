@@ -99,6 +99,34 @@ impl<B: Backend> Allocator<B> {
         self.engine.backend.memory_info().driver_allocated()
     }
 
+    /// The largest buffer one request could get now without failing, what PyTorch's
+    /// `cacheInfo` tells cuDNN when it sizes the workspaces of its benchmark: the largest cached
+    /// buffer or free range of any pool, or the device's free memory within the high
+    /// watermark's headroom, whichever is larger. A free range of a page-mapped heap counts
+    /// only as far as its pool's idle mapped pages and that growth can back it.
+    pub fn largest_available(&self) -> usize {
+        let device_free = self.engine.backend.memory_info().free;
+        let st = self.engine.lock();
+        let growth = device_free.min(st.limits.high_limit.saturating_sub(st.reserved_total()));
+        let held = st
+            .pools
+            .iter()
+            .map(|p| {
+                let page_mapped = p.heaps.iter().flatten().any(|h| h.pages.is_some());
+                let range = if page_mapped {
+                    p.largest_free().min(p.idle_mapped_bytes() + growth)
+                } else {
+                    p.largest_free()
+                };
+                range.max(p.cache.largest())
+            })
+            .max()
+            .unwrap_or(0);
+        // A request must stay below the largest buffer the device supports.
+        let largest_buffer = self.engine.caps.max_buffer_size.saturating_sub(1);
+        held.max(growth).min(largest_buffer)
+    }
+
     /// The device's recommended working set.
     pub fn recommended_max_memory(&self) -> usize {
         self.engine.lock().limits.recommended
