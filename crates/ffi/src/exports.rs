@@ -525,14 +525,20 @@ pub extern "C" fn bufferheap_empty_cache(device: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn bufferheap_reset_peak(device: c_int) -> c_int {
     status("bufferheap_reset_peak", || {
-        let sys = registry().system()?;
-        for d in sys.devices_of(device)? {
-            if let Some(a) = sys.existing(d) {
-                a.reset_peak();
-            }
-        }
-        Ok(())
+        for_each_existing(device, DeviceAllocator::reset_peak)
     })
+}
+
+/// Runs `f` on the allocator of `device` (-1: every device) where it exists; a device not
+/// used yet has nothing to reset.
+fn for_each_existing(device: c_int, f: impl Fn(&DeviceAllocator)) -> FfiResult<()> {
+    let sys = registry().system()?;
+    for d in sys.devices_of(device)? {
+        if let Some(a) = sys.existing(d) {
+            f(a);
+        }
+    }
+    Ok(())
 }
 
 /// The largest buffer one request on `device` could get now without failing (PyTorch's
@@ -560,13 +566,7 @@ pub unsafe extern "C" fn bufferheap_largest_available(device: c_int, out: *mut u
 #[unsafe(no_mangle)]
 pub extern "C" fn bufferheap_reset_accumulated(device: c_int) -> c_int {
     status("bufferheap_reset_accumulated", || {
-        let sys = registry().system()?;
-        for d in sys.devices_of(device)? {
-            if let Some(a) = sys.existing(d) {
-                a.reset_accumulated();
-            }
-        }
-        Ok(())
+        for_each_existing(device, DeviceAllocator::reset_accumulated)
     })
 }
 
