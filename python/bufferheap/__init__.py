@@ -7,7 +7,8 @@ Use it as PyTorch's CUDA allocator (call before any CUDA tensor exists)::
 
 then read its figures with ``bufferheap.memory_stats()``, ``bufferheap.max_memory_reserved()``,
 ``bufferheap.snapshot("snap.pickle")`` and the like: PyTorch's own ``torch.cuda.memory_stats()``
-and ``_snapshot()`` do not work with a pluggable allocator.
+and ``_snapshot()`` do not work through PyTorch's pluggable wrapper (``install(direct=True)``
+makes the statistics calls work).
 
 ``import bufferheap`` needs neither torch nor a GPU; ``bufferheap.torch`` imports torch.
 The native library is found as described in ``bufferheap._ffi`` (``BUFFERHEAP_LIB`` overrides).

@@ -5,8 +5,11 @@
     x = torch.empty(1 << 20, device="cuda")
     print(bufferheap.memory_stats()["allocated_bytes.all.current"])
 
-With a pluggable allocator PyTorch's own torch.cuda.memory_stats(), memory_allocated(),
-_snapshot() and _record_memory_history() raise; use the functions of the bufferheap module.
+Through PyTorch's pluggable wrapper (the default) PyTorch's own torch.cuda.memory_stats(),
+memory_allocated(), _snapshot() and _record_memory_history() raise, and so does cuDNN's benchmark
+mode; use the functions of the bufferheap module. With install(direct=True) the statistics
+calls, their resets and cuDNN's benchmark mode work (_snapshot() still raises: use
+bufferheap.snapshot()).
 torch.cuda.empty_cache() and torch.cuda.set_per_process_memory_fraction() reach bufferheap
 through the hooks set here, and so does Tensor.record_stream().
 """
