@@ -441,6 +441,10 @@ pub unsafe extern "C" fn bufferheap_stats_values(
     out: *mut i64,
 ) -> c_int {
     guard("bufferheap_stats_values", -1, || {
+        if n > 0 && (keys.is_null() || out.is_null()) {
+            set_last_error("bufferheap_stats_values: `keys` or `out` is NULL");
+            return -1;
+        }
         let counters = registry().system().and_then(|sys| {
             let d = sys.check_device(device)?;
             Ok(sys.existing(d).map(|a| a.stats()).unwrap_or_default())
@@ -452,14 +456,10 @@ pub unsafe extern "C" fn bufferheap_stats_values(
                 return -1;
             }
         };
-        if n > 0 && (keys.is_null() || out.is_null()) {
-            set_last_error("bufferheap_stats_values: `keys` or `out` is NULL");
-            return -1;
-        }
         let mut known = 0;
         for i in 0..n {
             // SAFETY: `keys` holds `n` pointers to NUL-terminated strings (caller's contract;
-            // not NULL, checked above) and `i < n`.
+            // not NULL, checked first) and `i < n`.
             let key = unsafe { CStr::from_ptr(*keys.add(i)) };
             let value = key.to_str().ok().and_then(|k| counters.get(k)).copied();
             known += c_int::from(value.is_some());
