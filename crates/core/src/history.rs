@@ -1,7 +1,8 @@
 //! The allocation history: the last N allocator events, in the shape of PyTorch's memory
 //! snapshot traces, so a snapshot taken under bufferheap can be replayed and viewed.
 //!
-//! Invariants: off unless asked for (`Config::history` or `Allocator::set_history`), and then
+//! Invariants: off unless asked for (`Config::history`, `Allocator::set_history` or
+//! `Allocator::record_history`), and then
 //! bounded: the oldest entries go first once `max` are kept. Entries are appended under the
 //! engine's lock, in the order the engine changed its state.
 
@@ -66,6 +67,18 @@ impl History {
         });
     }
 
+    /// Keeps at most `max` entries from now on, dropping the oldest beyond it.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+        let excess = self.entries.len().saturating_sub(max);
+        self.entries.drain(..excess);
+    }
+
+    /// How many entries are kept at most.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     pub fn entries(&self) -> Vec<TraceEntry> {
         self.entries.iter().copied().collect()
     }
@@ -83,5 +96,18 @@ mod tests {
         }
         let addrs: Vec<u64> = h.entries().iter().map(|e| e.addr).collect();
         assert_eq!(addrs, vec![2, 3]);
+    }
+
+    #[test]
+    fn a_smaller_limit_drops_the_oldest_entries() {
+        let mut h = History::new(4);
+        for addr in 1..=4 {
+            h.push(TraceAction::Alloc, addr, 512, 0);
+        }
+        h.set_max(2);
+        let addrs: Vec<u64> = h.entries().iter().map(|e| e.addr).collect();
+        assert_eq!(addrs, vec![3, 4]);
+        h.push(TraceAction::Alloc, 5, 512, 0);
+        assert_eq!(h.entries().len(), 2);
     }
 }

@@ -447,6 +447,45 @@ fn history_records_allocator_events_in_order() {
 }
 
 #[test]
+fn recording_history_goes_on_trimmed_or_starts_afresh() {
+    let a = Allocator::new(SimBackend::new(GIB), Config::default()).unwrap();
+    assert_eq!(a.history_limit(), 0);
+    // Small buffers normally stay with the thread's front; while recording, the engine sees
+    // every call.
+    let before = a.alloc(4096).unwrap().unwrap();
+    a.free(before.ptr).unwrap();
+    a.record_history(100, false);
+    assert_eq!(a.history_limit(), 100);
+    let mut ptrs = Vec::new();
+    for _ in 0..3 {
+        let b = a.alloc(4096).unwrap().unwrap();
+        a.free(b.ptr).unwrap();
+        ptrs.push(b.ptr);
+    }
+    let allocs = |a: &Allocator<SimBackend>| {
+        a.history()
+            .iter()
+            .filter(|e| e.action == bufferheap_core::TraceAction::Alloc)
+            .count()
+    };
+    assert_eq!(allocs(&a), 3, "every allocation recorded, none from before");
+    // A new limit keeps what was recorded, trimmed from the oldest end.
+    a.record_history(2, false);
+    let kept = a.history();
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept.last().unwrap().addr, *ptrs.last().unwrap());
+    // Clearing starts afresh; a limit of 0 stops and drops it.
+    a.record_history(50, true);
+    assert!(a.history().is_empty());
+    let b = a.alloc(4096).unwrap().unwrap();
+    assert_eq!(allocs(&a), 1);
+    a.free(b.ptr).unwrap();
+    a.record_history(0, false);
+    assert_eq!(a.history_limit(), 0);
+    assert!(a.history().is_empty());
+}
+
+#[test]
 fn front_cache_and_page_budget_settings_from_the_environment() {
     let env = |pairs: &[(&str, &str)]| {
         let pairs: Vec<(String, String)> = pairs

@@ -116,9 +116,76 @@ int bufferheap_stats_values(int device, const char *const *keys, size_t n, int64
  * torch.cuda.memory._snapshot(): {"segments": [{"device", "address", "total_size",
  * "allocated_size", "active_size", "requested_size", "stream", "segment_type",
  * "segment_pool_id": [0, 0], "is_expandable", "frames": [], "blocks": [{"address", "size",
- * "requested_size", "state", "frames": []}]}], "device_traces": [[]] (one empty list per
- * device answered), "allocator_settings": {"policy", "memory_backend"}}. NULL on error. */
+ * "requested_size", "state", "frames": []}]}], "device_traces": [[...]] (one list per device
+ * answered: its allocation history, empty unless one is recorded), "allocator_settings":
+ * {"policy", "memory_backend"}}. NULL on error. */
 char *bufferheap_snapshot_json(int device);
+
+/* The same snapshot as flat arrays, for a C or C++ caller that builds PyTorch's own
+ * SnapshotInfo. A segment's blocks are blocks[first_block .. first_block + block_count] and
+ * tile it: the first starts at the segment's address, each where the one before ends, and
+ * their sizes add up to total_size. Trace actions and block states use PyTorch's numbering. */
+enum {
+    BUFFERHEAP_BLOCK_INACTIVE = 0,
+    BUFFERHEAP_BLOCK_ACTIVE_ALLOCATED = 1,
+    BUFFERHEAP_BLOCK_ACTIVE_PENDING_FREE = 2
+};
+enum {
+    BUFFERHEAP_TRACE_ALLOC = 0,
+    BUFFERHEAP_TRACE_FREE_REQUESTED = 1,
+    BUFFERHEAP_TRACE_FREE_COMPLETED = 2,
+    BUFFERHEAP_TRACE_SEGMENT_ALLOC = 3,
+    BUFFERHEAP_TRACE_SEGMENT_FREE = 4,
+    BUFFERHEAP_TRACE_SEGMENT_MAP = 5,
+    BUFFERHEAP_TRACE_SEGMENT_UNMAP = 6,
+    BUFFERHEAP_TRACE_OOM = 8 /* addr holds the device's free bytes */
+};
+typedef struct bufferheap_block {
+    uint64_t address;
+    uint64_t size;
+    uint64_t requested_size;
+    int32_t state; /* BUFFERHEAP_BLOCK_* */
+} bufferheap_block;
+typedef struct bufferheap_segment {
+    int32_t device;
+    int32_t is_large;      /* 1: PyTorch's "large" segment type, 0: "small" */
+    int32_t is_expandable; /* 1: pages mapped on demand */
+    uint64_t address;
+    uint64_t total_size;
+    uint64_t allocated_size;
+    uint64_t active_size;
+    uint64_t requested_size;
+    uint64_t stream;
+    uint64_t first_block;
+    uint64_t block_count;
+} bufferheap_segment;
+typedef struct bufferheap_trace_entry {
+    int32_t action; /* BUFFERHEAP_TRACE_* */
+    int32_t device;
+    uint64_t addr;
+    uint64_t size;
+    uint64_t stream;
+    int64_t time_us; /* microseconds since the Unix epoch */
+} bufferheap_trace_entry;
+
+/* Writes the segments, blocks and (include_traces != 0) history entries of `device` (-1:
+ * every device) into the arrays, and how many of each into counts[0..3]. Answers 0 when they
+ * were written; 1 when an array was too small: nothing was written and counts says how many
+ * this reading needed, so call again with that much room (or more: the state may have grown);
+ * -1 on error. An array may be NULL when its capacity is 0. */
+int bufferheap_memory_snapshot(int device, int include_traces, bufferheap_segment *segments,
+                               size_t segment_capacity, bufferheap_block *blocks,
+                               size_t block_capacity, bufferheap_trace_entry *trace,
+                               size_t trace_capacity, size_t *counts);
+
+/* Records the last max_entries allocator events of every device from now on, devices not used
+ * yet included; 0 stops recording and drops the history. A history already recorded goes on,
+ * trimmed to the new limit, unless clear != 0 starts it afresh. Snapshots carry it as
+ * "device_traces". */
+int bufferheap_record_history(size_t max_entries, int clear);
+
+/* The most allocator events kept per device, in *out (0: none are recorded). */
+int bufferheap_history_limit(size_t *out);
 
 /* Frees a string returned by this library. NULL: nothing. */
 void bufferheap_string_free(char *s);

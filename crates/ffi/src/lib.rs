@@ -5,11 +5,13 @@
 //!
 //! | function | role |
 //! |---|---|
-//! | `bufferheap_malloc` / `bufferheap_free` | PyTorch's alloc and free |
+//! | `bufferheap_malloc` / `bufferheap_free`, `bufferheap_try_malloc` | PyTorch's alloc and free; an alloc that answers instead of raising |
 //! | `bufferheap_init`, `bufferheap_reset`, `bufferheap_set_memory_fraction`, `bufferheap_record_stream`, `bufferheap_base_alloc` | PyTorch's optional hooks |
 //! | `bufferheap_configure`, `bufferheap_initialized` | settings before the first allocation |
 //! | `bufferheap_stats_json`, `bufferheap_snapshot_json`, `bufferheap_string_free` | figures as JSON |
-//! | `bufferheap_empty_cache`, `bufferheap_reset_peak`, `bufferheap_set_watermarks` | control |
+//! | `bufferheap_stats_values`, `bufferheap_memory_snapshot` | the same as C values, for a C++ front |
+//! | `bufferheap_record_history`, `bufferheap_history_limit` | the allocation history, at run time |
+//! | `bufferheap_empty_cache`, `bufferheap_reset_peak`, `bufferheap_reset_accumulated`, `bufferheap_largest_available`, `bufferheap_set_watermarks` | control |
 //! | `bufferheap_last_error` | the calling thread's last error |
 //!
 //! The memory comes from the backend named by `BUFFERHEAP_BACKEND` (`cuda`, `host`, or unset:
@@ -35,6 +37,7 @@ mod backend;
 pub mod error;
 mod exports;
 mod json;
+mod memory_snapshot;
 mod raise;
 mod registry;
 
@@ -43,4 +46,8 @@ pub use backend::{
     ENV_HOST_MEMORY, MAX_HOST_DEVICES,
 };
 pub use exports::*;
+pub use memory_snapshot::{
+    BLOCK_ACTIVE_ALLOCATED, BLOCK_ACTIVE_PENDING_FREE, BLOCK_INACTIVE, BlockEntry, SegmentEntry,
+    TraceRecord, bufferheap_history_limit, bufferheap_memory_snapshot, bufferheap_record_history,
+};
 pub use registry::{DeviceAllocator, select_backend};

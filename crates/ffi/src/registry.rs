@@ -10,6 +10,9 @@
 //!   so every device's allocator runs with the same settings;
 //! - the backend (kind and device count) is resolved once, at the first call that names a
 //!   device; a failure (no CUDA driver, bad variable) is kept and returned by every such call;
+//! - the history limit is the one setting that changes at run time (PyTorch turns recording
+//!   on and off while a process runs): `bufferheap_record_history` applies it to every
+//!   allocator that exists and to those created later;
 //! - a device's allocator is created at most once, on first use, under a creation lock; a
 //!   failed creation is not kept, so a later call tries again. Reading an existing allocator
 //!   takes no lock of the registry's.
@@ -48,6 +51,9 @@ pub struct Registry {
     debug: AtomicU32,
     config_error_shown: AtomicBool,
     system_error_shown: AtomicBool,
+    /// The history limit set at run time (`bufferheap_record_history`), which replaces the
+    /// configuration's `history` for allocators created from then on.
+    history_limit: Mutex<Option<usize>>,
 }
 
 /// The resolved backend and the device slots.
@@ -114,6 +120,7 @@ impl Registry {
             debug: AtomicU32::new(0),
             config_error_shown: AtomicBool::new(false),
             system_error_shown: AtomicBool::new(false),
+            history_limit: Mutex::new(None),
         }
     }
 
@@ -284,7 +291,10 @@ impl System {
         if let Some(a) = slot.get() {
             return Ok(a);
         }
-        let config = reg.freeze(&format!("first use of device {device}"))?;
+        let mut config = reg.freeze(&format!("first use of device {device}"))?;
+        if let Some(limit) = *reg.history_limit.lock() {
+            config.history = limit;
+        }
         let backend = self.choice.create(self.kind, device)?;
         let allocator = Allocator::new(backend, config).map_err(|e| {
             FfiError::new(format!(
@@ -293,6 +303,29 @@ impl System {
             ))
         })?;
         Ok(slot.get_or_init(|| allocator))
+    }
+}
+
+impl System {
+    /// Records the last `max_entries` allocator events on every device, those without an
+    /// allocator yet included (0 stops and drops the history); with `clear`, a history kept
+    /// so far starts afresh. Under the creation lock, so no allocator is created in between
+    /// with the old limit.
+    pub fn record_history(&self, reg: &Registry, max_entries: usize, clear: bool) {
+        let _creating = self.create.lock();
+        *reg.history_limit.lock() = Some(max_entries);
+        for (_, a) in self.all_existing() {
+            a.record_history(max_entries, clear);
+        }
+    }
+
+    /// The history limit in force: the last one recorded at run time, else the configured.
+    pub fn history_limit(&self, reg: &Registry) -> FfiResult<usize> {
+        let set = *reg.history_limit.lock();
+        match set {
+            Some(limit) => Ok(limit),
+            None => Ok(reg.config()?.history),
+        }
     }
 }
 

@@ -599,32 +599,17 @@ fn header_declares_exactly_the_exports() {
         "bufferheap_largest_available",
         "bufferheap_stats_values",
         "bufferheap_set_watermarks",
+        "bufferheap_memory_snapshot",
+        "bufferheap_record_history",
+        "bufferheap_history_limit",
         "bufferheap_last_error",
     ];
     exported.sort_unstable();
     assert_eq!(declared, exported);
 }
 
-/// Compiles C code against the header with the contract's exact function pointer types, where
-/// a C compiler is installed.
-#[test]
-fn header_compiles_with_the_contract_types() {
-    let Some(cc) = ["cc", "gcc", "clang"].into_iter().find(|c| {
-        std::process::Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }) else {
-        eprintln!("no C compiler: header check skipped");
-        return;
-    };
-    let include = concat!(env!("CARGO_MANIFEST_DIR"), "/include");
-    let dir = std::env::temp_dir().join(format!("bufferheap-header-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = dir.join("check.c");
-    std::fs::write(
-        &src,
-        r#"#include <bufferheap.h>
+/// The contract: the exact function pointer types PyTorch and the C++ front use.
+const CONTRACT: &str = r#"#include <bufferheap.h>
 void *(*p_malloc)(ssize_t, int, void *) = bufferheap_malloc;
 void (*p_free)(void *, ssize_t, int, void *) = bufferheap_free;
 int (*p_try_malloc)(size_t, int, void *, void **) = bufferheap_try_malloc;
@@ -644,10 +629,84 @@ int (*p_accumulated)(int) = bufferheap_reset_accumulated;
 int (*p_largest)(int, size_t *) = bufferheap_largest_available;
 int (*p_values)(int, const char *const *, size_t, int64_t *) = bufferheap_stats_values;
 int (*p_marks)(int, double, double) = bufferheap_set_watermarks;
+int (*p_memory)(int, int, bufferheap_segment *, size_t, bufferheap_block *, size_t,
+                bufferheap_trace_entry *, size_t, size_t *) = bufferheap_memory_snapshot;
+int (*p_history)(size_t, int) = bufferheap_record_history;
+int (*p_limit)(size_t *) = bufferheap_history_limit;
 const char *(*p_error)(void) = bufferheap_last_error;
-"#,
-    )
-    .unwrap();
+#include <stddef.h>
+#ifdef __cplusplus
+#define LAYOUT(c) static_assert(c, #c);
+#else
+#define LAYOUT(c) _Static_assert(c, #c);
+#endif
+"#;
+
+/// The size of a field, from a projection to it.
+fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
+    std::mem::size_of::<F>()
+}
+
+/// (name, offset, size) of each named field of a struct.
+macro_rules! fields {
+    ($ty:ty; $($field:ident),*) => {
+        vec![$((
+            stringify!($field),
+            std::mem::offset_of!($ty, $field),
+            field_size(|x: &$ty| &x.$field),
+        )),*]
+    };
+}
+
+/// C assertions that the header's structs have the Rust structs' sizes, and their fields the
+/// same offsets and sizes.
+fn layout_checks() -> String {
+    use std::mem::size_of;
+    let mut c = String::new();
+    let mut check = |ty: &str, size: usize, fields: Vec<(&str, usize, usize)>| {
+        c += &format!("LAYOUT(sizeof({ty}) == {size})\n");
+        for (field, offset, len) in fields {
+            c += &format!("LAYOUT(offsetof({ty}, {field}) == {offset})\n");
+            c += &format!("LAYOUT(sizeof((({ty} *)0)->{field}) == {len})\n");
+        }
+    };
+    check(
+        "bufferheap_block",
+        size_of::<BlockEntry>(),
+        fields!(BlockEntry; address, size, requested_size, state),
+    );
+    check(
+        "bufferheap_segment",
+        size_of::<SegmentEntry>(),
+        fields!(SegmentEntry; device, is_large, is_expandable, address, total_size,
+            allocated_size, active_size, requested_size, stream, first_block, block_count),
+    );
+    check(
+        "bufferheap_trace_entry",
+        size_of::<TraceRecord>(),
+        fields!(TraceRecord; action, device, addr, size, stream, time_us),
+    );
+    c
+}
+
+/// Compiles C and C++ code against the header with the contract's exact function pointer
+/// types and the structs' layouts, where a C compiler is installed.
+#[test]
+fn header_compiles_with_the_contract_types() {
+    let Some(cc) = ["cc", "gcc", "clang"].into_iter().find(|c| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        eprintln!("no C compiler: header check skipped");
+        return;
+    };
+    let include = concat!(env!("CARGO_MANIFEST_DIR"), "/include");
+    let dir = std::env::temp_dir().join(format!("bufferheap-header-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("check.c");
+    std::fs::write(&src, format!("{CONTRACT}{}", layout_checks())).unwrap();
     for lang in ["c", "c++"] {
         let out = std::process::Command::new(cc)
             .args([

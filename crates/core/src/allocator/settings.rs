@@ -151,12 +151,31 @@ impl<B: Backend> Allocator<B> {
     /// Keeps the last `max_entries` allocator events from now on (0: none; replaces any
     /// history kept so far).
     pub fn set_history(&self, max_entries: usize) {
+        self.record_history(max_entries, true);
+    }
+
+    /// PyTorch's `_record_memory_history`: keeps the last `max_entries` allocator events (0
+    /// stops recording and drops what was kept). A history already kept goes on, trimmed to
+    /// the new limit, unless `clear` starts it afresh.
+    pub fn record_history(&self, max_entries: usize, clear: bool) {
+        // Threads' fronts serve buffers without the engine seeing them: off while it records.
         self.engine
             .front_on
             .store(false, crate::sync::Ordering::Relaxed);
-        self.engine.lock().history =
-            (max_entries > 0).then(|| crate::history::History::new(max_entries));
+        {
+            let mut st = self.engine.lock();
+            match (max_entries, st.history.as_mut()) {
+                (0, _) => st.history = None,
+                (max, Some(h)) if !clear => h.set_max(max),
+                (max, _) => st.history = Some(crate::history::History::new(max)),
+            }
+        }
         self.engine.refresh_front();
+    }
+
+    /// The most history entries kept (0: no history is recorded).
+    pub fn history_limit(&self) -> usize {
+        self.engine.lock().history.as_ref().map_or(0, |h| h.max())
     }
 
     /// The allocation history, oldest first (empty unless one is kept): PyTorch's
