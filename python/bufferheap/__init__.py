@@ -6,9 +6,9 @@ Use it as PyTorch's CUDA allocator (call before any CUDA tensor exists)::
     bufferheap.torch.install()
 
 then read its figures with ``bufferheap.memory_stats()``, ``bufferheap.max_memory_reserved()``,
-``bufferheap.snapshot("snap.pickle")`` and the like: PyTorch's own ``torch.cuda.memory_stats()``
-and ``_snapshot()`` do not work through PyTorch's pluggable wrapper (``install(direct=True)``
-makes the statistics calls work).
+``bufferheap.record_memory_history()`` with ``bufferheap.snapshot("snap.pickle")`` and the like:
+PyTorch's own ``torch.cuda.memory_stats()``, ``_record_memory_history()`` and ``_snapshot()`` do not
+work through PyTorch's pluggable wrapper (``install(direct=True)`` makes them work).
 
 ``import bufferheap`` needs neither torch nor a GPU; ``bufferheap.torch`` imports torch.
 The native library is found as described in ``bufferheap._ffi`` (``BUFFERHEAP_LIB`` overrides).
@@ -38,6 +38,7 @@ __all__ = [
     "memory_allocated",
     "memory_reserved",
     "memory_stats",
+    "record_memory_history",
     "reset_accumulated_memory_stats",
     "reset_peak_memory_stats",
     "set_watermarks",
@@ -194,6 +195,24 @@ def set_watermarks(low: float, high: float, device: Device = None) -> None:
         raise TypeError("set_watermarks needs both ratios (0 disables a limit)")
     low_f, high_f = _config.check_watermarks(low, high)
     lib().set_watermarks(_device_index(device), low_f, high_f)
+
+
+def record_memory_history(enabled: bool = True, max_entries: int = sys.maxsize, clear_history: bool = False) -> None:
+    """Record the allocator's events for snapshots, as torch.cuda.memory._record_memory_history().
+
+    From now on every device (those not used yet too) keeps its last ``max_entries`` allocations,
+    frees and page maps; ``snapshot()`` writes them as ``device_traces``, which PyTorch's memory
+    viewer draws and ``bufferheap replay`` replays. A history already recorded goes on unless
+    ``clear_history``; ``enabled=False`` stops recording and drops it. No stack frames are kept.
+    While recording, every allocation goes through the allocator's lock (threads' caches of
+    small buffers are off), so the hot path is slower.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False; got {enabled!r}")
+    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+        raise ValueError(f"max_entries must be a positive int (events kept per device); got {max_entries!r}")
+    limit = min(max_entries, (1 << 64) - 1) if enabled else 0
+    lib().record_history(limit, bool(clear_history))
 
 
 def _settings() -> Dict[str, Any]:

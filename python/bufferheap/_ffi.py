@@ -64,6 +64,11 @@ _SIGNATURES = {
     "bufferheap_largest_available": (_c.c_int, [_c.c_int, _c.POINTER(_c.c_size_t)]),
     "bufferheap_stats_values": (_c.c_int, [_c.c_int, _c.POINTER(_c.c_char_p), _c.c_size_t, _c.POINTER(_c.c_int64)]),
     "bufferheap_set_watermarks": (_c.c_int, [_c.c_int, _c.c_double, _c.c_double]),
+    # Arrays of the header's structs, which only the C++ front reads: opaque pointers here.
+    "bufferheap_memory_snapshot": (_c.c_int, [_c.c_int, _c.c_int, _c.c_void_p, _c.c_size_t, _c.c_void_p, _c.c_size_t,
+                                              _c.c_void_p, _c.c_size_t, _c.POINTER(_c.c_size_t)]),
+    "bufferheap_record_history": (_c.c_int, [_c.c_size_t, _c.c_int]),
+    "bufferheap_history_limit": (_c.c_int, [_c.POINTER(_c.c_size_t)]),
     "bufferheap_last_error": (_c.c_char_p, []),
 }
 
@@ -196,6 +201,15 @@ class Library:
     def reset_accumulated(self, device: int) -> None:
         status = self.fn("bufferheap_reset_accumulated")(device)
         self.check_status(f"bufferheap_reset_accumulated({device})", status)
+
+    def record_history(self, max_entries: int, clear: bool) -> None:
+        status = self.fn("bufferheap_record_history")(max_entries, int(clear))
+        self.check_status(f"bufferheap_record_history({max_entries}, {int(clear)})", status)
+
+    def history_limit(self) -> int:
+        out = ctypes.c_size_t(0)
+        self.check_status("bufferheap_history_limit", self.fn("bufferheap_history_limit")(ctypes.byref(out)))
+        return out.value
 
     def set_watermarks(self, device: int, low: float, high: float) -> None:
         status = self.fn("bufferheap_set_watermarks")(device, low, high)

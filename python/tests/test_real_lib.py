@@ -187,6 +187,35 @@ def test_snapshot(real_lib, tmp_path):
         bufferheap.snapshot(device=99)
 
 
+def test_record_memory_history_fills_the_snapshots_traces(real_lib):
+    before = _malloc(real_lib, 2 << 20)
+    bufferheap.record_memory_history(max_entries=1000)
+    assert real_lib.history_limit() == 1000
+    live = _malloc(real_lib, 3 << 20)
+    gone = _malloc(real_lib, 5000)
+    _free(real_lib, gone)
+    trace = bufferheap.snapshot(device=0)["device_traces"][0]
+    buffer_actions = [(e["action"], e["addr"]) for e in trace if not e["action"].startswith("segment")]
+    assert buffer_actions == [("alloc", live), ("alloc", gone), ("free_requested", gone), ("free_completed", gone)]
+    assert before not in [e.get("addr") for e in trace], "nothing from before recording began"
+    # Going on keeps the entries, a smaller limit keeps the newest, stopping drops them.
+    bufferheap.record_memory_history(max_entries=2)
+    kept = bufferheap.snapshot(device=0)["device_traces"][0]
+    assert [e["action"] for e in kept] == ["free_requested", "free_completed"]
+    bufferheap.record_memory_history(enabled=False)
+    assert real_lib.history_limit() == 0
+    assert bufferheap.snapshot(device=0)["device_traces"] == [[]]
+    bufferheap.record_memory_history(clear_history=True)
+    assert real_lib.history_limit() == sys.maxsize
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_entries"):
+            bufferheap.record_memory_history(max_entries=bad)
+    with pytest.raises(TypeError, match="enabled"):
+        bufferheap.record_memory_history(enabled="all")
+    _free(real_lib, live)
+    _free(real_lib, before)
+
+
 def test_torch_hooks_through_raw_addresses(real_lib):
     init = ctypes.CFUNCTYPE(None, ctypes.c_int)(real_lib.address("bufferheap_init"))
     init(2)
