@@ -8,7 +8,8 @@ snapshot() writes a pickle that loads back with segments and device_traces (and 
 memory viewer renders); a tensor made on a side stream and used on the main stream while the
 side stream reuses memory keeps its data when record_stream is called; and what PyTorch
 shows for an impossible (1 PiB) allocation. `--direct` installs the C++ front
-(install(direct=True)), whose full device must raise torch.OutOfMemoryError. Prints one JSON object; exit status 1 if a check failed.
+(install(direct=True)), whose full device must raise torch.OutOfMemoryError and which must answer
+PyTorch's own statistics, cuDNN's benchmark mode and memory snapshot calls. Prints one JSON object; exit status 1 if a check failed.
 """
 
 import argparse
@@ -152,6 +153,31 @@ def _():
     info["torch_memory_summary_lines"] = len(torch.cuda.memory_summary().splitlines())
     del x
     return DIRECT and all(r.values())
+
+
+@check("torch_snapshot")
+def _():
+    # PyTorch's own memory history and snapshot: the wrapper raises, the direct front answers
+    # with bufferheap's segments and events (what PyTorch's memory viewer reads).
+    try:
+        torch.cuda.memory._record_memory_history(max_entries=10_000)
+    except RuntimeError as e:
+        info["torch_snapshot"] = str(e).splitlines()[0]
+        return not DIRECT
+    x = torch.empty(3 * MiB, dtype=torch.uint8, device=dev)
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    blocks = {b["address"]: b for s in snap["segments"] for b in s["blocks"]}
+    allocs = [e for e in snap["device_traces"][0] if e["action"] == "alloc" and e["addr"] == x.data_ptr()]
+    tiled = all(sum(b["size"] for b in s["blocks"]) == s["total_size"] for s in snap["segments"])
+    r = info["torch_snapshot"] = {
+        "segments": len(snap["segments"]),
+        "block_of_x": blocks.get(x.data_ptr(), {}).get("state"),
+        "alloc_recorded": len(allocs) == 1,
+        "blocks_tile_segments": tiled,
+    }
+    del x
+    return DIRECT and r["block_of_x"] == "active_allocated" and r["alloc_recorded"] and tiled
 
 
 @check("cudnn_benchmark")

@@ -9,8 +9,9 @@ WORKLOAD: gpt2 (GPT-2 124M, AdamW, bf16 autocast, batch 8, sequence length drawn
           AdamW, bf16 autocast, batch 16, sequence length drawn from 64..512)
 MODE:     native | expandable (expandable_segments) | async (cudaMallocAsync) | bufferheap
           | bufferheap-direct (bufferheap through its C++ front, install(direct=True))
---record: native modes pickle torch.cuda.memory._snapshot() with the allocation history of the
-          timed steps; bufferheap pickles bufferheap.snapshot() taken after them.
+--record: pickle a snapshot with the allocation history of the timed steps: PyTorch's own
+          (torch.cuda.memory._record_memory_history() and _snapshot()) for native modes and the
+          direct front, bufferheap.record_memory_history() and snapshot() through the wrapper.
 
 One warm-up step runs before timing. Prints one JSON line: workload, mode, policy, steps,
 sec_per_step, peak_used_gib (largest free-at-start minus free-now of torch.cuda.mem_get_info,
@@ -136,8 +137,13 @@ n = a.steps or default_steps
 step()  # warm-up, outside timing and recording
 torch.cuda.synchronize()
 sample()
-if a.record and not ours:
-    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", max_entries=1_500_000)
+# PyTorch's own snapshot calls work on native modes and through bufferheap's direct front.
+torch_snapshots = not ours or a.mode == "bufferheap-direct"
+if a.record:
+    if torch_snapshots:
+        torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", max_entries=1_500_000)
+    else:
+        bufferheap.record_memory_history(max_entries=1_500_000)
 
 losses = []
 step_times = []
@@ -167,7 +173,7 @@ for key in keys:
     res[key] = st.get(key)
 
 if a.record:
-    if ours:
+    if not torch_snapshots:
         snap = bufferheap.snapshot(a.record)
     else:
         snap = torch.cuda.memory._snapshot()

@@ -6,8 +6,10 @@
 // bufferheap_try_malloc and raise PyTorch's own errors (torch.OutOfMemoryError when the device
 // is full), and every free goes straight to bufferheap_free. PyTorch's statistics calls
 // (torch.cuda.memory_stats(), memory_allocated(), max_memory_reserved(), reset_peak_memory_stats(),
-// ...) read and reset bufferheap's counters, which no pluggable allocator offers, and cuDNN's
-// benchmark mode learns how large a workspace it may take (cacheInfo). Everything else (init,
+// ...) read and reset bufferheap's counters, which no pluggable allocator offers, cuDNN's
+// benchmark mode learns how large a workspace it may take (cacheInfo), and PyTorch's memory
+// snapshots (torch.cuda.memory._record_memory_history(), _snapshot(), _dump_snapshot(), and so
+// its memory viewer) show bufferheap's segments, blocks and history. Everything else (init,
 // empty_cache, the memory fraction, record_stream, base allocations, CUDA graph pools) is the
 // pluggable allocator's, with the same hooks the pluggable path sets.
 //
@@ -21,12 +23,14 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <iterator>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -42,6 +46,42 @@ using StatsValuesFn = int (*)(int device, const char* const* keys, size_t n, int
 using DeviceCallFn = int (*)(int device);
 using LargestAvailableFn = int (*)(int device, size_t* out);
 
+// The snapshot's records, as declared in bufferheap.h (python/tests/test_direct.py checks that
+// the two declarations agree).
+struct bufferheap_block {
+  uint64_t address;
+  uint64_t size;
+  uint64_t requested_size;
+  int32_t state;
+};
+struct bufferheap_segment {
+  int32_t device;
+  int32_t is_large;
+  int32_t is_expandable;
+  uint64_t address;
+  uint64_t total_size;
+  uint64_t allocated_size;
+  uint64_t active_size;
+  uint64_t requested_size;
+  uint64_t stream;
+  uint64_t first_block;
+  uint64_t block_count;
+};
+struct bufferheap_trace_entry {
+  int32_t action;
+  int32_t device;
+  uint64_t addr;
+  uint64_t size;
+  uint64_t stream;
+  int64_t time_us;
+};
+using MemorySnapshotFn = int (*)(int device, int include_traces, bufferheap_segment* segments,
+                                 size_t segment_capacity, bufferheap_block* blocks,
+                                 size_t block_capacity, bufferheap_trace_entry* trace,
+                                 size_t trace_capacity, size_t* counts);
+using RecordHistoryFn = int (*)(size_t max_entries, int clear);
+using HistoryLimitFn = int (*)(size_t* out);
+
 TryMallocFn try_malloc_fn = nullptr;
 FreeFn free_fn = nullptr;
 LastErrorFn last_error_fn = nullptr;
@@ -49,6 +89,9 @@ StatsValuesFn stats_values_fn = nullptr;
 DeviceCallFn reset_peak_fn = nullptr;
 DeviceCallFn reset_accumulated_fn = nullptr;
 LargestAvailableFn largest_available_fn = nullptr;
+MemorySnapshotFn memory_snapshot_fn = nullptr;
+RecordHistoryFn record_history_fn = nullptr;
+HistoryLimitFn history_limit_fn = nullptr;
 
 constexpr int kAllocated = 0;
 constexpr int kOutOfMemory = 1;
@@ -149,6 +192,42 @@ void call_on_device(DeviceCallFn fn, c10::DeviceIndex device) {
   }
 }
 
+constexpr int kDidNotFit = 1;
+constexpr int kBlockInactive = 0;
+constexpr int kBlockActiveAllocated = 1;
+
+// One reading of every device's segments (and history), grown until it fits.
+struct FlatSnapshot {
+  std::vector<bufferheap_segment> segments;
+  std::vector<bufferheap_block> blocks;
+  std::vector<bufferheap_trace_entry> trace;
+};
+
+FlatSnapshot read_flat_snapshot(bool include_traces) {
+  FlatSnapshot flat;
+  size_t counts[3] = {0, 0, 0};
+  // Each try reads anew; the state may grow between two tries, so ask for some room to spare.
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    int answer = memory_snapshot_fn(
+        -1, include_traces ? 1 : 0, flat.segments.data(), flat.segments.size(),
+        flat.blocks.data(), flat.blocks.size(), flat.trace.data(), flat.trace.size(), counts);
+    if (answer == 0) {
+      flat.segments.resize(counts[0]);
+      flat.blocks.resize(counts[1]);
+      flat.trace.resize(counts[2]);
+      return flat;
+    }
+    if (answer != kDidNotFit) {
+      C10_THROW_ERROR(Error, last_error_fn());
+    }
+    auto room = [](size_t n) { return n + n / 8 + 16; };
+    flat.segments.resize(room(counts[0]));
+    flat.blocks.resize(room(counts[1]));
+    flat.trace.resize(room(counts[2]));
+  }
+  C10_THROW_ERROR(Error, "bufferheap: the memory snapshot kept outgrowing its arrays; try again");
+}
+
 c10::DeviceIndex current_device() {
   c10::DeviceIndex device = -1;
   C10_CUDA_CHECK(c10::cuda::GetDevice(&device));
@@ -156,6 +235,7 @@ c10::DeviceIndex current_device() {
 }
 
 using Pluggable = torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
+namespace cca = c10::cuda::CUDACachingAllocator;
 
 struct DirectAllocator final : Pluggable {
   // The base keeps these two for its own malloc, which nothing calls on this class.
@@ -210,6 +290,113 @@ struct DirectAllocator final : Pluggable {
     }
     *largestBlock = largest;
   }
+
+  // torch.cuda.memory._snapshot() and memory_snapshot(): bufferheap's segments and history in
+  // PyTorch's own structures. A block's address is rebuilt by PyTorch from the segment's
+  // address and the sizes before it, which bufferheap_memory_snapshot guarantees.
+  cca::SnapshotInfo snapshot(c10::cuda::MempoolId_t mempool, bool include_traces) override {
+    TORCH_CHECK(
+        mempool.first == 0 && mempool.second == 0,
+        "bufferheap keeps no separate memory pools (",
+        mempool.first,
+        ", ",
+        mempool.second,
+        "): take the snapshot of the whole allocator, without a mempool id");
+    FlatSnapshot flat = read_flat_snapshot(include_traces);
+    cca::SnapshotInfo info;
+    bool expandable = false;
+    for (const auto& seg : flat.segments) {
+      cca::SegmentInfo s;
+      s.device = static_cast<c10::DeviceIndex>(seg.device);
+      s.address = seg.address;
+      s.total_size = seg.total_size;
+      s.requested_size = seg.requested_size;
+      s.allocated_size = seg.allocated_size;
+      s.active_size = seg.active_size;
+      s.stream = reinterpret_cast<void*>(static_cast<uintptr_t>(seg.stream));
+      s.is_large = seg.is_large != 0;
+      s.is_expandable = seg.is_expandable != 0;
+      expandable = expandable || s.is_expandable;
+      for (uint64_t i = seg.first_block; i < seg.first_block + seg.block_count && i < flat.blocks.size(); ++i) {
+        const auto& blk = flat.blocks[i];
+        cca::BlockInfo b;
+        b.size = blk.size;
+        b.requested_size = blk.requested_size;
+        b.allocated = blk.state == kBlockActiveAllocated;
+        b.active = blk.state != kBlockInactive;
+        s.blocks.push_back(std::move(b));
+      }
+      info.segments.push_back(std::move(s));
+    }
+    // One list per device, as PyTorch's own allocator answers.
+    info.device_traces.resize(static_cast<size_t>(std::max<int>(c10::cuda::device_count(), 0)));
+    std::vector<int> skipped = skipped_actions();
+    for (const auto& e : flat.trace) {
+      if (e.device < 0 || static_cast<size_t>(e.device) >= info.device_traces.size() ||
+          std::find(skipped.begin(), skipped.end(), e.action) != skipped.end()) {
+        continue;
+      }
+      cca::TraceEntry entry(
+          static_cast<cca::TraceEntry::Action>(e.action),
+          static_cast<c10::DeviceIndex>(e.device),
+          e.addr,
+          e.size,
+          reinterpret_cast<void*>(static_cast<uintptr_t>(e.stream)),
+          {0, 0},
+          0);
+      // Snapshots carry wall-clock microseconds here, as PyTorch's own allocator converts them.
+      entry.time_.t_ = e.time_us;
+      info.device_traces[e.device].push_back(std::move(entry));
+    }
+    info.config_metadata.garbage_collection_threshold = 0.0;
+    info.config_metadata.max_split_size = SIZE_MAX;
+    info.config_metadata.pinned_num_register_threads = 0;
+    info.config_metadata.expandable_segments = expandable;
+    info.config_metadata.release_lock_on_malloc = false;
+    info.config_metadata.pinned_use_host_register = false;
+    info.config_metadata.graph_capture_record_stream_reuse = false;
+    info.config_metadata.last_allocator_settings = "bufferheap";
+    return info;
+  }
+
+  // torch.cuda.memory._record_memory_history(): bufferheap records the same events (without
+  // stack frames) on every device; a max of 0 entries still records one, as recording is on.
+  void recordHistory(
+      bool enabled,
+      cca::CreateContextFn /*context_recorder*/,
+      size_t alloc_trace_max_entries,
+      cca::RecordContext /*when*/,
+      bool clearHistory,
+      const std::vector<std::string>& skip_actions) override {
+    std::vector<int> skipped;
+    for (const auto& action : skip_actions) {
+      skipped.push_back(static_cast<int>(c10::CachingDeviceAllocator::parseTraceEntryAction(action)));
+    }
+    size_t limit = enabled ? std::max<size_t>(alloc_trace_max_entries, 1) : 0;
+    if (record_history_fn(limit, clearHistory ? 1 : 0) != 0) {
+      C10_THROW_ERROR(Error, last_error_fn());
+    }
+    std::lock_guard<std::mutex> guard(skip_mutex_);
+    skip_actions_ = std::move(skipped);
+  }
+
+  bool isHistoryEnabled() override {
+    size_t limit = 0;
+    if (history_limit_fn(&limit) != 0) {
+      C10_THROW_ERROR(Error, last_error_fn());
+    }
+    return limit > 0;
+  }
+
+ private:
+  std::vector<int> skipped_actions() {
+    std::lock_guard<std::mutex> guard(skip_mutex_);
+    return skip_actions_;
+  }
+
+  std::mutex skip_mutex_;
+  // Actions left out of snapshots' traces (recordHistory's skip_actions), PyTorch's numbers.
+  std::vector<int> skip_actions_;
 };
 
 template <typename Fn>
@@ -225,7 +412,7 @@ void write_error(char* out, size_t len, const char* text) {
 
 }  // namespace
 
-// Makes a DirectAllocator PyTorch's CUDA allocator. The first six addresses are required; a
+// Makes a DirectAllocator PyTorch's CUDA allocator. The first ten addresses are required; a
 // hook whose address is 0 is left unset. 0 on success; -1 with the reason in `error`
 // (PyTorch's own text, e.g. when CUDA already allocated and the allocator cannot be swapped).
 extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
@@ -236,6 +423,9 @@ extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
     uintptr_t reset_peak,
     uintptr_t reset_accumulated,
     uintptr_t largest_available,
+    uintptr_t memory_snapshot,
+    uintptr_t record_history,
+    uintptr_t history_limit,
     uintptr_t init,
     uintptr_t reset,
     uintptr_t memory_fraction,
@@ -244,7 +434,8 @@ extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
     char* error,
     size_t error_len) {
   if (try_malloc == 0 || free == 0 || last_error == 0 || stats_values == 0 || reset_peak == 0 ||
-      reset_accumulated == 0 || largest_available == 0) {
+      reset_accumulated == 0 || largest_available == 0 || memory_snapshot == 0 ||
+      record_history == 0 || history_limit == 0) {
     write_error(error, error_len, "a required bufferheap function has no address");
     return -1;
   }
@@ -256,6 +447,9 @@ extern "C" __attribute__((visibility("default"))) int bufferheap_direct_install(
     reset_peak_fn = as_function<DeviceCallFn>(reset_peak);
     reset_accumulated_fn = as_function<DeviceCallFn>(reset_accumulated);
     largest_available_fn = as_function<LargestAvailableFn>(largest_available);
+    memory_snapshot_fn = as_function<MemorySnapshotFn>(memory_snapshot);
+    record_history_fn = as_function<RecordHistoryFn>(record_history);
+    history_limit_fn = as_function<HistoryLimitFn>(history_limit);
     auto allocator = std::make_shared<DirectAllocator>();
     if (init != 0) {
       allocator->set_init_fn(as_function<void (*)(int)>(init));

@@ -5,8 +5,10 @@ live pointers on every allocation and every free, only to hand size, device and 
 the plug-in; bufferheap finds them from the address. ``_direct.cpp`` subclasses that wrapper
 without the map, calls the C ABI itself, raises ``torch.OutOfMemoryError`` when the device is full and
 answers PyTorch's own statistics calls (``torch.cuda.memory_stats()``, ``memory_allocated()``,
-``reset_peak_memory_stats()``, ...) with bufferheap's counters, and cuDNN's benchmark mode with
-the largest buffer it can get (``cacheInfo``; the wrapper raises there). It is compiled once per PyTorch version by ``torch.utils.cpp_extension`` into PyTorch's
+``reset_peak_memory_stats()``, ...) with bufferheap's counters, cuDNN's benchmark mode with the
+largest buffer it can get (``cacheInfo``; the wrapper raises there), and PyTorch's memory snapshots
+(``_record_memory_history()``, ``_snapshot()``, ``_dump_snapshot()``) with bufferheap's segments and
+history. It is compiled once per PyTorch version by ``torch.utils.cpp_extension`` into PyTorch's
 extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), which needs a
 C++ compiler, ninja and the CUDA headers PyTorch was built with; later processes reuse the build.
 """
@@ -24,7 +26,8 @@ SOURCE = Path(__file__).with_name("_direct.cpp")
 NAME = "bufferheap_direct"
 # The C ABI functions the front calls itself, then the hooks it sets, by PyTorch's setter name.
 _CALLS = ("bufferheap_try_malloc", "bufferheap_free", "bufferheap_last_error", "bufferheap_stats_values",
-          "bufferheap_reset_peak", "bufferheap_reset_accumulated", "bufferheap_largest_available")
+          "bufferheap_reset_peak", "bufferheap_reset_accumulated", "bufferheap_largest_available",
+          "bufferheap_memory_snapshot", "bufferheap_record_history", "bufferheap_history_limit")
 _HOOKS = ("set_init_fn", "set_reset_fn", "set_memory_fraction_fn", "set_record_stream_fn", "set_base_alloc_fn")
 _ERROR_BYTES = 4096
 

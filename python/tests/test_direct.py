@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bufferheap import _direct, _ffi
+from conftest import PYTHON_DIR
 
 
 def _entry_parameters():
@@ -25,6 +26,22 @@ def test_addresses_are_passed_in_the_order_the_cpp_entry_takes_them():
     assert calls == [c.removeprefix("bufferheap_") for c in _direct._CALLS]
     assert hooks == [h.removeprefix("set_").removesuffix("_fn") for h in _direct._HOOKS]
     assert rest == ["error", "error_len"]
+
+
+def _fields(body):
+    """A C struct body's fields as "type name" strings, comments and spacing dropped."""
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return [" ".join(f.split()) for f in body.split(";") if f.strip()]
+
+
+def test_the_snapshot_records_are_declared_as_in_the_c_header():
+    header = (PYTHON_DIR.parent / "crates" / "ffi" / "include" / "bufferheap.h").read_text()
+    cpp = _direct.SOURCE.read_text()
+    in_header = {m.group(1): _fields(m.group(2)) for m in re.finditer(r"typedef struct (\w+) \{(.*?)\} \1;", header, re.S)}
+    in_cpp = {m.group(1): _fields(m.group(2)) for m in re.finditer(r"^struct (bufferheap_\w+) \{(.*?)\};", cpp, re.S | re.M)}
+    assert sorted(in_cpp) == ["bufferheap_block", "bufferheap_segment", "bufferheap_trace_entry"]
+    for name, fields in in_cpp.items():
+        assert fields == in_header[name], name
 
 
 def test_every_pluggable_hook_is_set_by_the_direct_front_too():

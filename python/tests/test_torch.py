@@ -111,3 +111,50 @@ def test_direct_front_allocates_frees_and_raises_out_of_memory():
     assert r["raised"] and "out of memory" in r["raised"]
     assert r["ones"] == float(1 << 20)
     assert r["conv_grad"] > 0  # cuDNN's benchmark mode ran
+
+
+def test_direct_front_answers_pytorchs_memory_snapshot_and_history(tmp_path):
+    dump = tmp_path / "dump.pickle"
+    r = _run(
+        f"""
+        import json, pickle, torch, bufferheap
+        bufferheap.torch.install(direct=True)
+        before = torch.empty(1 << 20, device="cuda")
+        torch.cuda.memory._record_memory_history(max_entries=1000)
+        on = torch._C._cuda_isHistoryEnabled() if hasattr(torch._C, "_cuda_isHistoryEnabled") else None
+        x = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+        y = torch.empty(1000, dtype=torch.uint8, device="cuda")
+        gone = torch.empty(5 << 20, dtype=torch.uint8, device="cuda")
+        gone_ptr = gone.data_ptr()
+        del gone
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._dump_snapshot({str(dump)!r})
+        blocks = {{}}
+        for seg in snap["segments"]:
+            assert sum(b["size"] for b in seg["blocks"]) == seg["total_size"], seg
+            for b in seg["blocks"]:
+                blocks[b["address"]] = (b["state"], b["requested_size"], seg["segment_type"])
+        trace = snap["device_traces"][0]
+        actions = [(e["action"], e["addr"]) for e in trace if not e["action"].startswith("segment")]
+        segs_only = torch.cuda.memory_snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        after = torch.cuda.memory._snapshot()
+        print(json.dumps(dict(
+            x=blocks.get(x.data_ptr()), y=blocks.get(y.data_ptr()), gone=blocks.get(gone_ptr),
+            before=before.data_ptr(), x_ptr=x.data_ptr(), y_ptr=y.data_ptr(), gone_ptr=gone_ptr,
+            actions=actions, on=on, times=all(e["time_us"] > 0 for e in trace),
+            segments=len(snap["segments"]), segs_only=len(segs_only),
+            traces_after=[len(t) for t in after["device_traces"]],
+            dumped=len(pickle.load(open({str(dump)!r}, "rb"))["segments"]))))
+        """
+    )
+    assert r["x"] == ["active_allocated", 3 << 20, "large"]
+    assert r["y"][0] == "active_allocated" and r["y"][1] == 1000
+    assert r["gone"][0] == "inactive"
+    assert r["actions"][:2] == [["alloc", r["x_ptr"]], ["alloc", r["y_ptr"]]]
+    assert r["actions"][2:] == [["alloc", r["gone_ptr"]], ["free_requested", r["gone_ptr"]], ["free_completed", r["gone_ptr"]]]
+    assert r["before"] not in [a for _, a in r["actions"]], "recording began after it"
+    assert r["on"] in (True, None)
+    assert r["times"]
+    assert r["segments"] == r["segs_only"] == r["dumped"] > 0
+    assert set(r["traces_after"]) == {0}

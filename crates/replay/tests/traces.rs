@@ -120,6 +120,24 @@ fn a_second_gpt2_recording_stays_below_expandable_segments() {
 }
 
 #[test]
+fn a_snapshot_pytorch_wrote_from_the_direct_front_replays_whole() {
+    // PyTorch's own torch.cuda.memory._record_memory_history() and _snapshot() under
+    // bufferheap's direct front (traces/recorded/README.md): every free in the history names
+    // an allocation the replay saw (the initial blocks included), every action is known, and
+    // the blocks alive before recording are the segments' active blocks.
+    let r = run(
+        &trace("recorded/gpt2_direct_front_h100.pkl.gz"),
+        Policy::Default,
+        BackendKind::Sim,
+    );
+    assert_eq!((r.orphan_frees, r.unknown_actions), (0, 0));
+    assert_eq!(r.allocs, 14_302);
+    assert_eq!(r.initial_live_blocks, 447);
+    assert_eq!(r.peak_live_bytes, 14_417_631_744);
+    assert!(r.reserved_over_live < 1.010, "{}", r.reserved_over_live);
+}
+
+#[test]
 fn workloads_recorded_under_the_native_allocator_stay_below_expandable_segments() {
     // Four more bench workloads recorded on an H100 (traces/recorded/README.md), none of them
     // used to tune placement. The bound is what expandable segments reserved over the peak
