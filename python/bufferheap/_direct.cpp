@@ -24,15 +24,19 @@
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <deque>
 #include <iterator>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -95,8 +99,142 @@ HistoryLimitFn history_limit_fn = nullptr;
 
 constexpr int kAllocated = 0;
 constexpr int kOutOfMemory = 1;
+constexpr int kTraceAlloc = 0;
+constexpr int kTraceFreeRequested = 1;
+constexpr int kTraceFreeCompleted = 2;
+
+namespace cca = c10::cuda::CUDACachingAllocator;
+using Context = std::shared_ptr<c10::GatheredContext>;
+
+// The stacks PyTorch's recorder gathers (torch.cuda.memory._record_memory_history(stacks=...))
+// while bufferheap records its history: kept here, beside the history, and matched to its
+// entries when a snapshot is built. An allocation's context is taken before its pointer reaches
+// the caller and a free's before the pointer goes back to bufferheap, so the contexts of one
+// address are in the order of that address's history entries. Off (one relaxed load per call)
+// unless a recorder is set.
+class ContextBook {
+ public:
+  void start(cca::CreateContextFn recorder, cca::RecordContext when, size_t max, bool clear) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (clear) {
+      events_.clear();
+    }
+    recorder_ = when == cca::RecordContext::NEVER ? nullptr : recorder;
+    when_ = when;
+    max_ = max;
+    trim();
+    on_.store(recorder_ != nullptr, std::memory_order_relaxed);
+  }
+
+  void stop() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    on_.store(false, std::memory_order_relaxed);
+    recorder_ = nullptr;
+    events_.clear();
+    live_.clear();
+  }
+
+  bool on() const {
+    return on_.load(std::memory_order_relaxed);
+  }
+
+  // bufferheap handed out `ptr`; its caller has not seen it yet.
+  void allocated(void* ptr) {
+    auto [recorder, when] = settings();
+    if (recorder == nullptr) {
+      return;
+    }
+    Context context = recorder();  // gathers the caller's frames: outside the lock
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (!on()) {
+      return;
+    }
+    live_[address(ptr)] = context;
+    if (when >= cca::RecordContext::ALLOC) {
+      push(kTraceAlloc, address(ptr), context);
+    }
+  }
+
+  // `ptr` is about to go back to bufferheap. As in PyTorch, a free's entries carry the free's
+  // own stack when every stack is recorded (ALL), else the allocation's.
+  void freed(void* ptr) {
+    auto [recorder, when] = settings();
+    if (recorder == nullptr) {
+      return;
+    }
+    Context context = when == cca::RecordContext::ALL ? recorder() : nullptr;
+    std::lock_guard<std::mutex> guard(mutex_);
+    auto live = live_.find(address(ptr));
+    if (live != live_.end()) {
+      context = context ? context : live->second;
+      live_.erase(live);
+    }
+    if (on() && when >= cca::RecordContext::ALLOC) {
+      push(kTraceFreeRequested, address(ptr), context);
+    }
+  }
+
+  // The stacks of the buffers in use, by address, and of each (action, address) in order.
+  struct Copy {
+    std::unordered_map<uint64_t, Context> live;
+    std::map<std::pair<int, uint64_t>, std::vector<Context>> events;
+  };
+
+  Copy copy() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    Copy c;
+    c.live = live_;
+    for (const auto& e : events_) {
+      c.events[{e.action, e.addr}].push_back(e.context);
+    }
+    return c;
+  }
+
+ private:
+  struct Event {
+    int action;
+    uint64_t addr;
+    Context context;
+  };
+
+  static uint64_t address(void* ptr) {
+    return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr));
+  }
+
+  std::pair<cca::CreateContextFn, cca::RecordContext> settings() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    return {recorder_, when_};
+  }
+
+  void push(int action, uint64_t addr, Context context) {
+    events_.push_back({action, addr, std::move(context)});
+    trim();
+  }
+
+  void trim() {
+    while (events_.size() > max_) {
+      events_.pop_front();
+    }
+  }
+
+  std::atomic<bool> on_{false};
+  std::mutex mutex_;
+  cca::CreateContextFn recorder_ = nullptr;
+  cca::RecordContext when_ = cca::RecordContext::NEVER;
+  size_t max_ = 0;
+  std::unordered_map<uint64_t, Context> live_;
+  std::deque<Event> events_;
+};
+
+ContextBook& contexts() {
+  static ContextBook book;
+  return book;
+}
 
 void free_buffer(void* ptr) {
+  if (contexts().on()) {
+    contexts().freed(ptr);
+  }
   // Size 0 and device -1: bufferheap knows both from the address.
   free_fn(ptr, 0, -1, nullptr);
 }
@@ -105,6 +243,9 @@ void* take(size_t size, c10::DeviceIndex device, cudaStream_t stream) {
   void* ptr = nullptr;
   int answer = try_malloc_fn(size, device, stream, &ptr);
   if (answer == kAllocated) {
+    if (contexts().on()) {
+      contexts().allocated(ptr);
+    }
     return ptr;
   }
   std::string reason = last_error_fn();
@@ -234,8 +375,52 @@ c10::DeviceIndex current_device() {
   return device;
 }
 
+// Hands each history entry its stack: the k-th alloc (or free) entry of an address gets the
+// k-th stack kept for it, counted from the newest, since either side may have dropped its oldest
+// (bufferheap's history counts page maps too, so it reaches back less far). A completed free
+// gets the stack of the free that requested it.
+class TraceStacks {
+ public:
+  TraceStacks(const std::vector<bufferheap_trace_entry>& trace,
+              std::map<std::pair<int, uint64_t>, std::vector<Context>> kept)
+      : kept_(std::move(kept)) {
+    for (const auto& e : trace) {
+      if (e.action == kTraceAlloc || e.action == kTraceFreeRequested) {
+        ++in_trace_[{e.action, e.addr}];
+      }
+    }
+  }
+
+  Context next(const bufferheap_trace_entry& e) {
+    if (e.action == kTraceFreeCompleted) {
+      auto freed = last_free_.find(e.addr);
+      return freed == last_free_.end() ? nullptr : freed->second;
+    }
+    if (e.action != kTraceAlloc && e.action != kTraceFreeRequested) {
+      return nullptr;
+    }
+    std::pair<int, uint64_t> key{e.action, e.addr};
+    size_t seen = seen_[key]++;
+    size_t entries = in_trace_[key];
+    Context context;
+    auto kept = kept_.find(key);
+    if (kept != kept_.end() && seen + kept->second.size() >= entries) {
+      context = kept->second[seen + kept->second.size() - entries];
+    }
+    if (e.action == kTraceFreeRequested) {
+      last_free_[e.addr] = context;
+    }
+    return context;
+  }
+
+ private:
+  std::map<std::pair<int, uint64_t>, std::vector<Context>> kept_;
+  std::map<std::pair<int, uint64_t>, size_t> in_trace_;
+  std::map<std::pair<int, uint64_t>, size_t> seen_;
+  std::unordered_map<uint64_t, Context> last_free_;
+};
+
 using Pluggable = torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
-namespace cca = c10::cuda::CUDACachingAllocator;
 
 struct DirectAllocator final : Pluggable {
   // The base keeps these two for its own malloc, which nothing calls on this class.
@@ -303,6 +488,7 @@ struct DirectAllocator final : Pluggable {
         mempool.second,
         "): take the snapshot of the whole allocator, without a mempool id");
     FlatSnapshot flat = read_flat_snapshot(include_traces);
+    ContextBook::Copy stacks = contexts().copy();
     cca::SnapshotInfo info;
     bool expandable = false;
     for (const auto& seg : flat.segments) {
@@ -324,6 +510,12 @@ struct DirectAllocator final : Pluggable {
         b.requested_size = blk.requested_size;
         b.allocated = blk.state == kBlockActiveAllocated;
         b.active = blk.state != kBlockInactive;
+        if (b.allocated) {
+          auto live = stacks.live.find(blk.address);
+          if (live != stacks.live.end()) {
+            b.context_when_allocated = live->second;
+          }
+        }
         s.blocks.push_back(std::move(b));
       }
       info.segments.push_back(std::move(s));
@@ -331,7 +523,9 @@ struct DirectAllocator final : Pluggable {
     // One list per device, as PyTorch's own allocator answers.
     info.device_traces.resize(static_cast<size_t>(std::max<int>(c10::cuda::device_count(), 0)));
     std::vector<int> skipped = skipped_actions();
+    TraceStacks trace_stacks(flat.trace, std::move(stacks.events));
     for (const auto& e : flat.trace) {
+      Context context = trace_stacks.next(e);
       if (e.device < 0 || static_cast<size_t>(e.device) >= info.device_traces.size() ||
           std::find(skipped.begin(), skipped.end(), e.action) != skipped.end()) {
         continue;
@@ -343,7 +537,8 @@ struct DirectAllocator final : Pluggable {
           e.size,
           reinterpret_cast<void*>(static_cast<uintptr_t>(e.stream)),
           {0, 0},
-          0);
+          0,
+          std::move(context));
       // Snapshots carry wall-clock microseconds here, as PyTorch's own allocator converts them.
       entry.time_.t_ = e.time_us;
       info.device_traces[e.device].push_back(std::move(entry));
@@ -359,13 +554,14 @@ struct DirectAllocator final : Pluggable {
     return info;
   }
 
-  // torch.cuda.memory._record_memory_history(): bufferheap records the same events (without
-  // stack frames) on every device; a max of 0 entries still records one, as recording is on.
+  // torch.cuda.memory._record_memory_history(): bufferheap records the same events on every
+  // device, and the stacks PyTorch's recorder gathers are kept here (see ContextBook); a max
+  // of 0 entries still records one, as recording is on.
   void recordHistory(
       bool enabled,
-      cca::CreateContextFn /*context_recorder*/,
+      cca::CreateContextFn context_recorder,
       size_t alloc_trace_max_entries,
-      cca::RecordContext /*when*/,
+      cca::RecordContext when,
       bool clearHistory,
       const std::vector<std::string>& skip_actions) override {
     std::vector<int> skipped;
@@ -375,6 +571,11 @@ struct DirectAllocator final : Pluggable {
     size_t limit = enabled ? std::max<size_t>(alloc_trace_max_entries, 1) : 0;
     if (record_history_fn(limit, clearHistory ? 1 : 0) != 0) {
       C10_THROW_ERROR(Error, last_error_fn());
+    }
+    if (enabled) {
+      contexts().start(context_recorder, when, limit, clearHistory);
+    } else {
+      contexts().stop();
     }
     std::lock_guard<std::mutex> guard(skip_mutex_);
     skip_actions_ = std::move(skipped);

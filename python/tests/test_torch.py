@@ -120,21 +120,27 @@ def test_direct_front_answers_pytorchs_memory_snapshot_and_history(tmp_path):
         import json, pickle, torch, bufferheap
         bufferheap.torch.install(direct=True)
         before = torch.empty(1 << 20, device="cuda")
-        torch.cuda.memory._record_memory_history(max_entries=1000)
+        torch.cuda.memory._record_memory_history(max_entries=1000, stacks="python")
         on = torch._C._cuda_isHistoryEnabled() if hasattr(torch._C, "_cuda_isHistoryEnabled") else None
-        x = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+        def make_x():
+            return torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+        def drop(t):
+            del t[:]
+        x = make_x()
         y = torch.empty(1000, dtype=torch.uint8, device="cuda")
-        gone = torch.empty(5 << 20, dtype=torch.uint8, device="cuda")
-        gone_ptr = gone.data_ptr()
-        del gone
+        gone = [torch.empty(5 << 20, dtype=torch.uint8, device="cuda")]
+        gone_ptr = gone[0].data_ptr()
+        drop(gone)
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._dump_snapshot({str(dump)!r})
-        blocks = {{}}
+        blocks, frames = {{}}, {{}}
         for seg in snap["segments"]:
             assert sum(b["size"] for b in seg["blocks"]) == seg["total_size"], seg
             for b in seg["blocks"]:
                 blocks[b["address"]] = (b["state"], b["requested_size"], seg["segment_type"])
+                frames[b["address"]] = [f["name"] for f in b.get("frames", [])]
         trace = snap["device_traces"][0]
+        stacks = {{(e["action"], e["addr"]): [f["name"] for f in e.get("frames", [])] for e in trace}}
         actions = [(e["action"], e["addr"]) for e in trace if not e["action"].startswith("segment")]
         segs_only = torch.cuda.memory_snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
@@ -143,6 +149,9 @@ def test_direct_front_answers_pytorchs_memory_snapshot_and_history(tmp_path):
             x=blocks.get(x.data_ptr()), y=blocks.get(y.data_ptr()), gone=blocks.get(gone_ptr),
             before=before.data_ptr(), x_ptr=x.data_ptr(), y_ptr=y.data_ptr(), gone_ptr=gone_ptr,
             actions=actions, on=on, times=all(e["time_us"] > 0 for e in trace),
+            x_frames=frames.get(x.data_ptr()), x_alloc=stacks.get(("alloc", x.data_ptr())),
+            gone_free=stacks.get(("free_requested", gone_ptr)), gone_done=stacks.get(("free_completed", gone_ptr)),
+            before_frames=frames.get(before.data_ptr()),
             segments=len(snap["segments"]), segs_only=len(segs_only),
             traces_after=[len(t) for t in after["device_traces"]],
             dumped=len(pickle.load(open({str(dump)!r}, "rb"))["segments"]))))
@@ -158,3 +167,8 @@ def test_direct_front_answers_pytorchs_memory_snapshot_and_history(tmp_path):
     assert r["times"]
     assert r["segments"] == r["segs_only"] == r["dumped"] > 0
     assert set(r["traces_after"]) == {0}
+    # PyTorch's recorder gathered the Python stacks: the block and its allocation name the
+    # function that made it, the free the function that dropped it.
+    assert "make_x" in r["x_frames"] and "make_x" in r["x_alloc"], (r["x_frames"], r["x_alloc"])
+    assert "drop" in r["gone_free"] and "drop" in r["gone_done"], (r["gone_free"], r["gone_done"])
+    assert r["before_frames"] == [], "made before recording began"
