@@ -289,6 +289,13 @@ def _():
     free, _total = torch.cuda.mem_get_info()
     n = int(free * 0.6)
     a = torch.empty(n, dtype=torch.uint8, device=dev)
+    # The usual hook for dumping a snapshot on out-of-memory: the wrapper raises here.
+    observed = []
+    try:
+        torch._C._cuda_attach_out_of_memory_observer(lambda *args: observed.append(list(args)))
+        attached = True
+    except RuntimeError as e:
+        attached = str(e).splitlines()[0]
     try:
         b = torch.empty(n, dtype=torch.uint8, device=dev)
         info["device_full"] = {"raised": None, "data_ptr": b.data_ptr()}
@@ -297,8 +304,9 @@ def _():
     except Exception as e:  # noqa: BLE001
         info["device_full"] = {"raised": type(e).__name__, "message": str(e)[:2000]}
         ok = "out of memory" in str(e)
-        if DIRECT:  # the direct front raises PyTorch's own out-of-memory error
-            ok &= isinstance(e, torch.OutOfMemoryError)
+        if DIRECT:  # the direct front raises PyTorch's own out-of-memory error, observed
+            ok &= isinstance(e, torch.OutOfMemoryError) and len(observed) == 1 and observed[0][1] == n
+    info["device_full"]["oom_observer"] = {"attached": attached, "calls": observed}
     del a
     bufferheap.empty_cache()
     y = torch.ones(MiB, device=dev)

@@ -9,7 +9,8 @@
 // ...) read and reset bufferheap's counters, which no pluggable allocator offers, cuDNN's
 // benchmark mode learns how large a workspace it may take (cacheInfo), and PyTorch's memory
 // snapshots (torch.cuda.memory._record_memory_history(), _snapshot(), _dump_snapshot(), and so
-// its memory viewer) show bufferheap's segments, blocks and history. Everything else (init,
+// its memory viewer) show bufferheap's segments, blocks and history, with the stacks PyTorch
+// records; out-of-memory observers are called before the error is raised. Everything else (init,
 // empty_cache, the memory fraction, record_stream, base allocations, CUDA graph pools) is the
 // pluggable allocator's, with the same hooks the pluggable path sets.
 //
@@ -19,6 +20,7 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
@@ -239,6 +241,48 @@ void free_buffer(void* ptr) {
   free_fn(ptr, 0, -1, nullptr);
 }
 
+// Callbacks PyTorch registers for an out-of-memory error (torch._C._cuda_attach_out_of_memory_observer,
+// the usual way to dump a snapshot when a program runs out of memory). Called before the error
+// is raised, with the request's size and the device's memory as the driver reports it.
+class OomObservers {
+ public:
+  void attach(cca::OutOfMemoryObserver observer) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    observers_.push_back(std::move(observer));
+  }
+
+  void notify(c10::DeviceIndex device, size_t size) {
+    std::vector<cca::OutOfMemoryObserver> observers;
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      observers = observers_;
+    }
+    if (observers.empty()) {
+      return;
+    }
+    size_t free = 0;
+    size_t total = 0;
+    {
+      c10::cuda::CUDAGuard on_device(device);
+      if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+        (void)cudaGetLastError();  // the figures stay 0; the error is not this call's to keep
+      }
+    }
+    for (const auto& observer : observers) {
+      observer(device, size, total, free);
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<cca::OutOfMemoryObserver> observers_;
+};
+
+OomObservers& oom_observers() {
+  static OomObservers observers;
+  return observers;
+}
+
 void* take(size_t size, c10::DeviceIndex device, cudaStream_t stream) {
   void* ptr = nullptr;
   int answer = try_malloc_fn(size, device, stream, &ptr);
@@ -250,6 +294,7 @@ void* take(size_t size, c10::DeviceIndex device, cudaStream_t stream) {
   }
   std::string reason = last_error_fn();
   if (answer == kOutOfMemory) {
+    oom_observers().notify(device, size);
     C10_THROW_ERROR(OutOfMemoryError, reason);
   }
   C10_THROW_ERROR(Error, reason);
@@ -579,6 +624,10 @@ struct DirectAllocator final : Pluggable {
     }
     std::lock_guard<std::mutex> guard(skip_mutex_);
     skip_actions_ = std::move(skipped);
+  }
+
+  void attachOutOfMemoryObserver(cca::OutOfMemoryObserver observer) override {
+    oom_observers().attach(std::move(observer));
   }
 
   bool isHistoryEnabled() override {

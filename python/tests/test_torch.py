@@ -87,7 +87,9 @@ def test_direct_front_allocates_frees_and_raises_out_of_memory():
         allocated = bufferheap.memory_allocated()
         theirs = torch.cuda.memory_allocated(), torch.cuda.memory_stats()["allocation.all.current"]
         del x
-        free, _ = torch.cuda.mem_get_info()
+        seen = []  # what an out-of-memory observer is told: device, request, total, free
+        torch._C._cuda_attach_out_of_memory_observer(lambda *args: seen.append(list(args)))
+        free, total = torch.cuda.mem_get_info()
         try:
             torch.empty(2 * free, dtype=torch.uint8, device="cuda")
             raised = None
@@ -99,7 +101,8 @@ def test_direct_front_allocates_frees_and_raises_out_of_memory():
         conv = torch.nn.Conv2d(8, 8, 3).cuda()
         conv(torch.randn(4, 8, 32, 32, device="cuda")).sum().backward()
         print(json.dumps(dict(info=info, sum=s, allocated=allocated, theirs=theirs, after=after,
-                              raised=raised, ones=float(y.sum()), conv_grad=float(conv.weight.grad.abs().sum()))))
+                              raised=raised, ones=float(y.sum()), conv_grad=float(conv.weight.grad.abs().sum()),
+                              seen=seen, free=free, total=total)))
         """
     )
     assert r["info"]["settings"]["front"] == "direct"
@@ -111,6 +114,10 @@ def test_direct_front_allocates_frees_and_raises_out_of_memory():
     assert r["raised"] and "out of memory" in r["raised"]
     assert r["ones"] == float(1 << 20)
     assert r["conv_grad"] > 0  # cuDNN's benchmark mode ran
+    assert r["seen"], "the out-of-memory observer was called"
+    device, request, total, free = r["seen"][0]  # (cuDNN's benchmark may add its own later)
+    assert (device, request, total) == (0, 2 * r["free"], r["total"])
+    assert 0 < free <= total
 
 
 def test_direct_front_answers_pytorchs_memory_snapshot_and_history(tmp_path):
