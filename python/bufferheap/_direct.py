@@ -7,8 +7,8 @@ without the map, calls the C ABI itself, raises ``torch.OutOfMemoryError`` when 
 answers PyTorch's own statistics calls (``torch.cuda.memory_stats()``, ``memory_allocated()``,
 ``reset_peak_memory_stats()``, ...) with bufferheap's counters, cuDNN's benchmark mode with the
 largest buffer it can get (``cacheInfo``; the wrapper raises there), and PyTorch's memory snapshots
-(``_record_memory_history()``, ``_snapshot()``, ``_dump_snapshot()``) with bufferheap's segments and
-history. It is compiled once per PyTorch version by ``torch.utils.cpp_extension`` into PyTorch's
+(``_record_memory_history()``, ``_snapshot()``, ``_dump_snapshot()``) with bufferheap's segments,
+history and the stacks PyTorch records; it calls out-of-memory observers. It is compiled once per PyTorch version by ``torch.utils.cpp_extension`` into PyTorch's
 extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), which needs a
 C++ compiler, ninja and the CUDA headers PyTorch was built with; later processes reuse the build.
 """

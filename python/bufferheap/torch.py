@@ -11,7 +11,8 @@ mode; use the functions of the bufferheap module (bufferheap.memory_stats(),
 bufferheap.record_memory_history(), bufferheap.snapshot(), ...). With install(direct=True) all of
 these work: the statistics calls and their resets read bufferheap's counters, cuDNN learns its
 largest workspace, and torch.cuda.memory._record_memory_history(), _snapshot() and
-_dump_snapshot() answer with bufferheap's segments and events, with the stacks PyTorch records.
+_dump_snapshot() answer with bufferheap's segments and events, with the stacks PyTorch records;
+out-of-memory observers (torch._C._cuda_attach_out_of_memory_observer) are called.
 torch.cuda.empty_cache() and torch.cuda.set_per_process_memory_fraction() reach bufferheap
 through the hooks set here, and so does Tensor.record_stream().
 """
