@@ -308,22 +308,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn blocks_tile_their_segment_with_gaps_filled() {
-        let segment = SegmentInfo {
-            address: 0x1000,
-            total_size: 0x1000,
-            allocated_size: 0x200,
-            active_size: 0x200,
-            requested_size: 0x1ff,
+    /// A large, page-mapped segment on stream 7 holding `blocks`, its sums taken from them.
+    fn segment(
+        address: u64,
+        total_size: usize,
+        blocks: Vec<bufferheap_core::BlockInfo>,
+    ) -> SegmentInfo {
+        let sum = |f: &dyn Fn(&bufferheap_core::BlockInfo) -> bool,
+                   size: &dyn Fn(&bufferheap_core::BlockInfo) -> usize| {
+            blocks.iter().filter(|b| f(b)).map(size).sum()
+        };
+        SegmentInfo {
+            address,
+            total_size,
+            allocated_size: sum(&|b| b.state == BlockState::ActiveAllocated, &|b| b.size),
+            active_size: sum(&|b| b.state != BlockState::Inactive, &|b| b.size),
+            requested_size: sum(&|_| true, &|b| b.requested_size),
             stream: 7,
             segment_type: "large",
             is_expandable: true,
-            blocks: vec![
+            blocks,
+        }
+    }
+
+    #[test]
+    fn blocks_tile_their_segment_with_gaps_filled() {
+        let segment = segment(
+            0x1000,
+            0x1000,
+            vec![
                 block(0x1200, 0x200, BlockState::ActiveAllocated),
                 block(0x1400, 0x100, BlockState::Inactive),
             ],
-        };
+        );
+        assert_eq!(
+            (segment.allocated_size, segment.requested_size),
+            (0x200, 0x1ff)
+        );
         let mut flat = FlatSnapshot::default();
         flat.add_segments(3, &[segment]).unwrap();
         let s = flat.segments[0];
@@ -354,20 +375,14 @@ mod tests {
 
     #[test]
     fn overlapping_blocks_are_an_error_not_a_wrong_picture() {
-        let segment = SegmentInfo {
-            address: 0,
-            total_size: 0x400,
-            allocated_size: 0,
-            active_size: 0,
-            requested_size: 0,
-            stream: 0,
-            segment_type: "small",
-            is_expandable: false,
-            blocks: vec![
+        let segment = segment(
+            0,
+            0x400,
+            vec![
                 block(0, 0x200, BlockState::Inactive),
                 block(0x100, 0x200, BlockState::Inactive),
             ],
-        };
+        );
         let err = FlatSnapshot::default()
             .add_segments(0, &[segment])
             .unwrap_err();
