@@ -228,9 +228,11 @@ class ContextBook {
   std::deque<Event> events_;
 };
 
+// Never destroyed: PyTorch frees tensors held by its own statics while the process exits,
+// possibly after this library's statics are gone, and every free reads the book.
 ContextBook& contexts() {
-  static ContextBook book;
-  return book;
+  static ContextBook* book = new ContextBook();
+  return *book;
 }
 
 void free_buffer(void* ptr) {
@@ -278,9 +280,10 @@ class OomObservers {
   std::vector<cca::OutOfMemoryObserver> observers_;
 };
 
+// Never destroyed, like the context book: an allocation may fail while the process exits.
 OomObservers& oom_observers() {
-  static OomObservers observers;
-  return observers;
+  static OomObservers* observers = new OomObservers();
+  return *observers;
 }
 
 void* take(size_t size, c10::DeviceIndex device, cudaStream_t stream) {
