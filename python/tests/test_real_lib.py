@@ -178,6 +178,8 @@ def test_snapshot(real_lib, tmp_path):
         assert sum(b["size"] for b in seg["blocks"]) == seg["total_size"]
         assert seg["allocated_size"] == sum(b["size"] for b in seg["blocks"] if b["state"] == "active_allocated")
     assert snap["device_traces"] == [[]]
+    # Segments are what is reserved: a page-mapped range shows its mapped runs only.
+    assert sum(seg["total_size"] for seg in snap["segments"]) == bufferheap.memory_reserved()
     settings = snap["allocator_settings"]["bufferheap"]
     assert settings["policy"] == "default" and settings["high_watermark_ratio"] == 1.5
     assert settings["memory_backend"] == os.environ.get("BUFFERHEAP_BACKEND", "host")

@@ -387,6 +387,25 @@ impl Pages {
         (runs, voided)
     }
 
+    /// Every run of contiguous mapped pages, as `(offset, len)` in bytes, in address order:
+    /// the segments a snapshot shows (PyTorch reports one per mapped range too).
+    pub fn mapped_byte_runs(&self) -> Vec<(usize, usize)> {
+        let mut runs = Vec::new();
+        let mut p = 0;
+        while p < self.mapped.len() {
+            if !self.mapped[p] {
+                p += 1;
+                continue;
+            }
+            let first = p;
+            while p < self.mapped.len() && self.mapped[p] {
+                p += 1;
+            }
+            runs.push((first << self.shift, (p - first) << self.shift));
+        }
+        runs
+    }
+
     /// True if every page of `[offset, offset + len)` is mapped.
     pub fn is_mapped(&self, offset: usize, len: usize) -> bool {
         self.mapped[self.page_span(offset, len)].iter().all(|&m| m)

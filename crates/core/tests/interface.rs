@@ -446,6 +446,72 @@ fn history_records_allocator_events_in_order() {
     assert!(a.history().is_empty(), "history off");
 }
 
+/// Every segment's blocks start at its address, follow each other without gap or overlap and
+/// add up to its size (PyTorch rebuilds block addresses from that).
+fn assert_blocks_tile(segments: &[bufferheap_core::SegmentInfo]) {
+    for s in segments {
+        let mut at = s.address;
+        for b in &s.blocks {
+            assert_eq!(b.address, at, "segment at {:#x}", s.address);
+            at += b.size as u64;
+        }
+        assert_eq!(at, s.address + s.total_size as u64);
+    }
+}
+
+#[test]
+fn segments_are_the_mapped_runs_and_add_up_to_the_reserved_bytes() {
+    use bufferheap_core::BlockState;
+    let a = Allocator::new(SimBackend::new(GIB), Config::default()).unwrap();
+    let low = a.alloc(20 * MIB).unwrap().unwrap();
+    let middle = a.alloc(40 * MIB).unwrap().unwrap();
+    let high = a.alloc(20 * MIB).unwrap().unwrap();
+    let reserved =
+        |a: &Allocator<SimBackend>| a.segments().iter().map(|s| s.total_size).sum::<usize>();
+    let segments = a.segments();
+    assert_blocks_tile(&segments);
+    assert_eq!(
+        reserved(&a),
+        a.total_allocated(),
+        "mapped pages beyond the last buffer count"
+    );
+    let block = |segments: &[bufferheap_core::SegmentInfo], ptr: u64| {
+        segments
+            .iter()
+            .flat_map(|s| s.blocks.iter())
+            .find(|b| b.address == ptr)
+            .cloned()
+    };
+    let b = block(&segments, low.ptr).unwrap();
+    assert_eq!(
+        (b.state, b.requested_size),
+        (BlockState::ActiveAllocated, 20 * MIB)
+    );
+    assert!(segments.iter().all(|s| s.is_expandable));
+
+    // The middle buffer's whole pieces go back: the range splits into two mapped runs, and the
+    // unmapped hole between them is in no segment.
+    a.free(middle.ptr).unwrap();
+    a.empty_cache().unwrap();
+    let segments = a.segments();
+    assert_blocks_tile(&segments);
+    assert_eq!(reserved(&a), a.total_allocated());
+    assert!(segments.len() >= 2, "{segments:#?}");
+    let holding = |ptr: u64| {
+        segments
+            .iter()
+            .position(|s| s.address <= ptr && ptr < s.address + s.total_size as u64)
+    };
+    assert_ne!(holding(low.ptr), holding(high.ptr), "two runs");
+    assert!(block(&segments, low.ptr).is_some() && block(&segments, high.ptr).is_some());
+    assert!(
+        holding(middle.ptr + 20 * MIB as u64).is_none(),
+        "the middle of the freed buffer is unmapped"
+    );
+    a.free(low.ptr).unwrap();
+    a.free(high.ptr).unwrap();
+}
+
 #[test]
 fn recording_history_goes_on_trimmed_or_starts_afresh() {
     let a = Allocator::new(SimBackend::new(GIB), Config::default()).unwrap();

@@ -113,7 +113,9 @@ char *bufferheap_stats_json(int device);
 int bufferheap_stats_values(int device, const char *const *keys, size_t n, int64_t *out);
 
 /* Segments of `device` (-1: every device) in the shape of PyTorch's
- * torch.cuda.memory._snapshot(): {"segments": [{"device", "address", "total_size",
+ * torch.cuda.memory._snapshot(). A segment is a heap, or one run of mapped pages of a
+ * page-mapped heap (as PyTorch reports its expandable segments), so the segments' sizes add up
+ * to the reserved bytes: {"segments": [{"device", "address", "total_size",
  * "allocated_size", "active_size", "requested_size", "stream", "segment_type",
  * "segment_pool_id": [0, 0], "is_expandable", "frames": [], "blocks": [{"address", "size",
  * "requested_size", "state", "frames": []}]}], "device_traces": [[...]] (one list per device

@@ -149,7 +149,7 @@ pub struct BlockInfo {
     pub state: BlockState,
 }
 
-/// A heap as a PyTorch snapshot segment.
+/// A heap, or a run of mapped pages of a page-mapped heap, as a PyTorch snapshot segment.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SegmentInfo {
     pub address: u64,
@@ -253,47 +253,70 @@ impl<B: Backend> Allocator<B> {
             for h in pool.heap_slots() {
                 let heap = pool.heap(h);
                 let mut blocks = by_heap.remove(&(p as u32, h)).unwrap_or_default();
-                let extent = match &heap.pages {
-                    Some(_) => blocks
-                        .iter()
-                        .map(|b| (b.address - heap.region.base) as usize + b.size)
-                        .max()
-                        .unwrap_or(0),
-                    None => heap.region.size,
-                };
-                for (off, len) in heap.free.iter() {
-                    if off < extent {
-                        let len = len.min(extent - off);
-                        blocks.push(BlockInfo {
-                            address: heap.region.base + off as u64,
-                            size: len,
-                            requested_size: 0,
-                            state: BlockState::Inactive,
-                        });
-                    }
-                }
+                blocks.extend(heap.free.iter().map(|(off, len)| BlockInfo {
+                    address: heap.region.base + off as u64,
+                    size: len,
+                    requested_size: 0,
+                    state: BlockState::Inactive,
+                }));
                 blocks.sort_by_key(|b| b.address);
-                let sum = |f: &dyn Fn(&BlockInfo) -> bool| {
-                    blocks.iter().filter(|b| f(b)).map(|b| b.size).sum()
+                // A page-mapped heap shows one segment per run of mapped pages, as PyTorch
+                // shows its expandable segments: the segments add up to the reserved bytes.
+                // Every buffer lies on mapped pages; free ranges are cut at the runs' ends.
+                let ranges = match &heap.pages {
+                    Some(pages) => pages.mapped_byte_runs(),
+                    None => vec![(0, heap.region.size)],
                 };
-                out.push(SegmentInfo {
-                    address: heap.region.base,
-                    total_size: extent,
-                    allocated_size: sum(&|b| b.state == BlockState::ActiveAllocated),
-                    active_size: sum(&|b| b.state != BlockState::Inactive),
-                    requested_size: blocks.iter().map(|b| b.requested_size).sum(),
-                    stream: pool.stream,
-                    segment_type: if pool.kind.is_small() {
-                        "small"
-                    } else {
-                        "large"
-                    },
-                    is_expandable: heap.pages.is_some(),
-                    blocks,
-                });
+                for (offset, len) in ranges {
+                    let start = heap.region.base + offset as u64;
+                    let end = start + len as u64;
+                    // Blocks do not overlap, so their ends are sorted like their starts.
+                    let first = blocks.partition_point(|b| b.address + b.size as u64 <= start);
+                    let inside: Vec<BlockInfo> = blocks[first..]
+                        .iter()
+                        .take_while(|b| b.address < end)
+                        .map(|b| {
+                            let from = b.address.max(start);
+                            let to = (b.address + b.size as u64).min(end);
+                            BlockInfo {
+                                address: from,
+                                size: (to - from) as usize,
+                                ..b.clone()
+                            }
+                        })
+                        .collect();
+                    out.push(segment_info(pool, start, len, heap.pages.is_some(), inside));
+                }
             }
         }
         out
+    }
+}
+
+/// A segment of `pool` at `address` holding `blocks` (which tile it), with its sums;
+/// `is_expandable` for a run of mapped pages.
+fn segment_info(
+    pool: &crate::pool::Pool,
+    address: u64,
+    total_size: usize,
+    is_expandable: bool,
+    blocks: Vec<BlockInfo>,
+) -> SegmentInfo {
+    let sum = |f: &dyn Fn(&BlockInfo) -> bool| blocks.iter().filter(|b| f(b)).map(|b| b.size).sum();
+    SegmentInfo {
+        address,
+        total_size,
+        allocated_size: sum(&|b| b.state == BlockState::ActiveAllocated),
+        active_size: sum(&|b| b.state != BlockState::Inactive),
+        requested_size: blocks.iter().map(|b| b.requested_size).sum(),
+        stream: pool.stream,
+        segment_type: if pool.kind.is_small() {
+            "small"
+        } else {
+            "large"
+        },
+        is_expandable,
+        blocks,
     }
 }
 
