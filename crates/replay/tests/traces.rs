@@ -136,8 +136,14 @@ fn a_snapshot_pytorch_wrote_from_the_direct_front_replays_whole() {
     assert_eq!(r.allocs, 14_302);
     assert_eq!(r.initial_live_blocks, 447);
     assert_eq!(r.peak_live_bytes, 14_417_631_744);
-    assert_eq!(r.pytorch_reserved_bytes, 14_539_554_816, "reserved on the GPU");
-    assert_eq!(r.peak_reserved_bytes, 14_539_554_816, "reserved in the replay");
+    assert_eq!(
+        r.pytorch_reserved_bytes, 14_539_554_816,
+        "reserved on the GPU"
+    );
+    assert_eq!(
+        r.peak_reserved_bytes, 14_539_554_816,
+        "reserved in the replay"
+    );
 }
 
 #[test]
