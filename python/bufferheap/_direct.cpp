@@ -110,10 +110,12 @@ using Context = std::shared_ptr<c10::GatheredContext>;
 
 // The stacks PyTorch's recorder gathers (torch.cuda.memory._record_memory_history(stacks=...))
 // while bufferheap records its history: kept here, beside the history, and matched to its
-// entries when a snapshot is built. An allocation's context is taken before its pointer reaches
-// the caller and a free's before the pointer goes back to bufferheap, so the contexts of one
-// address are in the order of that address's history entries. Off (one relaxed load per call)
-// unless a recorder is set.
+// entries when a snapshot is built. While a recorder is set, each allocation and free calls the
+// C ABI and files its stack under this book's lock, and a snapshot reads bufferheap and copies
+// the book under the same lock: the stacks of one address are then exactly the newest of that
+// address's history entries, in their order. Stacks are gathered before the lock is taken (the
+// recorder may need the GIL, which a thread taking a snapshot holds). Off, it costs one relaxed
+// load per call.
 class ContextBook {
  public:
   void start(cca::CreateContextFn recorder, cca::RecordContext when, size_t max, bool clear) {
@@ -140,31 +142,30 @@ class ContextBook {
     return on_.load(std::memory_order_relaxed);
   }
 
-  // bufferheap handed out `ptr`; its caller has not seen it yet.
-  void allocated(void* ptr) {
+  // Allocates through `call` (bufferheap_try_malloc's answer, the pointer in *ptr) and files the
+  // caller's stack under the pointer.
+  template <typename Call>
+  int record_allocation(Call&& call, void** ptr) {
     auto [recorder, when] = settings();
-    if (recorder == nullptr) {
-      return;
-    }
-    Context context = recorder();  // gathers the caller's frames: outside the lock
+    Context context = recorder != nullptr ? recorder() : nullptr;
     std::lock_guard<std::mutex> guard(mutex_);
-    if (!on()) {
-      return;
+    int answer = call();
+    if (answer != kAllocated || !on()) {
+      return answer;
     }
-    live_[address(ptr)] = context;
+    live_[address(*ptr)] = context;
     if (when >= cca::RecordContext::ALLOC) {
-      push(kTraceAlloc, address(ptr), context);
+      push(kTraceAlloc, address(*ptr), context);
     }
+    return answer;
   }
 
-  // `ptr` is about to go back to bufferheap. As in PyTorch, a free's entries carry the free's
-  // own stack when every stack is recorded (ALL), else the allocation's.
-  void freed(void* ptr) {
+  // Files the free's stack, then frees through `call`. As in PyTorch, a free's entries carry the
+  // free's own stack when every stack is recorded (ALL), else the allocation's.
+  template <typename Call>
+  void record_free(void* ptr, Call&& call) {
     auto [recorder, when] = settings();
-    if (recorder == nullptr) {
-      return;
-    }
-    Context context = when == cca::RecordContext::ALL ? recorder() : nullptr;
+    Context context = recorder != nullptr && when == cca::RecordContext::ALL ? recorder() : nullptr;
     std::lock_guard<std::mutex> guard(mutex_);
     auto live = live_.find(address(ptr));
     if (live != live_.end()) {
@@ -174,6 +175,7 @@ class ContextBook {
     if (on() && when >= cca::RecordContext::ALLOC) {
       push(kTraceFreeRequested, address(ptr), context);
     }
+    call();
   }
 
   // The stacks of the buffers in use, by address, and of each (action, address) in order.
@@ -182,8 +184,12 @@ class ContextBook {
     std::map<std::pair<int, uint64_t>, std::vector<Context>> events;
   };
 
-  Copy copy() {
+  // Runs `read` (the reading of bufferheap's state) and copies the book, with no allocation or
+  // free in between.
+  template <typename Read>
+  Copy read_with(Read&& read) {
     std::lock_guard<std::mutex> guard(mutex_);
+    read();
     Copy c;
     c.live = live_;
     for (const auto& e : events_) {
@@ -236,11 +242,13 @@ ContextBook& contexts() {
 }
 
 void free_buffer(void* ptr) {
-  if (contexts().on()) {
-    contexts().freed(ptr);
-  }
   // Size 0 and device -1: bufferheap knows both from the address.
-  free_fn(ptr, 0, -1, nullptr);
+  auto call = [ptr] { free_fn(ptr, 0, -1, nullptr); };
+  if (contexts().on()) {
+    contexts().record_free(ptr, call);
+  } else {
+    call();
+  }
 }
 
 // Callbacks PyTorch registers for an out-of-memory error (torch._C._cuda_attach_out_of_memory_observer,
@@ -288,11 +296,9 @@ OomObservers& oom_observers() {
 
 void* take(size_t size, c10::DeviceIndex device, cudaStream_t stream) {
   void* ptr = nullptr;
-  int answer = try_malloc_fn(size, device, stream, &ptr);
+  auto call = [&] { return try_malloc_fn(size, device, stream, &ptr); };
+  int answer = contexts().on() ? contexts().record_allocation(call, &ptr) : call();
   if (answer == kAllocated) {
-    if (contexts().on()) {
-      contexts().allocated(ptr);
-    }
     return ptr;
   }
   std::string reason = last_error_fn();
@@ -535,8 +541,9 @@ struct DirectAllocator final : Pluggable {
         ", ",
         mempool.second,
         "): take the snapshot of the whole allocator, without a mempool id");
-    FlatSnapshot flat = read_flat_snapshot(include_traces);
-    ContextBook::Copy stacks = contexts().copy();
+    FlatSnapshot flat;
+    ContextBook::Copy stacks =
+        contexts().read_with([&] { flat = read_flat_snapshot(include_traces); });
     cca::SnapshotInfo info;
     bool expandable = false;
     for (const auto& seg : flat.segments) {

@@ -179,3 +179,41 @@ def test_direct_front_answers_pytorchs_memory_snapshot_and_history(tmp_path):
     assert "make_x" in r["x_frames"] and "make_x" in r["x_alloc"], (r["x_frames"], r["x_alloc"])
     assert "drop" in r["gone_free"] and "drop" in r["gone_done"], (r["gone_free"], r["gone_done"])
     assert r["before_frames"] == [], "made before recording began"
+
+
+def test_direct_front_stacks_stay_with_their_allocations_under_threads():
+    # Two threads allocate and free while snapshots are taken: every recorded allocation must
+    # carry the stack of the thread that made it (the front files stacks and reads snapshots
+    # under one lock).
+    r = _run(
+        """
+        import json, threading, time, torch, bufferheap
+        bufferheap.torch.install(direct=True)
+        torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
+        stop = False
+        def churn_small():
+            while not stop:
+                t = torch.empty(3 << 20, dtype=torch.uint8, device="cuda"); del t
+        def churn_large():
+            while not stop:
+                t = torch.empty(5 << 20, dtype=torch.uint8, device="cuda"); del t
+        threads = [threading.Thread(target=f) for f in (churn_small, churn_large)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        checked = wrong = 0
+        for _ in range(10):
+            for e in torch.cuda.memory._snapshot()["device_traces"][0]:
+                want = {3 << 20: "churn_small", 5 << 20: "churn_large"}.get(e["size"])
+                if e["action"] == "alloc" and want:
+                    checked += 1
+                    wrong += want not in [f["name"] for f in e["frames"]]
+            time.sleep(0.01)
+        stop = True
+        for t in threads:
+            t.join()
+        print(json.dumps(dict(checked=checked, wrong=wrong)))
+        """
+    )
+    assert r["checked"] > 1000, r
+    assert r["wrong"] == 0, r
