@@ -94,6 +94,34 @@ impl BufferCache {
         Some(slot)
     }
 
+    /// The most recently cached buffer of the smallest size in `size..=max` (exactly `size`
+    /// when one is cached): one lookup where `smallest_at_least` and `take_exact` are two.
+    pub fn take_fit(&mut self, size: usize, max: usize) -> Option<(usize, u32)> {
+        if max <= SMALL_LIMIT {
+            let start = size / ALIGN;
+            let last = max / ALIGN;
+            let mut word = start / 64;
+            let mut bits = self.nonempty[word] & (!0u64 << (start % 64));
+            let bin = loop {
+                if bits != 0 {
+                    break word * 64 + bits.trailing_zeros() as usize;
+                }
+                word += 1;
+                if word == WORDS || word * 64 > last {
+                    return None;
+                }
+                bits = self.nonempty[word];
+            };
+            if bin > last {
+                return None;
+            }
+            let found = bin * ALIGN;
+            return self.take_exact(found).map(|slot| (found, slot));
+        }
+        let found = self.smallest_at_least(size).filter(|&f| f <= max)?;
+        self.take_exact(found).map(|slot| (found, slot))
+    }
+
     /// The size of the smallest cached buffer of at least `size` bytes.
     pub fn smallest_at_least(&self, size: usize) -> Option<usize> {
         if size <= SMALL_LIMIT {
@@ -230,6 +258,26 @@ mod tests {
         assert_eq!((c.len(), c.bytes()), (1, 1024));
         assert_eq!(c.drain(), vec![(1024, 1)]);
         assert_eq!(c.smallest_at_least(0), None);
+    }
+
+    #[test]
+    fn take_fit_takes_the_smallest_size_in_range_newest_first() {
+        let mut c = BufferCache::default();
+        c.push(4096, 1);
+        c.push(8192, 2);
+        c.push(8192, 3);
+        c.push(2 << 20, 4);
+        c.push(3 << 20, 5);
+        assert_eq!(c.take_fit(1024, 2048), None);
+        assert_eq!(c.take_fit(4096, 4096), Some((4096, 1)));
+        assert_eq!(c.take_fit(4608, 65536), Some((8192, 3)));
+        assert_eq!(c.take_fit(4608, 65536), Some((8192, 2)));
+        assert_eq!(c.take_fit(4608, 65536), None);
+        // across the small/large boundary
+        assert_eq!(c.take_fit(SMALL_LIMIT, 3 << 20), Some((2 << 20, 4)));
+        assert_eq!(c.take_fit(2 << 20, (5 << 19) - 1), None);
+        assert_eq!(c.take_fit(2 << 20, 3 << 20), Some((3 << 20, 5)));
+        assert_eq!((c.len(), c.bytes()), (0, 0));
     }
 
     #[test]

@@ -117,3 +117,48 @@ fn the_budget_tightens_again_once_the_churn_stops() {
     );
     a.free(big.ptr).unwrap();
 }
+
+#[test]
+fn resetting_the_accumulated_counts_does_not_stop_the_trim_of_stale_pages() {
+    // Idle pages age by the allocation clock. A reset of the cumulative statistics
+    // (`torch.cuda.reset_accumulated_memory_stats()`) must not turn that clock back: pages
+    // would look younger than they are, and no trim would run until as many allocations as
+    // before the reset had happened again.
+    let a = Allocator::new(
+        SimBackend::new(64 << 30),
+        Config {
+            stale_page_age: 1,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let small = |n| {
+        for _ in 0..n {
+            let b = a.alloc(4096).unwrap().unwrap();
+            a.free(b.ptr).unwrap();
+        }
+    };
+    small(5_000);
+    // The large pool looks for stale pages on this miss, at a late hour of the clock.
+    let early = a.alloc(2 * MIB).unwrap().unwrap();
+    a.free(early.ptr).unwrap();
+    a.reset_accumulated();
+    // A 32 MiB buffer's pages fall idle when a miss dissolves it for a 3 MiB one; the clock
+    // moves on, and later misses give the stale pages back.
+    let x = a.alloc(32 * MIB).unwrap().unwrap();
+    a.free(x.ptr).unwrap();
+    let y = a.alloc(3 * MIB).unwrap().unwrap();
+    let idle = a.usage().reserved;
+    small(300);
+    let z = a.alloc(5 * MIB).unwrap().unwrap();
+    small(300);
+    let w = a.alloc(7 * MIB).unwrap().unwrap();
+    let trimmed = a.usage().reserved;
+    assert!(
+        trimmed < idle,
+        "stale pages kept: {trimmed} bytes reserved, {idle} before"
+    );
+    for b in [y, z, w] {
+        a.free(b.ptr).unwrap();
+    }
+}

@@ -20,7 +20,9 @@
 //!   Delegating and reclaiming move a buffer without changing any counter; the hot path
 //!   changes only its front's delta; [`State::fold_fronts`] adds deltas into the engine's
 //!   statistics. Every read of the statistics folds every front first, so currents and
-//!   cumulative counts are exact.
+//!   cumulative counts are exact. An engine call folds only the calling thread's *window*
+//!   (currents, peaks, the allocation clock): the engine decides nothing on cumulative
+//!   counts.
 //! - Peaks: a delta keeps the extremes it reached since its last fold; the fold adds them to
 //!   the engine's counters as they are then. Every engine call folds the calling thread's
 //!   front first (and every 64th call the other fronts that are not busy), so with one thread
@@ -60,6 +62,12 @@ pub(crate) fn largest_delegated(capacity: usize) -> usize {
 /// going into use or back, so three running sums say it all: bytes, buffers and requested
 /// bytes that went into use (negative: back to the cache). Allocated and active bytes move
 /// with `bytes`, cached bytes against it; buffers in use and active buffers with `buffers`.
+///
+/// Two parts are folded at different times. The *window* (currents, their extremes, and the
+/// number of allocations for the engine's clock) is folded on every engine call of the
+/// owning thread, so that peaks stay exact; the *cumulative counts* only when the statistics
+/// are read or the front is emptied, since nothing in the engine depends on them and adding
+/// them costs as much again.
 #[derive(Debug, Default)]
 struct Delta {
     /// Running sums: bytes, buffers, requested bytes.
@@ -70,10 +78,23 @@ struct Delta {
     /// plus these is the true peak of the window.
     high: [i64; 3],
     bytes_low: i64,
+    /// Buffers that went into use since the last fold of the window.
+    took: u64,
+    window_dirty: bool,
     /// Cumulative: into use (bytes, buffers, requested), back to the cache (the same).
     taken: [u64; 3],
     returned: [u64; 3],
-    dirty: bool,
+    counts_dirty: bool,
+}
+
+/// Moves a counter by a window's change `now`, with `high` (>= `now`) the window's highest
+/// change. Plain wrapping arithmetic: the true value never leaves `0..=u64::MAX`, and this is
+/// on every engine call (saturating adds were half of the fold's instructions).
+#[inline(always)]
+fn shift(s: &mut crate::stats::Stat, now: i64, high: i64) {
+    debug_assert!(high >= now && s.current.checked_add_signed(now).is_some());
+    s.peak = s.peak.max(s.current.wrapping_add_signed(high));
+    s.current = s.current.wrapping_add_signed(now);
 }
 
 impl Delta {
@@ -85,7 +106,9 @@ impl Delta {
             self.taken[i] += moved;
             self.high[i] = self.high[i].max(self.now[i]);
         }
-        self.dirty = true;
+        self.took += 1;
+        self.window_dirty = true;
+        self.counts_dirty = true;
     }
 
     /// A buffer in use goes back to the cache.
@@ -96,44 +119,65 @@ impl Delta {
             self.returned[i] += moved;
         }
         self.bytes_low = self.bytes_low.min(self.now[0]);
-        self.dirty = true;
+        self.window_dirty = true;
+        self.counts_dirty = true;
     }
 
-    /// Adds this delta into the engine's statistics and clears it.
-    fn fold_into(&mut self, stats: &mut Stats) {
-        if !self.dirty {
+    /// Adds the window into the engine's currents and peaks, and its allocations to the
+    /// engine's `clock`; clears the window.
+    #[inline]
+    fn fold_window(&mut self, stats: &mut Stats, clock: &mut u64) {
+        if !self.window_dirty {
             return;
         }
-        // (counter, sum it follows, +1 with the sum or -1 against it)
-        let moves: [(&mut crate::stats::GroupStat, usize, i64); 6] = [
-            (&mut stats.allocated_bytes, 0, 1),
-            (&mut stats.active_bytes, 0, 1),
-            (&mut stats.requested_bytes, 2, 1),
-            (&mut stats.allocation, 1, 1),
-            (&mut stats.active, 1, 1),
-            (&mut stats.cached_bytes, 0, -1),
-        ];
-        for (group, i, sign) in moves {
-            let (now, high, up, down) = if sign > 0 {
-                (self.now[i], self.high[i], self.taken[i], self.returned[i])
-            } else {
-                (
-                    -self.now[i],
-                    -self.bytes_low,
-                    self.returned[i],
-                    self.taken[i],
-                )
-            };
-            for &g in &GROUPS {
-                let s = &mut group[g];
-                let peak = s.current.saturating_add_signed(high);
-                s.current = s.current.saturating_add_signed(now);
+        let [bytes, buffers, requested] = self.now;
+        let [bytes_high, buffers_high, requested_high] = self.high;
+        for &g in &GROUPS {
+            shift(&mut stats.allocated_bytes[g], bytes, bytes_high);
+            shift(&mut stats.active_bytes[g], bytes, bytes_high);
+            shift(&mut stats.requested_bytes[g], requested, requested_high);
+            shift(&mut stats.allocation[g], buffers, buffers_high);
+            shift(&mut stats.active[g], buffers, buffers_high);
+            shift(&mut stats.cached_bytes[g], -bytes, -self.bytes_low);
+        }
+        *clock += self.took;
+        self.now = [0; 3];
+        self.high = [0; 3];
+        self.bytes_low = 0;
+        self.took = 0;
+        self.window_dirty = false;
+    }
+
+    /// Adds the cumulative counts into the engine's and clears them.
+    fn fold_counts(&mut self, stats: &mut Stats) {
+        if !self.counts_dirty {
+            return;
+        }
+        let ([bytes, buffers, requested], [bytes_back, buffers_back, requested_back]) =
+            (self.taken, self.returned);
+        for &g in &GROUPS {
+            let moves = [
+                (&mut stats.allocated_bytes[g], bytes, bytes_back),
+                (&mut stats.active_bytes[g], bytes, bytes_back),
+                (&mut stats.requested_bytes[g], requested, requested_back),
+                (&mut stats.allocation[g], buffers, buffers_back),
+                (&mut stats.active[g], buffers, buffers_back),
+                (&mut stats.cached_bytes[g], bytes_back, bytes),
+            ];
+            for (s, up, down) in moves {
                 s.allocated += up;
                 s.freed += down;
-                s.peak = s.peak.max(peak).max(s.current);
             }
         }
-        *self = Delta::default();
+        self.taken = [0; 3];
+        self.returned = [0; 3];
+        self.counts_dirty = false;
+    }
+
+    /// Adds all of this delta into the engine's statistics and clock, and clears it.
+    fn fold_into(&mut self, stats: &mut Stats, clock: &mut u64) {
+        self.fold_window(stats, clock);
+        self.fold_counts(stats);
     }
 }
 
@@ -502,7 +546,7 @@ impl<B: Backend> State<B> {
                 fr.magazine.try_lock()
             };
             if let Some(mut m) = guard {
-                m.delta.fold_into(&mut self.stats);
+                m.delta.fold_into(&mut self.stats, &mut self.alloc_clock);
             }
         }
     }
@@ -517,8 +561,10 @@ impl<B: Backend> State<B> {
             self.fold_fronts(false);
             return;
         }
-        let stats = &mut self.stats;
-        with_own(engine, |fr| fr.magazine.lock().delta.fold_into(stats));
+        let (stats, clock) = (&mut self.stats, &mut self.alloc_clock);
+        with_own(engine, |fr| {
+            fr.magazine.lock().delta.fold_window(stats, clock)
+        });
     }
 
     /// Takes a delegated buffer back from its front: it becomes an engine record again, in
@@ -532,7 +578,7 @@ impl<B: Backend> State<B> {
         let entry = self.fronts.iter().find(|fr| fr.id == front).and_then(|fr| {
             let mut guard = fr.magazine.lock();
             let m = &mut *guard;
-            m.delta.fold_into(&mut self.stats);
+            m.delta.fold_into(&mut self.stats, &mut self.alloc_clock);
             let idx = m.index.remove(&ptr)?;
             m.vacant.push(idx);
             let e = m.entries[idx as usize].clone();
@@ -613,7 +659,7 @@ impl<B: Backend> State<B> {
             let mut m = fr.magazine.lock();
             // Buffers it handed out may be freed by the engine next: their allocation must
             // be in the engine's counters first.
-            m.delta.fold_into(&mut self.stats);
+            m.delta.fold_into(&mut self.stats, &mut self.alloc_clock);
             if close {
                 fr.closed.store(true, Ordering::Relaxed);
             }

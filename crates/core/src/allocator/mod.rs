@@ -335,12 +335,12 @@ impl<B: Backend> Allocator<B> {
     ) -> Result<Option<Buffer>> {
         let backend = &self.engine.backend;
         let mut notes = Notes::new(self.engine.callbacks.active());
-        // The engine's hot path: a cached buffer of exactly this size. On a miss the lock is
+        // The engine's hot path: a cached buffer that serves this size. On a miss the lock is
         // kept for the first phase below.
         let mut held = self.engine.lock();
         let kind = held.select_kind(size, aligned, storage, scalar);
         let p = held.pool_for(kind, stream);
-        if let Some(slot) = held.pools[p as usize].cache.take_exact(aligned) {
+        if let Some(slot) = held.take_cached(p, aligned) {
             held.recycle(slot, size, &mut notes);
             let buffer = self.describe(&held, slot);
             drop(held);

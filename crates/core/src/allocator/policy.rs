@@ -66,6 +66,29 @@ impl<B: Backend> State<B> {
         }
     }
 
+    /// A cached buffer of pool `p` that serves `size` as the policy reuses them, taken out of
+    /// the cache: with `default`, exactly `size` or at most 1/REUSE_SLACK_DIV larger
+    /// (1/SMALL_SLACK_DIV for small buffers), so a size seen again with a little variation is
+    /// recycled rather than placed anew (its slack is counted as in use, and bounded); with
+    /// `mps` only exactly `size` here, its slack rules being part of its step.
+    #[inline]
+    pub fn take_cached(&mut self, p: u32, size: usize) -> Option<u32> {
+        let cache = &mut self.pools[p as usize].cache;
+        match self.policy {
+            Policy::Mps => cache.take_exact(size),
+            Policy::Default => {
+                let div = if size <= crate::cache::SMALL_LIMIT {
+                    SMALL_SLACK_DIV
+                } else {
+                    REUSE_SLACK_DIV
+                };
+                cache
+                    .take_fit(size, size + size / div)
+                    .map(|(_, slot)| slot)
+            }
+        }
+    }
+
     // ---- default policy ------------------------------------------------------------------
 
     fn default_step(
@@ -97,29 +120,11 @@ impl<B: Backend> State<B> {
         if phase != Phase::Normal {
             self.poll_pending(backend, notes);
         }
-        if let Some(slot) = self.pools[p as usize].cache.take_exact(size) {
+        if let Some(slot) = self.take_cached(p, size) {
             self.recycle(slot, requested, notes);
             return Ok(Some(slot));
         }
-        // A cached buffer at most 1/REUSE_SLACK_DIV larger (1/SMALL_SLACK_DIV for small
-        // buffers) serves too: a size seen again with a little variation is recycled rather
-        // than placed anew (its slack is counted as in use, and bounded).
         let small = size <= crate::cache::SMALL_LIMIT;
-        let pool = &mut self.pools[p as usize];
-        if let Some(found) = pool.cache.smallest_at_least(size)
-            && found
-                <= size
-                    + size
-                        / if small {
-                            SMALL_SLACK_DIV
-                        } else {
-                            REUSE_SLACK_DIV
-                        }
-            && let Some(slot) = pool.cache.take_exact(found)
-        {
-            self.recycle(slot, requested, notes);
-            return Ok(Some(slot));
-        }
         if self.caps.page_mapping {
             if self.pools[p as usize].kind.storage() == crate::Storage::Private {
                 self.mark_epoch(backend, p);

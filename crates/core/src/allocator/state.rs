@@ -160,6 +160,9 @@ pub(crate) struct State<B: Backend> {
     pub fronts: Vec<Arc<super::front::Front>>,
     /// Engine calls since this engine was made, for `fold_on_entry`.
     pub(super) fold_round: u32,
+    /// Allocations since this engine was made (the engine's, and fronts' as of their last
+    /// fold): the clock that ages idle pages. Never reset, unlike the statistics.
+    pub(super) alloc_clock: u64,
     /// The allocation history, when asked for.
     pub history: Option<History>,
     pub limits: Limits,
@@ -204,6 +207,7 @@ impl<B: Backend> State<B> {
             stats: Stats::default(),
             fronts: Vec::new(),
             fold_round: 0,
+            alloc_clock: 0,
             history,
             limits,
             external: 0,
@@ -253,7 +257,7 @@ impl<B: Backend> State<B> {
 
     /// A clock that ticks once per allocation: ages idle pages.
     pub fn clock(&self) -> u64 {
-        self.stats.allocation[0].allocated
+        self.alloc_clock
     }
 
     pub fn reserved_total(&self) -> usize {
@@ -302,6 +306,7 @@ impl<B: Backend> State<B> {
         let (size, ptr, pool) = (rec.size as u64, rec.ptr, rec.pool);
         let kind = self.pools[pool as usize].kind;
         let g = kind.buffer_group(size as usize);
+        self.alloc_clock += 1;
         let s = &mut self.stats;
         for i in [0, g] {
             s.cached_bytes[i].sub(size);
@@ -380,6 +385,7 @@ impl<B: Backend> State<B> {
         };
         self.by_ptr.insert(ptr, slot);
         let g = kind.buffer_group(size);
+        self.alloc_clock += 1;
         let s = &mut self.stats;
         for i in [0, g] {
             s.allocated_bytes[i].add(size as u64);
