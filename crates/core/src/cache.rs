@@ -97,6 +97,9 @@ impl BufferCache {
     /// The most recently cached buffer of the smallest size in `size..=max` (exactly `size`
     /// when one is cached): one lookup where `smallest_at_least` and `take_exact` are two.
     pub fn take_fit(&mut self, size: usize, max: usize) -> Option<(usize, u32)> {
+        if self.len == 0 {
+            return None;
+        }
         if max <= SMALL_LIMIT {
             let start = size / ALIGN;
             let last = max / ALIGN;
@@ -138,6 +141,9 @@ impl BufferCache {
                 }
                 bits = self.nonempty[word];
             }
+        }
+        if self.large.len() == 0 {
+            return None;
         }
         self.large
             .at_least(size.max(SMALL_LIMIT + 1))
@@ -190,7 +196,9 @@ impl BufferCache {
                 }
             }
         }
-        out.extend(self.large.at_least(0).map(|(size, _, s)| (size, s)));
+        if self.large.len() > 0 {
+            out.extend(self.large.at_least(0).map(|(size, _, s)| (size, s)));
+        }
     }
 
     /// True if any small bin holds an entry (emptying a cache of large buffers skips them).
@@ -207,6 +215,9 @@ impl BufferCache {
 
     /// Removes every entry, appending it to `out` (no allocation when `out` has room).
     pub fn drain_into(&mut self, out: &mut Vec<(usize, u32)>) {
+        if self.len == 0 {
+            return;
+        }
         self.entries_into(out);
         if self.has_small() {
             for w in 0..WORDS {

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// Ours: page-mapped heaps where the backend can map pages, best-fit placement with
-    /// coalescing, exact-size reuse of cached buffers, free pages returned under pressure.
+    /// coalescing, exact-size reuse of cached buffers (up to 1 MiB on page-mapped heaps),
+    /// free pages returned under pressure.
     #[default]
     Default,
     /// The seed's system as PyTorch ships it: 8 MiB / 32 MiB / XLarge / dedicated heaps and

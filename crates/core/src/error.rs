@@ -19,7 +19,7 @@ pub enum Error {
     /// The pointer was never handed out by this allocator (or its memory was released).
     #[error("pointer {0:#x} was not allocated by this allocator")]
     UnknownPointer(u64),
-    /// The pointer is known but not in use: it was freed already.
+    /// The pointer is in this allocator's memory but not in use: it was freed already.
     #[error("pointer {0:#x} was freed twice")]
     DoubleFree(u64),
     /// A request larger than the device's largest buffer.

@@ -480,7 +480,7 @@ impl<B: Backend> Allocator<B> {
                 Some(Freed::Miss) | None => {}
             }
             match slot.inspect(|&slot| st.reclaim(slot)) {
-                None => Err(Error::UnknownPointer(ptr)),
+                None => Err(st.not_placed(ptr)),
                 Some(slot) if st.records[slot as usize].state != BufState::InUse => {
                     Err(Error::DoubleFree(ptr))
                 }
@@ -586,7 +586,9 @@ impl<B: Backend> Allocator<B> {
     /// Stores a shape with a buffer in use.
     pub fn set_shape(&self, ptr: u64, shape: &[i64]) -> Result<()> {
         let mut st = self.engine.lock();
-        let slot = st.resolve(ptr).ok_or(Error::UnknownPointer(ptr))?;
+        let Some(slot) = st.resolve(ptr) else {
+            return Err(st.not_placed(ptr));
+        };
         st.records[slot as usize].shape = shape.to_vec();
         Ok(())
     }
@@ -690,7 +692,9 @@ impl<B: Backend> Allocator<B> {
     /// an event is recorded on that stream and the buffer waits for it before reuse.
     pub fn record_stream(&self, ptr: u64, stream: StreamId) -> Result<()> {
         let mut st = self.engine.lock();
-        let slot = st.resolve(ptr).ok_or(Error::UnknownPointer(ptr))?;
+        let Some(slot) = st.resolve(ptr) else {
+            return Err(st.not_placed(ptr));
+        };
         let rec = &mut st.records[slot as usize];
         if rec.state != BufState::InUse {
             return Err(Error::DoubleFree(ptr));

@@ -5,7 +5,8 @@
 //! buffers over the low watermark. `default` is ours: exact-size reuse of cached buffers, then
 //! best fit in heap space with coalescing, and — on a backend that maps pages — one large
 //! address range per pool whose pages are mapped only where buffers need them (see
-//! `grow_paged`). Both run the same chain when memory is short: callbacks, trim, release all
+//! `grow_paged`); there, buffers over 1 MiB are not cached but go straight back to free
+//! space (`State::cache`). Both run the same chain when memory is short: callbacks, trim, release all
 //! cached memory, retry.
 //!
 //! Every step returns `Ok(Some(slot))` when it placed or recycled a buffer, `Ok(None)` when it
