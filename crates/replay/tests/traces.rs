@@ -125,8 +125,7 @@ fn a_snapshot_pytorch_wrote_from_the_direct_front_replays_whole() {
     // bufferheap's direct front (traces/recorded/README.md): every free in the history names
     // an allocation the replay saw (the initial blocks included), every action is known, and
     // the blocks alive before recording are the segments' active blocks. The segments and page
-    // maps it holds are what bufferheap reserved on the GPU, and the replay on the simulated
-    // device reserves exactly as much.
+    // maps it holds are what bufferheap reserved on the GPU.
     let r = run(
         &trace("recorded/gpt2_direct_front_h100.pkl.gz"),
         Policy::Default,
@@ -140,8 +139,9 @@ fn a_snapshot_pytorch_wrote_from_the_direct_front_replays_whole() {
         r.pytorch_reserved_bytes, 14_539_554_816,
         "reserved on the GPU"
     );
-    // The library that recorded it (commit d204d1c) replayed it to the byte; placement has
-    // changed since, and may only have improved on it.
+    // The library that recorded it (commit d204d1c) replayed it to the byte. Placement has
+    // changed since (traces/recorded/README.md); it must not reserve more than that library
+    // did on the GPU.
     assert!(
         r.peak_reserved_bytes <= 14_539_554_816,
         "reserved in the replay: {}",
