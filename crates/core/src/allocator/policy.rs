@@ -6,8 +6,8 @@
 //! best fit in heap space with coalescing, and — on a backend that maps pages — one large
 //! address range per pool whose pages are mapped only where buffers need them (see
 //! `grow_paged`); there, buffers over 1 MiB are not cached but go straight back to free
-//! space (`State::cache`). Both run the same chain when memory is short: callbacks, trim, release all
-//! cached memory, retry.
+//! space (`State::cache`). Both run the same chain when memory is short: callbacks, trim,
+//! release all cached memory, retry.
 //!
 //! Every step returns `Ok(Some(slot))` when it placed or recycled a buffer, `Ok(None)` when it
 //! found no memory (the state's `shortfall` says why), and `Err` only for backend failures

@@ -4,8 +4,9 @@
 //! long as the buffer is placed (in use, cached or pending), like the seed's
 //! `m_allocated_buffers`. A record moves `InUse -> Cached` (or `InUse -> Pending -> Cached`
 //! when events guard its reuse), `Cached -> InUse` when recycled, and `Cached -> Vacant` when
-//! dissolved back into its heap's free space. `Cached <-> Delegated` while a thread's front
-//! cache holds it (`front`).
+//! dissolved back into its heap's free space (at once for a buffer over 1 MiB on a page-mapped
+//! heap under the default policy: see `State::cache`). `Cached <-> Delegated` while a thread's
+//! front cache holds it (`front`).
 //!
 //! Invariants (checked by the property tests against a shadow model):
 //! - placed buffers never overlap and lie inside their heap; `ptr = heap.base + offset`;
@@ -495,7 +496,8 @@ impl<B: Backend> State<B> {
         // it would serve only its own size again, while random large sizes nearly always miss
         // the cache, and a miss first dissolves the cache so that placement sees free space
         // coalesced: in the large latency loop the round trip through the cache cost a seventh
-        // of the instructions, and the replays reserve as little or less without it.
+        // of the instructions, and the replays reserve about as much without it (less on the
+        // GPT-2 traces, more on ViT-B/16; BENCHMARKS.md).
         let direct = self.policy == Policy::Default
             && self.caps.page_mapping
             && rec.size > crate::cache::SMALL_LIMIT;
