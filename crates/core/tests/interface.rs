@@ -64,6 +64,12 @@ fn unknown_and_double_free_are_errors() {
     let b = a.alloc(4096).unwrap().unwrap();
     a.free(b.ptr).unwrap();
     assert_eq!(a.free(b.ptr), Err(Error::DoubleFree(b.ptr)));
+    // A large buffer goes straight back to free space and keeps no record: its second free
+    // is still told apart from a pointer that was never ours.
+    let big = a.alloc(8 << 20).unwrap().unwrap();
+    a.free(big.ptr).unwrap();
+    assert_eq!(a.free(big.ptr), Err(Error::DoubleFree(big.ptr)));
+    assert_eq!(a.record_stream(big.ptr, 1), Err(Error::DoubleFree(big.ptr)));
     assert_eq!(a.requested_size(0x1234), None);
     assert_eq!(a.shape(0x1234), None);
     assert_eq!(a.buffer_id(0x1234), None);
