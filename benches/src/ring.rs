@@ -155,6 +155,9 @@ pub struct Ring {
     slots: Vec<Option<(u64, usize)>>,
     next: usize,
     next_slot: usize,
+    /// Free by address alone (size 0), as bufferheap's direct PyTorch front does; otherwise
+    /// with the requested size, as PyTorch's pluggable wrapper does.
+    unsized_frees: bool,
 }
 
 impl Ring {
@@ -166,7 +169,20 @@ impl Ring {
             slots: vec![None; scenario.live],
             next: 0,
             next_slot: 0,
+            unsized_frees: false,
         }
+    }
+
+    /// The same ring, freeing by address alone.
+    pub fn freeing_unsized(mut self) -> Ring {
+        self.unsized_frees = true;
+        self
+    }
+
+    /// The size a free passes for a buffer of `size` requested bytes.
+    #[inline]
+    fn hint(&self, size: usize) -> usize {
+        if self.unsized_frees { 0 } else { size }
     }
 
     /// Steps of one pass.
@@ -178,9 +194,11 @@ impl Ring {
     #[inline]
     pub fn step<B: Backend>(&mut self, a: &Allocator<B>) {
         let (i, j) = (self.next, self.next_slot);
+        let hint = self.unsized_frees;
         let slot = &mut self.slots[j];
         if let Some((ptr, size)) = slot.take() {
-            a.free_sized(ptr, size).expect("free of a live buffer");
+            a.free_sized(ptr, if hint { 0 } else { size })
+                .expect("free of a live buffer");
         }
         let size = self.sizes[i];
         *slot = a
@@ -211,9 +229,10 @@ impl Ring {
 
     /// Frees every live buffer of the ring.
     pub fn clear<B: Backend>(&mut self, a: &Allocator<B>) {
-        for slot in &mut self.slots {
-            if let Some((ptr, size)) = slot.take() {
-                a.free_sized(ptr, size).expect("free of a live buffer");
+        for j in 0..self.slots.len() {
+            if let Some((ptr, size)) = self.slots[j].take() {
+                a.free_sized(ptr, self.hint(size))
+                    .expect("free of a live buffer");
             }
         }
     }

@@ -6,7 +6,7 @@
 //!
 //!     hotpath [--backend host|sim|cuda] [--policy default|mps] [--scenario small|medium|large|all]
 //!             [--threads T] [--own-allocators] [--repeats R] [--steps N] [--no-profile]
-//!             [--front-cache BYTES] [--unmap-rate-limit R]
+//!             [--front-cache BYTES] [--unmap-rate-limit R] [--unsized-frees]
 //!
 //! With `--threads T`, T threads each run their own ring at once (started together for each
 //! pass) on one shared allocator; with `--own-allocators`, each thread has an allocator of
@@ -14,6 +14,8 @@
 //! `--no-profile` skips the pass that counts recycled buffers (it registers a callback,
 //! which a profile of the hot path should not see). `--backend cuda` runs the loop on GPU 0
 //! through the CUDA backend: the engine's cost on a GPU without PyTorch's in front of it.
+//! `--unsized-frees` frees by address alone, as the direct PyTorch front does (by default
+//! frees pass the requested size, as PyTorch's pluggable wrapper does).
 
 use std::sync::Barrier;
 use std::time::Instant;
@@ -43,6 +45,19 @@ struct Params {
     repeats: usize,
     steps: usize,
     profile: bool,
+    unsized_frees: bool,
+}
+
+impl Params {
+    /// A ring of `s` with this run's pass length and way of freeing.
+    fn ring(&self, s: Scenario, seed: u64) -> Ring {
+        let ring = Ring::new(s, self.steps, seed);
+        if self.unsized_frees {
+            ring.freeing_unsized()
+        } else {
+            ring
+        }
+    }
 }
 
 /// Per pass: the mean over threads of their ns per pair, every thread running its own
@@ -61,7 +76,7 @@ where
                 scope.spawn(move || {
                     let own = shared.is_none().then(make);
                     let a = shared.as_ref().or(own.as_ref()).expect("an allocator");
-                    let mut ring = Ring::new(s, p.steps, SEED + t as u64);
+                    let mut ring = p.ring(s, SEED + t as u64);
                     ring.warm_up(a);
                     let ns = (0..p.repeats)
                         .map(|_| {
@@ -95,7 +110,7 @@ where
     ns.sort_by(f64::total_cmp);
     let inside = if p.profile {
         let a = make();
-        let mut ring = Ring::new(s, p.steps, SEED);
+        let mut ring = p.ring(s, SEED);
         ring.warm_up(&a);
         let prof = profile_pass(&a, &mut ring);
         ring.clear(&a);
@@ -148,6 +163,7 @@ fn main() {
         repeats: flag(&args, "--repeats", 5usize).max(1),
         steps: flag(&args, "--steps", STEPS).max(1),
         profile: !args.iter().any(|a| a == "--no-profile"),
+        unsized_frees: args.iter().any(|a| a == "--unsized-frees"),
     };
     let scenarios: Vec<Scenario> = SCENARIOS
         .into_iter()

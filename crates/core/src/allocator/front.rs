@@ -404,6 +404,13 @@ pub(crate) struct Front {
     pub id: u64,
     capacity: usize,
     closed: AtomicBool,
+    /// The lowest and highest address ever delegated here (they only widen, under the
+    /// engine's lock, by this front's own thread). A free outside them is not this front's
+    /// and is told so without the lock: on page-mapped heaps the small buffers fronts hold
+    /// come from an address range of their own, apart from the larger ones that go to the
+    /// engine, whose frees would otherwise pay the lock and a lookup here first.
+    lowest: AtomicU64,
+    highest: AtomicU64,
     /// A spin lock: its owner holds it for tens of nanoseconds, and unlocking it is a plain
     /// store, not an atomic read-modify-write (half the cost of the uncontended hot path).
     magazine: spin::mutex::SpinMutex<Magazine>,
@@ -417,7 +424,19 @@ impl Front {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             capacity,
             closed: AtomicBool::new(false),
+            lowest: AtomicU64::new(u64::MAX),
+            highest: AtomicU64::new(0),
             magazine: spin::mutex::SpinMutex::new(Magazine::default()),
+        }
+    }
+
+    /// Widens the address bounds to `ptr` (before the buffer can be freed into this front).
+    fn cover(&self, ptr: u64) {
+        if ptr < self.lowest.load(Ordering::Relaxed) {
+            self.lowest.store(ptr, Ordering::Relaxed);
+        }
+        if ptr > self.highest.load(Ordering::Relaxed) {
+            self.highest.store(ptr, Ordering::Relaxed);
         }
     }
 
@@ -472,6 +491,9 @@ impl Front {
     /// The hot path of a free: a buffer delegated to this front goes back into it.
     #[inline]
     pub fn free(&self, ptr: u64) -> Freed {
+        if ptr < self.lowest.load(Ordering::Relaxed) || ptr > self.highest.load(Ordering::Relaxed) {
+            return Freed::Miss;
+        }
         let mut guard = self.magazine.lock();
         let m = &mut *guard;
         // Closed (under this lock, so no entry can come back after): the engine's now.
@@ -732,6 +754,7 @@ impl<B: Backend> State<B> {
                 }
             };
             m.index.insert(rec.ptr, idx);
+            fr.cover(rec.ptr);
             m.push_cached(idx);
             m.usage.entered();
             evicted
