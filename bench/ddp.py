@@ -1,13 +1,13 @@
 """GPT-2 training with DistributedDataParallel over NCCL, one process per GPU (torchrun).
 
-usage: torchrun --nproc-per-node 2 bench/ddp.py native|expandable|bufferheap [--steps N]
+usage: torchrun --nproc-per-node 2 bench/ddp.py native|expandable|bufferheap|bufferheap-direct [--steps N]
 Each rank prints one JSON line: its device, s/step, peak memory used on its own GPU, losses.
 Rank 0 also lists, from nvidia-smi, how much memory every process holds on every GPU, so a
 stray allocation of one rank on another rank's GPU shows."""
 import argparse, json, os, random, subprocess, time
 
 ap = argparse.ArgumentParser()
-ap.add_argument("mode", choices=["native", "expandable", "bufferheap"])
+ap.add_argument("mode", choices=["native", "expandable", "bufferheap", "bufferheap-direct"])
 ap.add_argument("--steps", type=int, default=20)
 a = ap.parse_args()
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -15,9 +15,9 @@ if a.mode == "expandable":
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 import torch
 import torch.distributed as dist
-if a.mode == "bufferheap":
+if a.mode.startswith("bufferheap"):
     import bufferheap
-    bufferheap.torch.install()
+    bufferheap.torch.install(direct=a.mode == "bufferheap-direct")
 rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
 torch.cuda.set_device(local)
 dist.init_process_group("nccl", device_id=torch.device("cuda", local))
@@ -46,7 +46,7 @@ torch.cuda.synchronize()
 dt = (time.perf_counter() - t0) / a.steps
 res = dict(mode=a.mode, rank=rank, device=torch.cuda.current_device(), sec_per_step=dt,
            peak_used_gib=peak / 2**30, losses=losses)
-if a.mode == "bufferheap":
+if a.mode.startswith("bufferheap"):
     res["reserved_peak_gib"] = bufferheap.memory_stats(local)["reserved_bytes.all.peak"] / 2**30
 dist.barrier()
 if rank == 0:

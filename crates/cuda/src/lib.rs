@@ -53,8 +53,9 @@
 //! default the backend does not synchronise; [`CudaOptions::sync_before_unmap`] makes it call
 //! `cuCtxSynchronize` first, for callers outside the engine.
 //!
-//! VMM pages are made accessible to this device only; a kernel on a peer device cannot access
-//! them directly, even with peer access enabled.
+//! VMM pages are made accessible to this device and to every device that can reach it as a
+//! peer (as PyTorch's expandable segments do), so cross-device copies and peer kernels work on
+//! them.
 
 mod backend;
 mod driver;
