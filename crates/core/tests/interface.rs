@@ -170,6 +170,28 @@ fn record_stream_guards_reuse_until_the_event_completes() {
 }
 
 #[test]
+fn a_buffer_whose_event_completed_comes_back_before_memory_grows() {
+    // Under the default policy nobody needs to call free_inactive_buffers (PyTorch never
+    // does): a request that would otherwise map new pages first takes back the buffers whose
+    // guarding events have completed.
+    let a = Allocator::new(SimBackend::new(GIB).with_manual_events(), Config::default()).unwrap();
+    let b = a.alloc_on(64 * MIB, 7).unwrap().unwrap();
+    a.record_stream(b.ptr, 9).unwrap();
+    a.free(b.ptr).unwrap();
+    let reserved = a.usage().reserved;
+    a.backend().complete_events();
+    let c = a.alloc_on(64 * MIB, 7).unwrap().unwrap();
+    assert_eq!(c.ptr, b.ptr, "the completed buffer's space is reused");
+    assert_eq!(a.usage().reserved, reserved, "no new pages");
+    // Still guarded while its event is pending: then memory grows instead.
+    a.record_stream(c.ptr, 9).unwrap();
+    a.free(c.ptr).unwrap();
+    let d = a.alloc_on(64 * MIB, 7).unwrap().unwrap();
+    assert_ne!(d.ptr, c.ptr, "in use by stream 9");
+    assert!(a.usage().reserved > reserved);
+}
+
+#[test]
 fn record_and_wait_for_events() {
     let a = Allocator::new(SimBackend::new(GIB).with_manual_events(), Config::default()).unwrap();
     let shared = a.shared().unwrap();

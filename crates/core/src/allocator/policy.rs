@@ -159,6 +159,21 @@ impl<B: Backend> State<B> {
         if let Some(slot) = self.place_mapped(p, size, requested, notes) {
             return Ok(Some(slot));
         }
+        // Buffers freed while other streams used them (`record_stream`) wait for their events;
+        // those whose events have completed since come back before memory grows. PyTorch's own
+        // allocator looks at its events on every allocation; here only a miss that would grow
+        // pays for the queries, which is where a held-back buffer costs memory.
+        if !self.pending.is_empty() && phase == Phase::Normal {
+            self.poll_pending(backend, notes);
+            if let Some(slot) = self.take_cached(p, size) {
+                self.recycle(slot, requested, notes);
+                return Ok(Some(slot));
+            }
+            self.dissolve_cache(p);
+            if let Some(slot) = self.place_mapped(p, size, requested, notes) {
+                return Ok(Some(slot));
+            }
+        }
         // Small buffers cached in threads' front caches come back before memory grows (they
         // would pin pages the pool then maps again elsewhere).
         if self.pools[p as usize].kind.is_small() && self.return_fronts(false, false) > 0 {
