@@ -47,7 +47,9 @@ dt = (time.perf_counter() - t0) / a.steps
 res = dict(mode=a.mode, rank=rank, device=torch.cuda.current_device(), sec_per_step=dt,
            peak_used_gib=peak / 2**30, losses=losses)
 if a.mode.startswith("bufferheap"):
-    res["reserved_peak_gib"] = bufferheap.memory_stats(local)["reserved_bytes.all.peak"] / 2**30
+    stats = bufferheap.memory_stats(local)
+    res["reserved_peak_gib"] = stats["reserved_bytes.all.peak"] / 2**30
+    res.update({k: stats.get(k) for k in ("num_map_calls", "num_unmap_calls", "num_device_waits")})
 dist.barrier()
 if rank == 0:
     q = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_bus_id,used_memory", "--format=csv,noheader"],
