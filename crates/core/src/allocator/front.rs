@@ -78,13 +78,14 @@ struct Delta {
     /// plus these is the true peak of the window.
     high: [i64; 3],
     bytes_low: i64,
-    /// Buffers that went into use since the last fold of the window.
-    took: u64,
-    window_dirty: bool,
+    /// True when the window changed since its last fold.
+    dirty: bool,
     /// Cumulative: into use (bytes, buffers, requested), back to the cache (the same).
     taken: [u64; 3],
     returned: [u64; 3],
-    counts_dirty: bool,
+    /// `taken[1]` at the last fold of the window: the buffers taken since are the window's
+    /// allocations, for the engine's clock.
+    taken_at_window: u64,
 }
 
 /// Moves a counter by a window's change `now`, with `high` (>= `now`) the window's highest
@@ -99,35 +100,32 @@ fn shift(s: &mut crate::stats::Stat, now: i64, high: i64) {
 
 impl Delta {
     /// A cached buffer of `size` bytes goes into use for `requested`.
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, size: u64, requested: u64) {
         for (i, moved) in [size, 1, requested].into_iter().enumerate() {
             self.now[i] += moved as i64;
             self.taken[i] += moved;
             self.high[i] = self.high[i].max(self.now[i]);
         }
-        self.took += 1;
-        self.window_dirty = true;
-        self.counts_dirty = true;
+        self.dirty = true;
     }
 
     /// A buffer in use goes back to the cache.
-    #[inline]
+    #[inline(always)]
     fn give(&mut self, size: u64, requested: u64) {
         for (i, moved) in [size, 1, requested].into_iter().enumerate() {
             self.now[i] -= moved as i64;
             self.returned[i] += moved;
         }
         self.bytes_low = self.bytes_low.min(self.now[0]);
-        self.window_dirty = true;
-        self.counts_dirty = true;
+        self.dirty = true;
     }
 
     /// Adds the window into the engine's currents and peaks, and its allocations to the
     /// engine's `clock`; clears the window.
     #[inline]
     fn fold_window(&mut self, stats: &mut Stats, clock: &mut u64) {
-        if !self.window_dirty {
+        if !self.dirty {
             return;
         }
         let [bytes, buffers, requested] = self.now;
@@ -140,17 +138,18 @@ impl Delta {
             shift(&mut stats.active[g], buffers, buffers_high);
             shift(&mut stats.cached_bytes[g], -bytes, -self.bytes_low);
         }
-        *clock += self.took;
+        *clock += self.taken[1] - self.taken_at_window;
+        self.taken_at_window = self.taken[1];
         self.now = [0; 3];
         self.high = [0; 3];
         self.bytes_low = 0;
-        self.took = 0;
-        self.window_dirty = false;
+        self.dirty = false;
     }
 
-    /// Adds the cumulative counts into the engine's and clears them.
+    /// Adds the cumulative counts into the engine's and clears them; the window must have
+    /// been folded first (its clock mark restarts with the counts).
     fn fold_counts(&mut self, stats: &mut Stats) {
-        if !self.counts_dirty {
+        if self.taken == [0; 3] && self.returned == [0; 3] {
             return;
         }
         let ([bytes, buffers, requested], [bytes_back, buffers_back, requested_back]) =
@@ -171,7 +170,7 @@ impl Delta {
         }
         self.taken = [0; 3];
         self.returned = [0; 3];
-        self.counts_dirty = false;
+        self.taken_at_window = 0;
     }
 
     /// Adds all of this delta into the engine's statistics and clock, and clears it.
@@ -355,7 +354,7 @@ impl Magazine {
         i as u32
     }
 
-    #[inline]
+    #[inline(always)]
     fn push_cached(&mut self, idx: u32) {
         let e = &self.entries[idx as usize];
         let (bins, class, size) = (e.bins, e.size / ALIGN, e.size);
@@ -440,6 +439,7 @@ impl Front {
         }
     }
 
+    #[inline]
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
     }
