@@ -194,14 +194,12 @@ impl Ring {
     #[inline]
     pub fn step<B: Backend>(&mut self, a: &Allocator<B>) {
         let (i, j) = (self.next, self.next_slot);
-        let hint = self.unsized_frees;
-        let slot = &mut self.slots[j];
-        if let Some((ptr, size)) = slot.take() {
-            a.free_sized(ptr, if hint { 0 } else { size })
+        if let Some((ptr, size)) = self.slots[j].take() {
+            a.free_sized(ptr, self.hint(size))
                 .expect("free of a live buffer");
         }
         let size = self.sizes[i];
-        *slot = a
+        self.slots[j] = a
             .alloc(size)
             .expect("allocation within the budget")
             .map(|b| (b.ptr, size));

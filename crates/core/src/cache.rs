@@ -101,24 +101,7 @@ impl BufferCache {
             return None;
         }
         if max <= SMALL_LIMIT {
-            let start = size / ALIGN;
-            let last = max / ALIGN;
-            let mut word = start / 64;
-            let mut bits = self.nonempty[word] & (!0u64 << (start % 64));
-            let bin = loop {
-                if bits != 0 {
-                    break word * 64 + bits.trailing_zeros() as usize;
-                }
-                word += 1;
-                if word == WORDS || word * 64 > last {
-                    return None;
-                }
-                bits = self.nonempty[word];
-            };
-            if bin > last {
-                return None;
-            }
-            let found = bin * ALIGN;
+            let found = self.first_small_bin(size / ALIGN, max / ALIGN)? * ALIGN;
             return self.take_exact(found).map(|slot| (found, slot));
         }
         let found = self.smallest_at_least(size).filter(|&f| f <= max)?;
@@ -127,20 +110,10 @@ impl BufferCache {
 
     /// The size of the smallest cached buffer of at least `size` bytes.
     pub fn smallest_at_least(&self, size: usize) -> Option<usize> {
-        if size <= SMALL_LIMIT {
-            let start = size / ALIGN;
-            let mut word = start / 64;
-            let mut bits = self.nonempty[word] & (!0u64 << (start % 64));
-            loop {
-                if bits != 0 {
-                    return Some((word * 64 + bits.trailing_zeros() as usize) * ALIGN);
-                }
-                word += 1;
-                if word == WORDS {
-                    break;
-                }
-                bits = self.nonempty[word];
-            }
+        if size <= SMALL_LIMIT
+            && let Some(bin) = self.first_small_bin(size / ALIGN, SMALL_BINS - 1)
+        {
+            return Some(bin * ALIGN);
         }
         if self.large.len() == 0 {
             return None;
@@ -149,6 +122,23 @@ impl BufferCache {
             .at_least(size.max(SMALL_LIMIT + 1))
             .next()
             .map(|(s, _, _)| s)
+    }
+
+    /// The first non-empty small bin in `start..=last`.
+    fn first_small_bin(&self, start: usize, last: usize) -> Option<usize> {
+        let mut word = start / 64;
+        let mut bits = self.nonempty[word] & (!0u64 << (start % 64));
+        loop {
+            if bits != 0 {
+                let bin = word * 64 + bits.trailing_zeros() as usize;
+                return (bin <= last).then_some(bin);
+            }
+            word += 1;
+            if word == WORDS || word * 64 > last {
+                return None;
+            }
+            bits = self.nonempty[word];
+        }
     }
 
     /// Removes a given slot filed under `size`; false if it is not there.
