@@ -2,9 +2,9 @@
 //!
 //! Invariants: `live[p]` is the number of placed buffers (in use, cached or waiting on events)
 //! overlapping page `p`; a page with `live > 0` is mapped; `idle` holds exactly the mapped
-//! pages with `live == 0`; `mapped_pages` counts the mapped pages. Nothing here talks to a
-//! backend: callers map or unmap first and then record it here, so the table never claims a
-//! mapping that failed.
+//! pages with `live == 0`; `mapped_pages` counts the mapped pages; `retiring_pages` counts
+//! the pages with a retirement mark. Nothing here talks to a backend: callers map or unmap
+//! first and then record it here, so the table never claims a mapping that failed.
 //!
 //! Extents: every run mapped with one call, cut at multiples of `block` pages, is a set of
 //! *extents* (`extent[first]` = its pages, 0 on its other pages and on unmapped ones): the
@@ -44,6 +44,22 @@ impl IdleSet {
         if self.words[w] & bit != 0 {
             self.words[w] &= !bit;
             self.len -= 1;
+        }
+    }
+
+    /// Sets (`on`) or clears every member of `range` by words: a large buffer spans dozens
+    /// of pages, and this runs for each one placed and freed.
+    fn set_range(&mut self, range: std::ops::Range<usize>, on: bool) {
+        let mut p = range.start;
+        while p < range.end {
+            let (w, bit) = (p / 64, p % 64);
+            let n = (range.end - p).min(64 - bit);
+            let mask = (u64::MAX >> (64 - n)) << bit;
+            let before = self.words[w];
+            let after = if on { before | mask } else { before & !mask };
+            self.len = self.len + after.count_ones() as usize - before.count_ones() as usize;
+            self.words[w] = after;
+            p += n;
         }
     }
 
@@ -87,6 +103,9 @@ pub(crate) struct Pages {
     /// Extents never cross a multiple of this many pages.
     block: usize,
     mapped_pages: usize,
+    /// Pages with a retirement mark (`retiring[p] != 0`): while none has, placing a buffer
+    /// skips looking for marks to cancel.
+    retiring_pages: usize,
 }
 
 impl Pages {
@@ -106,6 +125,7 @@ impl Pages {
             extent: vec![0; n],
             block: (block / granularity).max(1),
             mapped_pages: 0,
+            retiring_pages: 0,
         }
     }
 
@@ -190,34 +210,53 @@ impl Pages {
             }
         }
         self.mapped_pages -= n;
+        self.retiring_pages -= cancelled;
         cancelled
     }
 
     /// Records a buffer on `[offset, offset + len)`; its pages must be mapped already.
     /// Returns how many retiring pages this cancelled.
     pub fn occupy(&mut self, offset: usize, len: usize) -> usize {
+        let span = self.page_span(offset, len);
+        debug_assert!(self.mapped[span.clone()].iter().all(|&m| m));
         let mut cancelled = 0;
-        for p in self.page_span(offset, len) {
-            debug_assert!(self.mapped[p]);
-            if self.live[p] == 0 {
-                self.idle.remove(&p);
+        if self.retiring_pages > 0 {
+            for mark in &mut self.retiring[span.clone()] {
+                if *mark != 0 {
+                    *mark = 0;
+                    cancelled += 1;
+                }
             }
-            if self.retiring[p] != 0 {
-                self.retiring[p] = 0;
-                cancelled += 1;
-            }
-            self.live[p] += 1;
+            self.retiring_pages -= cancelled;
         }
+        for live in &mut self.live[span.clone()] {
+            *live += 1;
+        }
+        self.idle.set_range(span, false);
         cancelled
     }
 
     /// Records that a buffer left `[offset, offset + len)`.
     pub fn vacate(&mut self, offset: usize, len: usize, now: u64) {
-        for p in self.page_span(offset, len) {
+        let span = self.page_span(offset, len);
+        let (first, last) = (span.start, span.end - 1);
+        if last > first + 1 {
+            // Pages strictly inside the span lie wholly under this buffer, and buffers do
+            // not overlap: no other buffer is on them, so they all fall idle now.
+            let inner = first + 1..last;
+            debug_assert!(self.live[inner.clone()].iter().all(|&l| l == 1));
+            self.live[inner.clone()].fill(0);
+            self.idle_since[inner.clone()].fill(now);
+            self.idle.set_range(inner, true);
+        }
+        for p in [first, last] {
             self.live[p] -= 1;
             if self.live[p] == 0 {
                 self.idle.insert(p);
                 self.idle_since[p] = now;
+            }
+            if last == first {
+                break;
             }
         }
     }
@@ -349,6 +388,9 @@ impl Pages {
     /// Marks a run of idle pages as waiting to be unmapped under `ticket` (non-zero).
     pub fn set_retiring(&mut self, (first, n): PageRun, ticket: u64) {
         for p in first..first + n {
+            if self.retiring[p] == 0 {
+                self.retiring_pages += 1;
+            }
             self.retiring[p] = ticket;
         }
     }
@@ -373,6 +415,7 @@ impl Pages {
                     self.retiring[q] = 0;
                 }
             }
+            self.retiring_pages -= marked;
             if self.extent[p] != 0 && marked == len {
                 debug_assert!((p..p + len).all(|q| self.mapped[q] && self.live[q] == 0));
                 match runs.last_mut() {
@@ -523,6 +566,100 @@ mod tests {
         pages.set_retiring((0, 4), 8);
         assert_eq!(pages.take_retired((0, 4), 7), (vec![], 0));
         assert_eq!(pages.take_retired((0, 4), 8), (vec![(0, 4)], 0));
+    }
+
+    /// Ops of a random program over a page table: place a buffer at (offset, len) in
+    /// units of a quarter page, free the i-th placed buffer, mark the idle extents retiring
+    /// under a new ticket, unmap what the oldest retirement still holds.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Place(usize, usize),
+        Free(usize),
+        Retire,
+        Unmap,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0usize..4 * 300, 1usize..4 * 70).prop_map(|(o, l)| Op::Place(o, l)),
+            2 => (0usize..64).prop_map(Op::Free),
+            1 => Just(Op::Retire),
+            1 => Just(Op::Unmap),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Against a per-page model: the idle set is exactly the mapped pages without a
+        /// buffer, each idle page knows when it fell idle, and the retirement marks are
+        /// counted (the range updates of placing and freeing span several bitmap words).
+        #[test]
+        fn page_table_agrees_with_a_per_page_model(ops in proptest::collection::vec(op(), 1..120)) {
+            let (g, n) = (4096usize, 300usize);
+            let q = g / 4;
+            let mut pages = Pages::new(n * g, g, 8 * g);
+            let mut placed: Vec<(usize, usize)> = Vec::new();
+            let mut live = vec![0u32; n];
+            let mut since = vec![0u64; n];
+            let mut retirements: std::collections::VecDeque<(PageRun, u64)> = Default::default();
+            for (now, op) in ops.into_iter().enumerate() {
+                let now = now as u64 + 1;
+                match op {
+                    Op::Place(o, l) => {
+                        let (off, len) = (o * q, l.min(4 * n - o) * q);
+                        if len == 0 || placed.iter().any(|&(b, bl)| off < b + bl && b < off + len) {
+                            continue;
+                        }
+                        for run in pages.unmapped_runs(off, len, 1) {
+                            pages.mark_mapped(run, now);
+                            since[run.0..run.0 + run.1].fill(now);
+                        }
+                        pages.occupy(off, len);
+                        for p in pages.page_span(off, len) {
+                            live[p] += 1;
+                        }
+                        placed.push((off, len));
+                    }
+                    Op::Free(i) if !placed.is_empty() => {
+                        let (off, len) = placed.swap_remove(i % placed.len());
+                        pages.vacate(off, len, now);
+                        for p in pages.page_span(off, len) {
+                            live[p] -= 1;
+                            if live[p] == 0 {
+                                since[p] = now;
+                            }
+                        }
+                    }
+                    Op::Free(_) => {}
+                    Op::Retire => {
+                        for run in pages.idle_runs(usize::MAX) {
+                            pages.set_retiring(run, now);
+                            retirements.push_back((run, now));
+                        }
+                    }
+                    Op::Unmap => {
+                        if let Some((run, ticket)) = retirements.pop_front() {
+                            let (whole, _) = pages.take_retired(run, ticket);
+                            for r in whole {
+                                pages.mark_unmapped(r);
+                            }
+                        }
+                    }
+                }
+                let idle: Vec<usize> =
+                    (0..n).filter(|&p| pages.mapped[p] && live[p] == 0).collect();
+                proptest::prop_assert_eq!(pages.idle.iter().collect::<Vec<_>>(), idle.clone());
+                proptest::prop_assert_eq!(pages.idle.len, idle.len());
+                proptest::prop_assert_eq!(&pages.live, &live);
+                for p in idle {
+                    proptest::prop_assert_eq!(pages.idle_since[p], since[p], "page {}", p);
+                }
+                proptest::prop_assert_eq!(
+                    pages.retiring_pages,
+                    pages.retiring.iter().filter(|&&t| t != 0).count()
+                );
+            }
+        }
     }
 
     #[test]
