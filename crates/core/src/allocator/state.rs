@@ -490,8 +490,6 @@ impl<B: Backend> State<B> {
     pub fn cache(&mut self, slot: u32, notes: &mut Notes) {
         let rec = &mut self.records[slot as usize];
         let pool = &mut self.pools[rec.pool as usize];
-        rec.state = BufState::Cached;
-        rec.cached_at = pool.clock;
         // On page-mapped heaps a buffer over 1 MiB goes straight back to free space. Kept whole,
         // it would serve only its own size again, while random large sizes nearly always miss
         // the cache, and a miss first dissolves the cache so that placement sees free space
@@ -502,6 +500,8 @@ impl<B: Backend> State<B> {
             && self.caps.page_mapping
             && rec.size > crate::cache::SMALL_LIMIT;
         if !direct {
+            rec.state = BufState::Cached;
+            rec.cached_at = pool.clock;
             pool.cache.push(rec.size, slot);
         }
         let (size, ptr) = (rec.size as u64, rec.ptr);
@@ -510,7 +510,9 @@ impl<B: Backend> State<B> {
         for i in [0, g] {
             s.active_bytes[i].sub(size);
             s.active[i].sub(1);
-            s.cached_bytes[i].add(size);
+            if !direct {
+                s.cached_bytes[i].add(size);
+            }
         }
         notes.push(ptr, CallbackEvent::Freed);
         if self.history.is_some() {
@@ -518,15 +520,26 @@ impl<B: Backend> State<B> {
             self.trace(TraceAction::FreeCompleted, ptr, size as usize, stream);
         }
         if direct {
-            self.dissolve(slot);
+            self.release_space(slot);
         }
     }
 
     /// Returns a cached buffer's space to its heap (the seed's `release_buffer`); the heap
     /// itself stays. The caller has taken the slot out of the cache.
     pub fn dissolve(&mut self, slot: u32) -> (u32, u32) {
+        debug_assert_eq!(self.records[slot as usize].state, BufState::Cached);
+        let (p, h, size) = self.release_space(slot);
+        let g = self.pools[p as usize].kind.buffer_group(size);
+        for i in [0, g] {
+            self.stats.cached_bytes[i].sub(size as u64);
+        }
+        (p, h)
+    }
+
+    /// Gives a buffer's space back to its heap's free space and frees its slot; returns its
+    /// pool, heap and size. The buffer is out of use (its statistics moved already).
+    fn release_space(&mut self, slot: u32) -> (u32, u32, usize) {
         let rec = &mut self.records[slot as usize];
-        debug_assert_eq!(rec.state, BufState::Cached);
         rec.state = BufState::Vacant;
         rec.events.clear();
         let (p, h, off, size, ptr) = (rec.pool, rec.heap, rec.offset, rec.size, rec.ptr);
@@ -538,14 +551,10 @@ impl<B: Backend> State<B> {
         if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
             pages.vacate(off, size, clock);
         }
-        let g = pool.kind.buffer_group(size);
-        for i in [0, g] {
-            self.stats.cached_bytes[i].sub(size as u64);
-        }
         if self.logs(debug::RELEASES, self.pools[p as usize].kind, size) {
             tracing::info!(target: "bufferheap", "Released buffer at {:#x} of size {}", ptr, format_size(size));
         }
-        (p, h)
+        (p, h, size)
     }
 
     /// Dissolves every cached buffer of pool `p`; returns the bytes dissolved.
