@@ -232,7 +232,14 @@ impl Pages {
         for live in &mut self.live[span.clone()] {
             *live += 1;
         }
-        self.idle.set_range(span, false);
+        if span.len() <= 2 {
+            // Buffers up to a page or so (most of them): bit by bit is cheaper.
+            for p in span {
+                self.idle.remove(&p);
+            }
+        } else {
+            self.idle.set_range(span, false);
+        }
         cancelled
     }
 
