@@ -99,7 +99,10 @@ def install(
     library = _ffi.lib()
     # Built before anything is configured, so that a failed build leaves the process as it was.
     front = _direct.build() if direct else None
-    bufferheap.configure(policy, low_watermark_ratio, high_watermark_ratio, debug, history)
+    bufferheap.configure(
+        policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes, idle_page_fraction,
+        unmap_rate_limit,
+    )
     try:
         if front is not None:
             alloc, hooks = front, _direct.install(library, front)
