@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 from . import _config, _snapshot
 from ._ffi import BufferheapError, LibraryNotFoundError, find_library, lib
@@ -104,13 +104,6 @@ def _current_device() -> int:
     if torch is not None and torch.cuda.is_initialized():
         return int(torch.cuda.current_device())
     return 0
-
-
-def _device_count() -> int:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        return int(torch.cuda.device_count())
-    return 1
 
 
 def _device_index(device: Device) -> int:
@@ -231,19 +224,16 @@ def snapshot(path: Optional[str] = None, device: Device = None) -> Dict[str, Any
     ``bufferheap replay``. Returns the dict.
     """
     library = lib()
-    devices: List[int] = list(range(_device_count())) if device is None else [_device_index(device)]
-    answers = []
-    failures: List[BufferheapError] = []
-    for d in devices:
-        try:
-            answers.append((d, json.loads(library.snapshot_json(d))))
-        except BufferheapError as e:
-            # A device this process never allocated on may have no allocator to ask.
-            if device is not None:
-                raise
-            failures.append(e)
-    if not answers and failures:
-        raise failures[-1]
+    if device is None:
+        # One answer for every device the library sees (each device's segments and trace).
+        every = json.loads(library.snapshot_json(-1))
+        answers = [
+            (d, {**every, "segments": [s for s in every.get("segments", []) if s.get("device", 0) == d],
+                 "device_traces": [trace]})
+            for d, trace in enumerate(every.get("device_traces") or [[]])
+        ]
+    else:
+        answers = [(_device_index(device), json.loads(library.snapshot_json(_device_index(device))))]
     snap = _snapshot.build(answers, _settings())
     if path is not None:
         _snapshot.write(snap, path)

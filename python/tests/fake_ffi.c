@@ -284,32 +284,42 @@ char *bufferheap_stats_json(int device) {
     return b.s;
 }
 
-/* Segments without the derived sizes, so that the Python side fills them in. */
+/* Segments without the derived sizes, so that the Python side fills them in. Device -1: every
+   device up to the highest one used, each segment naming its device, one trace per device. */
 char *bufferheap_snapshot_json(int device) {
-    if (device < 0 || device >= MAX_DEVICES) { set_error("invalid device %d", device); return NULL; }
+    if (device < -1 || device >= MAX_DEVICES) { set_error("invalid device %d", device); return NULL; }
     Buf b = {0};
     int first = 1;
     pthread_mutex_lock(&mu);
+    int lo = device < 0 ? 0 : device, hi = device < 0 ? 0 : device;
+    if (device < 0) {
+        for (Block *x = blocks; x; x = x->next) if (x->device > hi) hi = x->device;
+        for (int d = 0; d < MAX_DEVICES; d++) if (ntrace[d] && d > hi) hi = d;
+    }
     put(&b, "{\"segments\": [");
     for (Block *x = blocks; x; x = x->next) {
-        if (x->device != device) continue;
-        put(&b, "%s{\"address\": %llu, \"total_size\": %zu, \"stream\": %llu, \"segment_type\": \"%s\", "
+        if (x->device < lo || x->device > hi) continue;
+        put(&b, "%s{\"device\": %d, \"address\": %llu, \"total_size\": %zu, \"stream\": %llu, \"segment_type\": \"%s\", "
                 "\"segment_pool_id\": [0, 0], \"blocks\": [{\"address\": %llu, \"size\": %zu, "
                 "\"requested_size\": %zu, \"state\": \"%s\"}]}",
-            first ? "" : ", ", (unsigned long long)(uintptr_t)x->ptr, x->size,
+            first ? "" : ", ", x->device, (unsigned long long)(uintptr_t)x->ptr, x->size,
             (unsigned long long)(uintptr_t)x->stream, x->size <= (1 << 20) ? "small" : "large",
             (unsigned long long)(uintptr_t)x->ptr, x->size, x->live ? x->requested : 0,
             x->live ? "active_allocated" : "inactive");
         first = 0;
     }
-    put(&b, "], \"device_traces\": [[");
-    for (int i = 0; i < ntrace[device]; i++) {
-        Trace *t = &traces[device][i];
-        put(&b, "%s{\"action\": \"%s\", \"addr\": %llu, \"size\": %zu, \"stream\": %llu, \"time_us\": %lld}",
-            i ? ", " : "", t->action, (unsigned long long)t->addr, t->size,
-            (unsigned long long)(uintptr_t)t->stream, t->time_us);
+    put(&b, "], \"device_traces\": [");
+    for (int d = lo; d <= hi; d++) {
+        put(&b, "%s[", d > lo ? ", " : "");
+        for (int i = 0; i < ntrace[d]; i++) {
+            Trace *t = &traces[d][i];
+            put(&b, "%s{\"action\": \"%s\", \"addr\": %llu, \"size\": %zu, \"stream\": %llu, \"time_us\": %lld}",
+                i ? ", " : "", t->action, (unsigned long long)t->addr, t->size,
+                (unsigned long long)(uintptr_t)t->stream, t->time_us);
+        }
+        put(&b, "]");
     }
-    put(&b, "]]}");
+    put(&b, "]}");
     pthread_mutex_unlock(&mu);
     return b.s;
 }

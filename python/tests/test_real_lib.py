@@ -177,7 +177,7 @@ def test_snapshot(real_lib, tmp_path):
         assert seg["device"] == 0 and seg["segment_pool_id"] == (0, 0)
         assert sum(b["size"] for b in seg["blocks"]) == seg["total_size"]
         assert seg["allocated_size"] == sum(b["size"] for b in seg["blocks"] if b["state"] == "active_allocated")
-    assert snap["device_traces"] == [[]]
+    assert snap["device_traces"] == [[], []], "one (empty) trace per device"
     # Segments are what is reserved: a page-mapped range shows its mapped runs only.
     assert sum(seg["total_size"] for seg in snap["segments"]) == bufferheap.memory_reserved()
     settings = snap["allocator_settings"]["bufferheap"]
@@ -187,6 +187,17 @@ def test_snapshot(real_lib, tmp_path):
     assert bufferheap.snapshot(device=1)["segments"] == []
     with pytest.raises(bufferheap.BufferheapError, match="invalid device"):
         bufferheap.snapshot(device=99)
+
+
+def test_a_snapshot_of_every_device_holds_each_devices_segments(real_lib):
+    # Without torch there is no device count to ask: the library's own view decides.
+    on_1 = _malloc(real_lib, 1 << 20, device=1)
+    on_0 = _malloc(real_lib, 1000)
+    snap = bufferheap.snapshot()
+    where = {b["address"]: s["device"] for s in snap["segments"] for b in s["blocks"]}
+    assert where[on_0] == 0 and where[on_1] == 1
+    assert len(snap["device_traces"]) == 2
+    assert [s for s in snap["segments"] if s["device"] == 1] == bufferheap.snapshot(device=1)["segments"]
 
 
 def test_record_memory_history_fills_the_snapshots_traces(real_lib):
