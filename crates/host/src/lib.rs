@@ -9,10 +9,14 @@
 //! which lets a replay run at full scale here.
 //!
 //! Invariants: every region's base is aligned to the granularity; `held` counts committed
-//! regions plus mapped pages and never exceeds the configured total; the only `unsafe` code
+//! regions plus mapped pages and never exceeds the configured total (checked and updated
+//! under one lock hold); a region handle is unique in the process, and a call acts on a
+//! region only if its handle, base and size are those this backend handed out, so a region
+//! made up or taken from another backend is refused, never touched; the only `unsafe` code
 //! is the system calls and the copy in `write`, each with its argument.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bufferheap_core::{
     Backend, BackendCaps, BackendError, BackendOp, MemoryInfo, Region, Storage, StreamId,
@@ -23,20 +27,54 @@ use parking_lot::Mutex;
 /// Page size for mapping: 2 MiB, as on NVIDIA devices, so replays match the other backends.
 pub const DEFAULT_GRANULARITY: usize = 2 << 20;
 
+/// Region handles, unique across every backend of the process.
+static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
+
 #[derive(Debug)]
 struct HostRegion {
     /// Start of the whole mapping (before alignment).
     map_start: usize,
     map_len: usize,
+    /// The region as handed out: its aligned base and size.
+    base: u64,
+    size: usize,
     committed: bool,
     mapped_bytes: usize,
 }
 
 #[derive(Debug, Default)]
 struct HostState {
-    next_handle: u64,
     regions: HashMap<u64, HostRegion>,
     held: usize,
+}
+
+impl HostState {
+    /// The live region `region` names: its handle is this backend's and its base and size
+    /// are those handed out with it.
+    fn region(&self, region: &Region, op: BackendOp) -> Result<&HostRegion, BackendError> {
+        match self.regions.get(&region.handle) {
+            Some(r) if r.base == region.base && r.size == region.size => Ok(r),
+            _ => Err(BackendError::new(
+                op,
+                format!(
+                    "unknown region at {:#x} of {} bytes (not one this backend holds)",
+                    region.base, region.size
+                ),
+            )),
+        }
+    }
+
+    fn region_mut(
+        &mut self,
+        region: &Region,
+        op: BackendOp,
+    ) -> Result<&mut HostRegion, BackendError> {
+        self.region(region, op)?;
+        Ok(self
+            .regions
+            .get_mut(&region.handle)
+            .expect("looked up just above"))
+    }
 }
 
 /// System memory as a device.
@@ -97,10 +135,7 @@ impl HostBackend {
             granularity: DEFAULT_GRANULARITY,
             physical_block: DEFAULT_GRANULARITY,
             unified: true,
-            state: Mutex::new(HostState {
-                next_handle: 1,
-                ..Default::default()
-            }),
+            state: Mutex::new(HostState::default()),
         }
     }
 
@@ -131,20 +166,23 @@ impl HostBackend {
         self.state.lock().regions.len()
     }
 
+    /// Changes the protection of `[offset, offset + len)` of `r`, a live region of this
+    /// backend (the caller holds the table's lock, so it stays live meanwhile).
     fn protect(
         &self,
-        region: &Region,
+        r: &HostRegion,
         offset: usize,
         len: usize,
         op: BackendOp,
         prot: libc::c_int,
     ) -> Result<(), BackendError> {
-        check_page_range(region.size, offset, len, self.granularity, op)?;
-        let addr = (region.base as usize + offset) as *mut libc::c_void;
+        check_page_range(r.size, offset, len, self.granularity, op)?;
+        let addr = (r.base as usize + offset) as *mut libc::c_void;
         if prot == libc::PROT_NONE {
-            // SAFETY: [addr, addr+len) lies inside a mapping this backend created (checked
-            // against the region above, and the region is live: the caller owns it); the
-            // engine unmaps only pages no buffer uses, so discarding their contents is what it asks for.
+            // SAFETY: [addr, addr+len) lies inside the mapping this backend created for `r`
+            // (range checked against its recorded size above; `r` comes from the table, whose
+            // lock the caller holds); the engine unmaps only pages no buffer uses, so
+            // discarding their contents is what it asks for.
             if unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) } != 0 {
                 return Err(os_error(op, "madvise"));
             }
@@ -183,18 +221,18 @@ impl Backend for HostBackend {
             ));
         }
         let committed = mapped || storage == Storage::Shared;
-        {
-            let st = self.state.lock();
-            if committed && st.held + size > self.total {
-                return Err(BackendError::out_of_memory(
-                    BackendOp::Reserve,
-                    format!(
-                        "host budget of {} bytes has {} free, {size} asked",
-                        self.total,
-                        self.total - st.held
-                    ),
-                ));
-            }
+        // Held from the budget check to the count's update, so that concurrent calls cannot
+        // all pass the check.
+        let mut st = self.state.lock();
+        if committed && st.held + size > self.total {
+            return Err(BackendError::out_of_memory(
+                BackendOp::Reserve,
+                format!(
+                    "host budget of {} bytes has {} free, {size} asked",
+                    self.total,
+                    self.total.saturating_sub(st.held)
+                ),
+            ));
         }
         let map_len = size
             .checked_add(g)
@@ -220,15 +258,15 @@ impl Backend for HostBackend {
             return Err(os_error(BackendOp::Reserve, "mmap"));
         }
         let start = start as usize;
-        let base = start.div_ceil(g) * g;
-        let mut st = self.state.lock();
-        let handle = st.next_handle;
-        st.next_handle += 1;
+        let base = (start.div_ceil(g) * g) as u64;
+        let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
         st.regions.insert(
             handle,
             HostRegion {
                 map_start: start,
                 map_len,
+                base,
+                size,
                 committed,
                 mapped_bytes: 0,
             },
@@ -237,21 +275,20 @@ impl Backend for HostBackend {
             st.held += size;
         }
         Ok(Region {
-            base: base as u64,
+            base,
             size,
-            host_base: Some(base as u64),
+            host_base: Some(base),
             handle,
         })
     }
 
     fn release(&self, region: &Region) -> Result<(), BackendError> {
         let mut st = self.state.lock();
-        let r = st.regions.remove(&region.handle).ok_or_else(|| {
-            BackendError::new(
-                BackendOp::Release,
-                format!("unknown region at {:#x}", region.base),
-            )
-        })?;
+        st.region(region, BackendOp::Release)?;
+        let r = st
+            .regions
+            .remove(&region.handle)
+            .expect("looked up just above");
         // SAFETY: exactly the mapping mmap returned for this region, removed from the table
         // above so it cannot be released twice; the engine releases a region only when no
         // buffer lives in it.
@@ -260,65 +297,50 @@ impl Backend for HostBackend {
             st.regions.insert(region.handle, r);
             return Err(err);
         }
-        st.held -= if r.committed {
-            region.size
-        } else {
-            r.mapped_bytes
-        };
+        st.held -= if r.committed { r.size } else { r.mapped_bytes };
         Ok(())
     }
 
     fn map(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
-        {
-            let st = self.state.lock();
-            let r = st
-                .regions
-                .get(&region.handle)
-                .ok_or_else(|| BackendError::new(BackendOp::Map, "unknown region"))?;
-            if r.committed {
-                return Err(BackendError::new(
-                    BackendOp::Map,
-                    "region is committed, not page-mapped",
-                ));
-            }
-            if st.held + len > self.total {
-                return Err(BackendError::out_of_memory(
-                    BackendOp::Map,
-                    format!("host budget has {} free, {len} asked", self.total - st.held),
-                ));
-            }
+        // One lock hold from the checks to the counts' update (see `reserve`).
+        let mut st = self.state.lock();
+        let held = st.held;
+        let r = st.region(region, BackendOp::Map)?;
+        if r.committed {
+            return Err(BackendError::new(
+                BackendOp::Map,
+                "region is committed, not page-mapped",
+            ));
+        }
+        if held + len > self.total {
+            return Err(BackendError::out_of_memory(
+                BackendOp::Map,
+                format!(
+                    "host budget has {} free, {len} asked",
+                    self.total.saturating_sub(held)
+                ),
+            ));
         }
         self.protect(
-            region,
+            r,
             offset,
             len,
             BackendOp::Map,
             libc::PROT_READ | libc::PROT_WRITE,
         )?;
-        let mut st = self.state.lock();
-        if let Some(r) = st.regions.get_mut(&region.handle) {
-            r.mapped_bytes += len;
-        }
+        st.region_mut(region, BackendOp::Map)?.mapped_bytes += len;
         st.held += len;
         Ok(())
     }
 
     fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
-        {
-            let st = self.state.lock();
-            let r = st
-                .regions
-                .get(&region.handle)
-                .ok_or_else(|| BackendError::new(BackendOp::Unmap, "unknown region"))?;
-            if r.committed || r.mapped_bytes < len {
-                return Err(BackendError::new(BackendOp::Unmap, "range is not mapped"));
-            }
-        }
-        self.protect(region, offset, len, BackendOp::Unmap, libc::PROT_NONE)?;
         let mut st = self.state.lock();
-        if let Some(r) = st.regions.get_mut(&region.handle) {
-            r.mapped_bytes -= len;
+        let r = st.region(region, BackendOp::Unmap)?;
+        if r.committed || r.mapped_bytes < len {
+            return Err(BackendError::new(BackendOp::Unmap, "range is not mapped"));
         }
+        self.protect(r, offset, len, BackendOp::Unmap, libc::PROT_NONE)?;
+        st.region_mut(region, BackendOp::Unmap)?.mapped_bytes -= len;
         st.held -= len;
         Ok(())
     }
@@ -349,30 +371,25 @@ impl Backend for HostBackend {
     }
 
     fn write(&self, region: &Region, offset: usize, bytes: &[u8]) -> Result<(), BackendError> {
-        if offset
-            .checked_add(bytes.len())
-            .is_none_or(|e| e > region.size)
-        {
+        let st = self.state.lock();
+        let r = st.region(region, BackendOp::Write)?;
+        if offset.checked_add(bytes.len()).is_none_or(|e| e > r.size) {
             return Err(BackendError::new(
                 BackendOp::Write,
                 "write outside the region",
             ));
         }
-        let st = self.state.lock();
-        let r = st
-            .regions
-            .get(&region.handle)
-            .ok_or_else(|| BackendError::new(BackendOp::Write, "unknown region"))?;
         if !r.committed {
             return Err(BackendError::new(
                 BackendOp::Write,
                 "writes go to committed (shared) regions only",
             ));
         }
-        let dst = (region.base as usize + offset) as *mut u8;
+        let dst = (r.base as usize + offset) as *mut u8;
         // SAFETY: dst..dst+len lies inside a live, committed, read-write mapping of this
-        // backend (bounds checked above; the table lock keeps it from being released
-        // meanwhile); `bytes` is a distinct Rust slice, so the ranges cannot overlap.
+        // backend (the region and its bounds come from the table, checked above; the table
+        // lock keeps it from being released meanwhile); `bytes` is a distinct Rust slice, so
+        // the ranges cannot overlap.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
         Ok(())
     }
@@ -438,5 +455,64 @@ mod tests {
         let b = HostBackend::with_memory(4 << 20);
         let err = b.reserve(8 << 20, Storage::Shared, true).unwrap_err();
         assert!(err.out_of_memory);
+    }
+
+    #[test]
+    fn a_region_this_backend_did_not_hand_out_is_refused_and_untouched() {
+        let g = DEFAULT_GRANULARITY;
+        let b = HostBackend::with_memory(1 << 30);
+        let r = b.reserve(g, Storage::Shared, true).unwrap();
+        let victim = [0u8; 64];
+        let forged = Region {
+            base: victim.as_ptr() as u64,
+            size: victim.len(),
+            ..r.clone()
+        };
+        let err = b.write(&forged, 0, &[0xAB; 8]).unwrap_err();
+        assert!(err.to_string().contains("unknown region"), "{err}");
+        assert!(
+            victim.iter().all(|&x| x == 0),
+            "memory outside the backend was written"
+        );
+        assert!(b.release(&forged).is_err());
+        // Another backend's region, even with a handle of the same number in its own table.
+        let other = HostBackend::with_memory(1 << 30);
+        let theirs = other.reserve(2 * g, Storage::Private, false).unwrap();
+        let _ours = b.reserve(2 * g, Storage::Private, false).unwrap();
+        assert!(b.map(&theirs, 0, g).is_err());
+        assert!(b.unmap(&theirs, 0, g).is_err());
+        assert!(b.write(&r, 0, &[1, 2, 3]).is_ok());
+        assert!(other.write(&r, 0, &[1, 2, 3]).is_err());
+        assert_eq!((b.held(), other.held()), (g, 0));
+    }
+
+    #[test]
+    fn concurrent_reserves_and_maps_stay_within_the_budget() {
+        let g = DEFAULT_GRANULARITY;
+        for _ in 0..20 {
+            let b = std::sync::Arc::new(HostBackend::with_memory(4 * g));
+            let space = b.reserve(16 * g, Storage::Private, false).unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(16));
+            let threads: Vec<_> = (0..16)
+                .map(|i| {
+                    let (b, start, space) = (b.clone(), start.clone(), space.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        if i % 2 == 0 {
+                            b.reserve(g, Storage::Shared, true).is_ok()
+                        } else {
+                            b.map(&space, i * g, g).is_ok()
+                        }
+                    })
+                })
+                .collect();
+            let granted = threads
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .filter(|&ok| ok)
+                .count();
+            assert_eq!(granted, 4, "a budget of four pages grants four");
+            assert_eq!(b.held(), 4 * g);
+        }
     }
 }
