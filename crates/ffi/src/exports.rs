@@ -281,14 +281,18 @@ fn set_memory_fraction(fraction: f64, device: c_int) -> FfiResult<()> {
     }
     let reg = registry();
     let sys = reg.system()?;
-    let allocator = sys.get_or_create(reg, sys.check_device(device)?)?;
+    let d = sys.check_device(device)?;
+    let allocator = sys.get_or_create(reg, d)?;
     // A ratio of 0 disables the limit; a fraction of 0 allows nothing.
     let high = if fraction == 0.0 {
         f64::MIN_POSITIVE
     } else {
         fraction
     };
-    let (low, _) = allocator.watermark_ratios();
+    // The low watermark follows the fraction down and back up to the one chosen, never
+    // above it (0, disabled, stays disabled).
+    let mut chosen = sys.chosen_low(d).lock();
+    let low = *chosen.get_or_insert(allocator.watermark_ratios().0);
     allocator
         .set_watermark_ratios(low.min(high), high)
         .map_err(|e| FfiError::new(format!("bufferheap_set_memory_fraction({fraction}): {e}")))
@@ -576,12 +580,16 @@ pub extern "C" fn bufferheap_set_watermarks(device: c_int, low: f64, high: f64) 
     status("bufferheap_set_watermarks", || {
         let reg = registry();
         let sys = reg.system()?;
-        let allocator = sys.get_or_create(reg, sys.check_device(device)?)?;
+        let d = sys.check_device(device)?;
+        let allocator = sys.get_or_create(reg, d)?;
+        let mut chosen = sys.chosen_low(d).lock();
         allocator.set_watermark_ratios(low, high).map_err(|e| {
             FfiError::new(format!(
                 "bufferheap_set_watermarks({device}, {low}, {high}): {e}"
             ))
-        })
+        })?;
+        *chosen = Some(low);
+        Ok(())
     })
 }
 

@@ -63,6 +63,10 @@ pub struct System {
     choice: BackendChoice,
     devices: Vec<OnceLock<DeviceAllocator>>,
     create: Mutex<()>,
+    /// Per device, the low watermark ratio chosen by configuration or
+    /// `bufferheap_set_watermarks`, once a memory fraction lowered the one in force: a
+    /// fraction caps the low watermark for as long as it holds, not for good.
+    chosen_low: Vec<Mutex<Option<f64>>>,
 }
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
@@ -225,6 +229,7 @@ impl Registry {
                 choice,
                 devices: (0..count).map(|_| OnceLock::new()).collect(),
                 create: Mutex::new(()),
+                chosen_low: (0..count).map(|_| Mutex::new(None)).collect(),
             })
         });
         match resolved {
@@ -235,6 +240,12 @@ impl Registry {
 }
 
 impl System {
+    /// The low watermark ratio chosen for `device` (see the field), if a fraction ever
+    /// changed the one in force. `device` is a checked index.
+    pub fn chosen_low(&self, device: usize) -> &Mutex<Option<f64>> {
+        &self.chosen_low[device]
+    }
+
     /// Number of devices.
     pub fn count(&self) -> usize {
         self.devices.len()

@@ -429,6 +429,7 @@ fn watermarks_memory_fraction_and_oom() {
 
     // the memory fraction is the high ratio; the low ratio follows it down
     assert_eq!(bufferheap_set_watermarks(d, 1.0, 1.5), 0);
+    let chosen_low = stat(d, "low_watermark_limit");
     bufferheap_set_memory_fraction(0.5, d);
     let s = stats(d);
     let high = s["high_watermark_limit"].as_u64().unwrap();
@@ -461,6 +462,10 @@ fn watermarks_memory_fraction_and_oom() {
     bufferheap_set_memory_fraction(0.0, d);
     assert!(malloc(512, d).is_null());
     assert!(last_error().contains("out of memory"));
+    // and back up: the low watermark returns to the one chosen, not the fractions' lowest
+    bufferheap_set_memory_fraction(1.2, d);
+    assert_eq!(stat(d, "low_watermark_limit"), chosen_low);
+    bufferheap_set_memory_fraction(0.0, d);
     // the C++ front's entry: out of memory is told apart from other failures
     assert_eq!(try_malloc(512, d).1, 1);
     assert!(last_error().contains("out of memory"));
