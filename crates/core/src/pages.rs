@@ -219,16 +219,7 @@ impl Pages {
     pub fn occupy(&mut self, offset: usize, len: usize) -> usize {
         let span = self.page_span(offset, len);
         debug_assert!(self.mapped[span.clone()].iter().all(|&m| m));
-        let mut cancelled = 0;
-        if self.retiring_pages > 0 {
-            for mark in &mut self.retiring[span.clone()] {
-                if *mark != 0 {
-                    *mark = 0;
-                    cancelled += 1;
-                }
-            }
-            self.retiring_pages -= cancelled;
-        }
+        let cancelled = self.cancel_retiring(offset, len);
         for live in &mut self.live[span.clone()] {
             *live += 1;
         }
@@ -240,6 +231,25 @@ impl Pages {
         } else {
             self.idle.set_range(span, false);
         }
+        cancelled
+    }
+
+    /// Cancels the retirement of the pages under `[offset, offset + len)` (a buffer is about
+    /// to go there): their extents are then not unmapped when the retirement is taken.
+    /// Returns how many pages were retiring.
+    pub fn cancel_retiring(&mut self, offset: usize, len: usize) -> usize {
+        if self.retiring_pages == 0 {
+            return 0;
+        }
+        let span = self.page_span(offset, len);
+        let mut cancelled = 0;
+        for mark in &mut self.retiring[span] {
+            if *mark != 0 {
+                *mark = 0;
+                cancelled += 1;
+            }
+        }
+        self.retiring_pages -= cancelled;
         cancelled
     }
 

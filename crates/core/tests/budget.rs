@@ -166,3 +166,55 @@ fn resetting_the_accumulated_counts_does_not_stop_the_trim_of_stale_pages() {
         a.free(b.ptr).unwrap();
     }
 }
+
+/// Stale pages chosen for unmapping stay mapped until the device is past them; a buffer
+/// placed over them meanwhile must find them still mapped, not unmapped under it by the
+/// retirement that growth processes before it maps the rest.
+#[test]
+fn a_buffer_placed_over_retiring_pages_finds_them_mapped() {
+    const G: usize = 64 << 10;
+    let a = Allocator::new(
+        SimBackend::new(1 << 30)
+            .with_manual_events()
+            .with_granularity(G)
+            .with_physical_block(G),
+        Config {
+            front_cache_bytes: 0,
+            map_chunk: G,
+            stale_page_age: 100,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let x = a.alloc(4 * MIB).unwrap().unwrap();
+    let y = a.alloc(4 * MIB).unwrap().unwrap();
+    assert_eq!(y.ptr, x.ptr + 4 * MIB as u64);
+    a.free(y.ptr).unwrap();
+    // y's pages grow stale (the clock counts allocations); their event never completes
+    // on its own here.
+    for _ in 0..300 {
+        let s = a.alloc(4096).unwrap().unwrap();
+        a.free(s.ptr).unwrap();
+    }
+    // Retires y's stale pages, then lands on them and on new pages after them.
+    let z = a.alloc(6 * MIB).unwrap().unwrap();
+    assert_eq!(z.ptr, y.ptr, "placed where y was");
+    let u = a.usage();
+    assert!(
+        u.reserved >= u.allocated,
+        "buffers on unmapped pages: {u:?}"
+    );
+    let mapped_under_z: usize = a
+        .segments()
+        .iter()
+        .flat_map(|s| s.blocks.iter())
+        .filter(|b| b.address >= z.ptr && b.address < z.ptr + z.size as u64)
+        .map(|b| b.size)
+        .sum();
+    assert_eq!(
+        mapped_under_z, z.size,
+        "part of z lies outside the mapped runs"
+    );
+    a.free(z.ptr).unwrap();
+    a.free(x.ptr).unwrap();
+}

@@ -234,6 +234,13 @@ impl<B: Backend> State<B> {
             }
         };
         let (h, off) = fit;
+        // Pages under the request that wait to be unmapped are needed again: their retirement
+        // is cancelled before the retirements below are processed, which would otherwise
+        // unmap them under the new buffer (they count as mapped in `runs`).
+        let pool = &mut self.pools[p as usize];
+        if let Some(pages) = pool.heap_mut(h).pages.as_mut() {
+            pool.retiring -= pages.cancel_retiring(off, size) * g;
+        }
         let mut runs = pages_of(self, p, h).unmapped_runs(off, size, 1);
         let mut need: usize = runs.iter().map(|r| r.1 * g).sum();
         if need > 0 {
