@@ -22,6 +22,9 @@ pub enum Error {
     /// The pointer is in this allocator's memory but not in use: it was freed already.
     #[error("pointer {0:#x} was freed twice")]
     DoubleFree(u64),
+    /// A call that needs a buffer in use (`set_shape`, `record_stream`) named a freed one.
+    #[error("pointer {0:#x} belongs to a buffer that is not in use (it was freed)")]
+    NotInUse(u64),
     /// A request larger than the device's largest buffer.
     #[error("invalid buffer size: {} exceeds the largest buffer the device supports ({})", format_size(*.requested), format_size(*.max))]
     InvalidSize { requested: usize, max: usize },

@@ -69,7 +69,18 @@ fn unknown_and_double_free_are_errors() {
     let big = a.alloc(8 << 20).unwrap().unwrap();
     a.free(big.ptr).unwrap();
     assert_eq!(a.free(big.ptr), Err(Error::DoubleFree(big.ptr)));
-    assert_eq!(a.record_stream(big.ptr, 1), Err(Error::DoubleFree(big.ptr)));
+    assert_eq!(a.record_stream(big.ptr, 1), Err(Error::NotInUse(big.ptr)));
+    assert_eq!(a.set_shape(big.ptr, &[2, 3]), Err(Error::NotInUse(big.ptr)));
+    // A freed small buffer (cached, record kept) takes no shape either: it would come back
+    // with the buffer's next allocation.
+    let c = a.alloc(4096).unwrap().unwrap();
+    a.free(c.ptr).unwrap();
+    assert_eq!(a.set_shape(c.ptr, &[7, 7]), Err(Error::NotInUse(c.ptr)));
+    assert_eq!(a.record_stream(c.ptr, 1), Err(Error::NotInUse(c.ptr)));
+    let again = a.alloc(4096).unwrap().unwrap();
+    assert_eq!(again.ptr, c.ptr);
+    assert_eq!(a.shape(again.ptr), Some(vec![]));
+    a.free(again.ptr).unwrap();
     assert_eq!(a.requested_size(0x1234), None);
     assert_eq!(a.shape(0x1234), None);
     assert_eq!(a.buffer_id(0x1234), None);

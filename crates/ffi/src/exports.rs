@@ -318,7 +318,7 @@ fn record_stream(ptr: u64, stream: StreamId) -> FfiResult<()> {
         match allocator.record_stream(ptr, stream) {
             Ok(()) => return Ok(()),
             Err(Error::UnknownPointer(_)) => continue,
-            Err(Error::DoubleFree(_)) => {
+            Err(Error::NotInUse(_)) => {
                 return Err(FfiError::new(format!(
                     "bufferheap: record_stream of pointer {ptr:#x} ignored: device {d}'s buffer \
                      there is not in use (it was freed)"

@@ -587,9 +587,14 @@ impl<B: Backend> Allocator<B> {
     pub fn set_shape(&self, ptr: u64, shape: &[i64]) -> Result<()> {
         let mut st = self.engine.lock();
         let Some(slot) = st.resolve(ptr) else {
-            return Err(st.not_placed(ptr));
+            return Err(st.not_in_use(ptr));
         };
-        st.records[slot as usize].shape = shape.to_vec();
+        let rec = &mut st.records[slot as usize];
+        if rec.state != BufState::InUse {
+            // Kept, the shape would come back with the buffer's next allocation.
+            return Err(Error::NotInUse(ptr));
+        }
+        rec.shape = shape.to_vec();
         Ok(())
     }
 
@@ -693,11 +698,11 @@ impl<B: Backend> Allocator<B> {
     pub fn record_stream(&self, ptr: u64, stream: StreamId) -> Result<()> {
         let mut st = self.engine.lock();
         let Some(slot) = st.resolve(ptr) else {
-            return Err(st.not_placed(ptr));
+            return Err(st.not_in_use(ptr));
         };
         let rec = &mut st.records[slot as usize];
         if rec.state != BufState::InUse {
-            return Err(Error::DoubleFree(ptr));
+            return Err(Error::NotInUse(ptr));
         }
         if stream != rec.stream && !rec.streams.contains(&stream) {
             rec.streams.push(stream);

@@ -651,4 +651,12 @@ impl<B: Backend> State<B> {
             Error::UnknownPointer(ptr)
         }
     }
+
+    /// The same for a call that needs a buffer in use (a freed one is `NotInUse`).
+    pub fn not_in_use(&self, ptr: u64) -> Error {
+        match self.not_placed(ptr) {
+            Error::DoubleFree(ptr) => Error::NotInUse(ptr),
+            other => other,
+        }
+    }
 }
