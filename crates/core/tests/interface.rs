@@ -222,6 +222,35 @@ fn record_and_wait_for_events() {
 }
 
 #[test]
+fn a_freed_buffer_given_an_event_is_not_reused_before_it_completes() {
+    let a = Allocator::new(
+        SimBackend::new(GIB).with_manual_events(),
+        Config {
+            front_cache_bytes: 0,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let b = a.alloc(4096).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    let cached = a.usage().cached;
+    assert!(a.record_events(&[b.ptr], 5).unwrap());
+    assert_eq!(
+        a.usage().cached,
+        cached - 4096,
+        "out of the cache while the event runs"
+    );
+    let c = a.alloc(4096).unwrap().unwrap();
+    assert_ne!(c.ptr, b.ptr, "reused while its event is pending");
+    a.backend().complete_events();
+    a.free_inactive_buffers();
+    let d = a.alloc(4096).unwrap().unwrap();
+    assert_eq!(d.ptr, b.ptr, "back once the event completed");
+    let u = a.usage();
+    assert_eq!((u.allocated, u.buffers), (2 * 4096, 2));
+}
+
+#[test]
 fn format_size_like_the_seed() {
     assert_eq!(format_size(512), "512 bytes");
     assert_eq!(format_size(1536), "1.50 KiB");

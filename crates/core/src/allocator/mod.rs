@@ -650,7 +650,8 @@ impl<B: Backend> Allocator<B> {
     // ---- events ----------------------------------------------------------------------------
 
     /// Records an event on `stream` for each known buffer; the buffer is not reused until the
-    /// event completes. Returns true if any event was recorded.
+    /// event completes (one freed already leaves the cache until then). Returns true if any
+    /// event was recorded.
     pub fn record_events(&self, ptrs: &[u64], stream: StreamId) -> Result<bool> {
         let mut st = self.engine.lock();
         let backend = &self.engine.backend;
@@ -664,6 +665,9 @@ impl<B: Backend> Allocator<B> {
             rec.events
                 .retain(|e| !matches!(backend.event_complete(e), Ok(true)));
             rec.events.push(Arc::new(event));
+            if rec.state == BufState::Cached {
+                st.hold_cached(slot);
+            }
             recorded = true;
         }
         Ok(recorded)

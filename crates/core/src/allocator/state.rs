@@ -485,6 +485,26 @@ impl<B: Backend> State<B> {
         }
     }
 
+    /// A cached buffer that was given an event after its free (`record_events`) leaves the
+    /// cache and waits for the event in `pending`, as one freed with events does, so that it
+    /// is not handed out before the event completes.
+    pub fn hold_cached(&mut self, slot: u32) {
+        let rec = &mut self.records[slot as usize];
+        debug_assert_eq!(rec.state, BufState::Cached);
+        rec.state = BufState::Pending;
+        let (p, size) = (rec.pool, rec.size);
+        let pool = &mut self.pools[p as usize];
+        let removed = pool.cache.remove(size, slot);
+        debug_assert!(removed, "a cached record is in its pool's cache");
+        let g = pool.kind.buffer_group(size);
+        for i in [0, g] {
+            self.stats.cached_bytes[i].sub(size as u64);
+            self.stats.active_bytes[i].add(size as u64);
+            self.stats.active[i].add(1);
+        }
+        self.pending.push(slot);
+    }
+
     /// Puts a `Pending` (or just retired) record into its pool's cache, or, for a large buffer
     /// on a page-mapped heap, its space back into the heap's free space.
     pub fn cache(&mut self, slot: u32, notes: &mut Notes) {
