@@ -89,6 +89,81 @@ fn peaks_reached_only_inside_the_front_cache_are_exact() {
     }
 }
 
+/// A thread that runs one job at a time for the test, which waits for each: its calls and
+/// the test thread's take turns and never overlap.
+struct Turns {
+    jobs: Option<mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+    done: mpsc::Receiver<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Turns {
+    fn new() -> Turns {
+        let (jobs, inbox) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let (finished, done) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            while let Ok(job) = inbox.recv() {
+                job();
+                finished.send(()).unwrap();
+            }
+        });
+        Turns {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    fn run(&self, job: impl FnOnce() + Send + 'static) {
+        self.jobs.as_ref().unwrap().send(Box::new(job)).unwrap();
+        self.done.recv().unwrap();
+    }
+}
+
+impl Drop for Turns {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+#[test]
+fn peaks_stay_exact_while_threads_take_turns() {
+    let a = sim(1 << 30, Policy::Default);
+    let worker = Turns::new();
+    let cycle = |a: &Allocator<SimBackend>| {
+        let a = a.clone();
+        move || {
+            let b = a.alloc(KIB).unwrap().unwrap();
+            a.free(b.ptr).unwrap();
+        }
+    };
+    worker.run(cycle(&a)); // the worker's front now holds a 1 KiB buffer
+    a.reset_peak();
+    // The worker takes it from its front and keeps it; then this thread has 64 KiB more.
+    let held = Arc::new(Mutex::new(0u64));
+    let (wa, wh) = (a.clone(), held.clone());
+    worker.run(move || *wh.lock().unwrap() = wa.alloc(KIB).unwrap().unwrap().ptr);
+    let big = a.alloc(64 * KIB).unwrap().unwrap();
+    a.free(big.ptr).unwrap();
+    let s = a.stats();
+    assert_eq!(s.allocated_bytes[0].current, KIB as u64);
+    assert_eq!(
+        s.allocated_bytes[0].peak,
+        65 * KIB as u64,
+        "65 KiB in use at once"
+    );
+    let (wa, wh) = (a.clone(), held.clone());
+    worker.run(move || wa.free(*wh.lock().unwrap()).unwrap());
+    // The worker's buffer used and freed again before this thread's 64 KiB: never more
+    // than 64 KiB at once.
+    a.reset_peak();
+    worker.run(cycle(&a));
+    let big = a.alloc(64 * KIB).unwrap().unwrap();
+    assert_eq!(a.stats().allocated_bytes[0].peak, 64 * KIB as u64);
+    a.free(big.ptr).unwrap();
+}
+
 #[test]
 fn a_buffer_freed_by_another_thread_is_freed_exactly_once() {
     let a = sim(1 << 30, Policy::Default);

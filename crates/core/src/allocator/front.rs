@@ -24,10 +24,11 @@
 //!   (currents, peaks, the allocation clock): the engine decides nothing on cumulative
 //!   counts.
 //! - Peaks: a delta keeps the extremes it reached since its last fold; the fold adds them to
-//!   the engine's counters as they are then. Every engine call folds the calling thread's
-//!   front first (and every 64th call the other fronts that are not busy), so with one thread
-//!   calling this is the exact peak; with several calling at once a peak can be off by what
-//!   other threads' fronts changed meanwhile (bounded by their capacity).
+//!   the engine's counters as they are then. Every engine call first folds every front whose
+//!   window changed (a flag read without the lock says which), so while calls do not overlap,
+//!   from one thread or several taking turns, peaks are exact. A front busy in its own
+//!   thread's hot path at that moment is skipped: with threads calling at once a peak can be
+//!   off by what the others' fronts changed meanwhile (bounded by their capacity).
 //! - A front's cached bytes never exceed its capacity; buffers it hands out are not limited
 //!   (they are the caller's).
 //! - Lock order: engine state, then a front. The hot path holds only its own front and never
@@ -99,26 +100,27 @@ fn shift(s: &mut crate::stats::Stat, now: i64, high: i64) {
 }
 
 impl Delta {
-    /// A cached buffer of `size` bytes goes into use for `requested`.
+    /// A cached buffer of `size` bytes goes into use for `requested`. True if the window was
+    /// clean before.
     #[inline(always)]
-    fn take(&mut self, size: u64, requested: u64) {
+    fn take(&mut self, size: u64, requested: u64) -> bool {
         for (i, moved) in [size, 1, requested].into_iter().enumerate() {
             self.now[i] += moved as i64;
             self.taken[i] += moved;
             self.high[i] = self.high[i].max(self.now[i]);
         }
-        self.dirty = true;
+        !std::mem::replace(&mut self.dirty, true)
     }
 
-    /// A buffer in use goes back to the cache.
+    /// A buffer in use goes back to the cache. True if the window was clean before.
     #[inline(always)]
-    fn give(&mut self, size: u64, requested: u64) {
+    fn give(&mut self, size: u64, requested: u64) -> bool {
         for (i, moved) in [size, 1, requested].into_iter().enumerate() {
             self.now[i] -= moved as i64;
             self.returned[i] += moved;
         }
         self.bytes_low = self.bytes_low.min(self.now[0]);
-        self.dirty = true;
+        !std::mem::replace(&mut self.dirty, true)
     }
 
     /// Adds the window into the engine's currents and peaks, and its allocations to the
@@ -291,9 +293,6 @@ struct Usefulness {
     probe: u32,
 }
 
-/// Engine calls between two folds of other threads' fronts (see `State::fold_on_entry`).
-const FOLD_OTHERS_EVERY: u32 = 64;
-
 /// Buffers that enter a front per judgement of its usefulness.
 const WINDOW: u32 = 256;
 /// A front takes new buffers while at least 1 in this many of those entering it is reused.
@@ -410,6 +409,10 @@ pub(crate) struct Front {
     /// engine, whose frees would otherwise pay the lock and a lookup here first.
     lowest: AtomicU64,
     highest: AtomicU64,
+    /// True while the window holds changes not folded into the engine: set by the owner,
+    /// under the magazine's lock, when the window goes from clean to changed; cleared by the
+    /// engine's fold. Read without the lock, so an engine call need not take every front's.
+    window_changed: AtomicBool,
     /// A spin lock: its owner holds it for tens of nanoseconds, and unlocking it is a plain
     /// store, not an atomic read-modify-write (half the cost of the uncontended hot path).
     magazine: spin::mutex::SpinMutex<Magazine>,
@@ -425,6 +428,7 @@ impl Front {
             closed: AtomicBool::new(false),
             lowest: AtomicU64::new(u64::MAX),
             highest: AtomicU64::new(0),
+            window_changed: AtomicBool::new(false),
             magazine: spin::mutex::SpinMutex::new(Magazine::default()),
         }
     }
@@ -484,7 +488,9 @@ impl Front {
             host_ptr: e.host_ptr,
         };
         m.cached_bytes -= size;
-        m.delta.take(size as u64, requested as u64);
+        if m.delta.take(size as u64, requested as u64) {
+            self.window_changed.store(true, Ordering::Release);
+        }
         Some(buffer)
     }
 
@@ -514,7 +520,9 @@ impl Front {
         let (size, requested) = (e.size as u64, e.requested as u64);
         m.push_cached(idx);
         m.usage.entered();
-        m.delta.give(size, requested);
+        if m.delta.give(size, requested) {
+            self.window_changed.store(true, Ordering::Release);
+        }
         Freed::Done
     }
 }
@@ -569,24 +577,26 @@ impl<B: Backend> State<B> {
             };
             if let Some(mut m) = guard {
                 m.delta.fold_into(&mut self.stats, &mut self.alloc_clock);
+                fr.window_changed.store(false, Ordering::Relaxed);
             }
         }
     }
 
-    /// On the way into an engine call: folds the calling thread's front, and every
-    /// [`FOLD_OTHERS_EVERY`] calls the others that are not busy. Reaching into another
-    /// thread's front takes its cache line from under that thread's hot path, so it is done
-    /// rarely; reads of the statistics fold every front regardless.
-    pub fn fold_on_entry(&mut self, engine: u64) {
-        self.fold_round = self.fold_round.wrapping_add(1);
-        if self.fold_round.is_multiple_of(FOLD_OTHERS_EVERY) {
-            self.fold_fronts(false);
-            return;
-        }
+    /// On the way into an engine call: folds the window of every front that changed since
+    /// its last fold and is not busy (the calling thread's own never is), so that the engine
+    /// changes its counters on top of everything done before (see the module's note on
+    /// peaks). A front idle since its last fold costs one load here.
+    pub fn fold_on_entry(&mut self) {
         let (stats, clock) = (&mut self.stats, &mut self.alloc_clock);
-        with_own(engine, |fr| {
-            fr.magazine.lock().delta.fold_window(stats, clock)
-        });
+        for fr in &self.fronts {
+            if !fr.window_changed.load(Ordering::Acquire) {
+                continue;
+            }
+            if let Some(mut m) = fr.magazine.try_lock() {
+                m.delta.fold_window(stats, clock);
+                fr.window_changed.store(false, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Takes a delegated buffer back from its front: it becomes an engine record again, in

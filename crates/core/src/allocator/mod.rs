@@ -73,7 +73,7 @@ impl<B: Backend> Engine<B> {
     fn lock(&self) -> MutexGuard<'_, State<B>> {
         let mut guard = self.state.lock();
         if !guard.fronts.is_empty() {
-            guard.fold_on_entry(self.id);
+            guard.fold_on_entry();
         }
         guard
     }

@@ -159,8 +159,6 @@ pub(crate) struct State<B: Backend> {
     pub stats: Stats,
     /// Front caches of the threads using this engine (see `front`).
     pub fronts: Vec<Arc<super::front::Front>>,
-    /// Engine calls since this engine was made, for `fold_on_entry`.
-    pub(super) fold_round: u32,
     /// Allocations since this engine was made (the engine's, and fronts' as of their last
     /// fold): the clock that ages idle pages. Never reset, unlike the statistics.
     pub(super) alloc_clock: u64,
@@ -207,7 +205,6 @@ impl<B: Backend> State<B> {
             epochs: AddrMap::default(),
             stats: Stats::default(),
             fronts: Vec::new(),
-            fold_round: 0,
             alloc_clock: 0,
             history,
             limits,
