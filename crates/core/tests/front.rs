@@ -165,6 +165,31 @@ fn peaks_stay_exact_while_threads_take_turns() {
 }
 
 #[test]
+fn a_free_into_another_threads_front_counts_when_it_happens() {
+    let a = sim(1 << 30, Policy::Default);
+    let mine = a.alloc(2 * KIB).unwrap().unwrap();
+    a.free(mine.ptr).unwrap(); // this thread's front, registered first, holds 2 KiB
+    let worker = Turns::new();
+    let held = Arc::new(Mutex::new(0u64));
+    let (wa, wh) = (a.clone(), held.clone());
+    worker.run(move || {
+        let b = wa.alloc(KIB).unwrap().unwrap();
+        wa.free(b.ptr).unwrap();
+        *wh.lock().unwrap() = wa.alloc(KIB).unwrap().unwrap().ptr; // from its front
+    });
+    // This thread frees the worker's buffer (into the worker's front), then takes its own
+    // 2 KiB from its front: at most 2 KiB were ever in use at once since the reset.
+    a.reset_peak();
+    a.free(*held.lock().unwrap()).unwrap();
+    let again = a.alloc(2 * KIB).unwrap().unwrap();
+    assert_eq!(again.ptr, mine.ptr);
+    let s = a.stats();
+    assert_eq!(s.allocated_bytes[0].current, 2 * KIB as u64);
+    assert_eq!(s.allocated_bytes[0].peak, 2 * KIB as u64);
+    a.free(again.ptr).unwrap();
+}
+
+#[test]
 fn a_buffer_freed_by_another_thread_is_freed_exactly_once() {
     let a = sim(1 << 30, Policy::Default);
     let b = a.alloc(4000).unwrap().unwrap();

@@ -25,10 +25,13 @@
 //!   counts.
 //! - Peaks: a delta keeps the extremes it reached since its last fold; the fold adds them to
 //!   the engine's counters as they are then. Every engine call first folds every front whose
-//!   window changed (a flag read without the lock says which), so while calls do not overlap,
-//!   from one thread or several taking turns, peaks are exact. A front busy in its own
-//!   thread's hot path at that moment is skipped: with threads calling at once a peak can be
-//!   off by what the others' fronts changed meanwhile (bounded by their capacity).
+//!   window changed (a flag read without the lock says which), and a change the engine makes
+//!   to another thread's front is folded at once. So a peak is exact while every thread's
+//!   front hits are followed by an engine call before another thread's front hits (one thread,
+//!   or threads taking turns that reach the engine); otherwise, and while threads call at once
+//!   (a front busy in its thread's hot path is skipped), a peak can be off by what other
+//!   threads' fronts changed meanwhile, bounded by their capacity: the windows' changes are
+//!   folded one front after another, not in the order they happened.
 //! - A front's cached bytes never exceed its capacity; buffers it hands out are not limited
 //!   (they are the caller's).
 //! - Lock order: engine state, then a front. The hot path holds only its own front and never
@@ -657,7 +660,13 @@ impl<B: Backend> State<B> {
         }
         let front = rec.front;
         let owner = self.fronts.iter().find(|fr| fr.id == front)?;
-        Some(owner.free(ptr))
+        let freed = owner.free(ptr);
+        // Folded at once: this change happens now, between engine calls of other threads,
+        // and must not be folded later out of order with theirs.
+        let mut m = owner.magazine.lock();
+        m.delta.fold_window(&mut self.stats, &mut self.alloc_clock);
+        owner.window_changed.store(false, Ordering::Relaxed);
+        Some(freed)
     }
 
     /// Looks a pointer up, taking a delegated buffer back from its front first.
