@@ -199,13 +199,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Gives a region back, unmapping whatever is still mapped in it.
     fn release(&self, region: &Region) -> Result<(), BackendError>;
 
-    /// Commits physical pages to `[offset, offset + len)` of a region reserved unmapped.
+    /// Commits physical pages to `[offset, offset + len)` of a region reserved unmapped. On
+    /// error nothing is mapped.
     fn map(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError>;
 
     /// Returns the pages of `[offset, offset + len)` to the device; the addresses stay reserved.
     /// The range holds no live data and covers whole pieces of earlier `map` calls (see
     /// [`BackendCaps::physical_block`]; one piece, or several adjacent ones), never part of
     /// one, so a backend may back each piece with one physical allocation and free it whole.
+    /// On error nothing changed: the engine keeps counting the range as mapped and may place
+    /// buffers there again, so a backend that has unmapped part of it must succeed instead
+    /// (and deal with what it could not give back itself).
     fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError>;
 
     /// Records an event on `stream` after the work queued so far.

@@ -81,7 +81,9 @@ pub const DEFAULT_PHYSICAL_BLOCK: usize = 16 << 20;
 /// bytes: `usize::MAX` for whole map calls.
 pub fn physical_block(mode: PhysicalGranularity, granularity: usize) -> usize {
     match mode {
-        PhysicalGranularity::PerBlock(b) => b.div_ceil(granularity).max(1) * granularity,
+        PhysicalGranularity::PerBlock(b) => {
+            b.div_ceil(granularity).max(1).saturating_mul(granularity)
+        }
         PhysicalGranularity::PerPage => granularity,
         PhysicalGranularity::PerMap(_) => usize::MAX,
     }
@@ -147,6 +149,9 @@ pub(crate) trait PageDriver {
 struct Physical {
     len: usize,
     handle: u64,
+    /// The device was granted access (false only for a mapping a failed `map` could not
+    /// undo: it is granted access before its pages are the engine's again).
+    access: bool,
 }
 
 /// A mapping made by the current operation: `(start, end, handle)`.
@@ -162,6 +167,8 @@ pub(crate) struct PageTable {
     logical: BTreeMap<usize, usize>,
     /// start -> allocation mapped there; disjoint.
     physical: BTreeMap<usize, Physical>,
+    /// Handles unmapped whose release the driver refused, retried by `clear`.
+    unreleased: Vec<u64>,
 }
 
 impl PageTable {
@@ -172,6 +179,7 @@ impl PageTable {
             mode,
             logical: BTreeMap::new(),
             physical: BTreeMap::new(),
+            unreleased: Vec::new(),
         }
     }
 
@@ -286,12 +294,39 @@ impl PageTable {
                 }
             }
         }
+        if failure.is_none() {
+            // Held mappings taken back that never got access (left by a failed `map`).
+            for start in self.physical_touching(offset, end) {
+                let phys = self.physical[&start];
+                if phys.access {
+                    continue;
+                }
+                if let Err(err) = drv.set_access(start, phys.len) {
+                    failure = Some(err);
+                    break;
+                }
+                self.physical.insert(
+                    start,
+                    Physical {
+                        access: true,
+                        ..phys
+                    },
+                );
+            }
+        }
         if let Some(err) = failure {
             self.roll_back(drv, &done);
             return Err(err);
         }
         for (s, e, handle) in done {
-            self.physical.insert(s, Physical { len: e - s, handle });
+            self.physical.insert(
+                s,
+                Physical {
+                    len: e - s,
+                    handle,
+                    access: true,
+                },
+            );
         }
         self.logical_insert(offset, end);
         Ok(())
@@ -307,7 +342,14 @@ impl PageTable {
             if ok {
                 let _ = drv.release(handle);
             } else {
-                self.physical.insert(s, Physical { len: e - s, handle });
+                self.physical.insert(
+                    s,
+                    Physical {
+                        len: e - s,
+                        handle,
+                        access: false,
+                    },
+                );
             }
         }
     }
@@ -315,9 +357,15 @@ impl PageTable {
     /// Returns `[offset, offset + len)` (all of it mapped) to the device. Allocations left
     /// with no mapped page are unmapped (one driver call per run of adjacent ones) and
     /// released; with `PerMap`, allocations the range covers only in part follow its
-    /// [`PartialUnmap`]. The pages are the engine's no more even when an error is returned;
-    /// an error means some memory is still backed (held) or, with [`PartialUnmap::Recreate`],
-    /// that pages outside the range lost their mapping (the message names them).
+    /// [`PartialUnmap`].
+    ///
+    /// As the engine expects of a failed call, an error means nothing changed: the range is
+    /// still mapped and the engine's (the driver refused the wait for the device, or to unmap
+    /// anything at all). Once some mapping is unmapped the range is the engine's no more and
+    /// the call succeeds: mappings the driver then refused to unmap stay backed, as held
+    /// memory that `map` takes back or `clear` retries, and handles it refused to release
+    /// are retried by `clear`. With [`PartialUnmap::Recreate`] an error can also mean that
+    /// pages outside the range lost their mapping (the message names them).
     pub(crate) fn unmap(
         &mut self,
         drv: &mut impl PageDriver,
@@ -359,25 +407,34 @@ impl PageTable {
         if doomed.is_empty() {
             return first_error.map_or(Ok(()), Err);
         }
-        if let Err(err) = drv.quiesce() {
-            for (_, _, replacements) in &doomed {
+        // Nothing is unmapped yet: a failure here leaves the range as it was.
+        let undo = |table: &mut Self, drv: &mut _, doomed: &[(usize, Physical, Vec<Made>)]| {
+            for (_, _, replacements) in doomed {
                 release_all(drv, replacements);
             }
-            return Err(first_error.unwrap_or(err));
+            table.logical_insert(offset, end);
+        };
+        if let Err(err) = drv.quiesce() {
+            undo(self, drv, &doomed);
+            return Err(err);
         }
         let spans: Vec<(usize, usize)> = doomed.iter().map(|(s, p, _)| (*s, p.len)).collect();
         let (unmapped, err) = unmap_runs(drv, &spans);
-        if let Some(err) = err {
-            first_error.get_or_insert(err);
+        if let Some(err) = err
+            && !unmapped.contains(&true)
+        {
+            undo(self, drv, &doomed);
+            return Err(err);
         }
         for ((start, phys, replacements), ok) in doomed.into_iter().zip(unmapped) {
             if !ok {
+                // Held (see above); its replacements are not needed.
                 release_all(drv, &replacements);
                 continue;
             }
             self.physical.remove(&start);
-            if let Err(err) = drv.release(phys.handle) {
-                first_error.get_or_insert(err);
+            if drv.release(phys.handle).is_err() {
+                self.unreleased.push(phys.handle);
             }
             for (s, e, handle) in replacements {
                 if let Err(err) = self.map_with_access(drv, s, e, handle) {
@@ -413,7 +470,14 @@ impl PageTable {
             self.roll_back(drv, &[(s, e, handle)]);
             return Err(err);
         }
-        self.physical.insert(s, Physical { len: e - s, handle });
+        self.physical.insert(
+            s,
+            Physical {
+                len: e - s,
+                handle,
+                access: true,
+            },
+        );
         Ok(())
     }
 
@@ -421,8 +485,15 @@ impl PageTable {
     /// mappings that could not be undone stay in the table, so the call can be repeated.
     pub(crate) fn clear(&mut self, drv: &mut impl PageDriver) -> Result<(), BackendError> {
         self.logical.clear();
+        let mut refused = None;
+        for handle in std::mem::take(&mut self.unreleased) {
+            if let Err(err) = drv.release(handle) {
+                self.unreleased.push(handle);
+                refused.get_or_insert(err);
+            }
+        }
         if self.physical.is_empty() {
-            return Ok(());
+            return refused.map_or(Ok(()), Err);
         }
         drv.quiesce()?;
         let all: Vec<(usize, Physical)> = self.physical.iter().map(|(&s, &p)| (s, p)).collect();
@@ -432,11 +503,12 @@ impl PageTable {
             if ok {
                 self.physical.remove(&start);
                 if let Err(err) = drv.release(phys.handle) {
+                    self.unreleased.push(phys.handle);
                     first_error.get_or_insert(err);
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        first_error.or(refused).map_or(Ok(()), Err)
     }
 
     // --- interval helpers -------------------------------------------------------------------
