@@ -222,8 +222,10 @@ impl Drop for ContextGuard {
             // Nothing sensible can be done if restoring fails; the call itself succeeded.
             let _ = call(BackendOp::Init, "cuCtxSetCurrent", || {
                 // SAFETY: `previous` was the thread's current context (or null, meaning none)
-                // when the guard was made, and a context that is current on a thread may not be
-                // destroyed by its owner while it is, so it is still live.
+                // when the guard was made, a moment ago. CUDA lets a context be destroyed while
+                // current somewhere, but makes whoever destroys it responsible for no call using
+                // it meanwhile; the thread's own code cannot do so during this call, so it is
+                // live unless another thread broke that rule for a context this thread uses.
                 unsafe { sys::cuCtxSetCurrent(previous) }
             });
         }
