@@ -471,6 +471,24 @@ impl Pages {
         self.mapped[self.page_span(offset, len)].iter().all(|&m| m)
     }
 
+    /// The lowest offset in `[start, end)` where `len` bytes lie on mapped pages only, if any
+    /// (`start` and `len` are multiples of the buffer alignment, and so is the answer).
+    pub fn mapped_window(&self, start: usize, end: usize, len: usize) -> Option<usize> {
+        let g = self.granularity;
+        let mut run_start: Option<usize> = None;
+        for p in self.page_span(start, end - start) {
+            if !self.mapped[p] {
+                run_start = None;
+                continue;
+            }
+            let from = *run_start.get_or_insert(start.max(p * g));
+            if end.min((p + 1) * g) - from >= len {
+                return Some(from);
+            }
+        }
+        None
+    }
+
     /// Number of unmapped pages under `[offset, offset + len)`.
     pub fn unmapped_pages(&self, offset: usize, len: usize) -> usize {
         self.page_span(offset, len)
@@ -677,6 +695,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_mapped_window_is_found_inside_a_range() {
+        let g = 4096;
+        let mut pages = Pages::new(16 * g, g, usize::MAX);
+        pages.mark_mapped((2, 2), 0);
+        pages.mark_mapped((5, 3), 0);
+        // Range [g/2, 10g): mapped runs [2g, 4g) and [5g, 8g).
+        assert_eq!(pages.mapped_window(g / 2, 10 * g, 2 * g), Some(2 * g));
+        assert_eq!(pages.mapped_window(g / 2, 10 * g, 3 * g), Some(5 * g));
+        assert_eq!(pages.mapped_window(g / 2, 10 * g, 3 * g + 1), None);
+        assert_eq!(
+            pages.mapped_window(5 * g + 512, 7 * g, g),
+            Some(5 * g + 512)
+        );
+        assert_eq!(pages.mapped_window(5 * g + 512, 7 * g, 2 * g), None);
     }
 
     #[test]

@@ -313,6 +313,41 @@ impl Pool {
         })
     }
 
+    /// A place for `len` bytes on mapped pages anywhere inside a free range, not only at its
+    /// start: `(heap, range start, offset)`, the lowest offset of the smallest such range.
+    /// Scans every free range of page-mapped heaps: for when memory cannot grow.
+    pub fn mapped_fit_inside(&self, len: usize) -> Option<(u32, usize, usize)> {
+        let mut best: Option<(usize, u32, usize, usize)> = None;
+        for h in self.heap_slots() {
+            let heap = self.heap(h);
+            let Some(pages) = heap.pages.as_ref() else {
+                continue;
+            };
+            for (start, range) in heap.free.iter() {
+                if range < len || best.is_some_and(|(b, _, _, _)| range >= b) {
+                    continue;
+                }
+                if let Some(off) = pages.mapped_window(start, start + range, len) {
+                    best = Some((range, h, start, off));
+                }
+            }
+        }
+        best.map(|(_, h, start, off)| (h, start, off))
+    }
+
+    /// Cuts the free range starting at `start` in heap `h` at `at`, for a placement at `at`
+    /// (see `FreeRanges::split`).
+    pub fn split_free(&mut self, h: u32, start: usize, at: usize) {
+        let heap = self.heaps[h as usize].as_mut().expect("heap slot in use");
+        let len = heap
+            .free
+            .split(start, at)
+            .expect("a cut inside a free range");
+        self.free_index.remove(&(len, h, start));
+        self.free_index.insert((at - start, h, start));
+        self.free_index.insert((start + len - at, h, at));
+    }
+
     /// Among free ranges of at least `len`, the one needing the fewest unmapped pages at its
     /// start (ties: smallest range), looking at no more than `limit` candidates.
     pub fn least_unmapped_fit(&self, len: usize, limit: usize) -> Option<(u32, usize, usize)> {

@@ -650,8 +650,9 @@ impl<B: Backend> Allocator<B> {
     // ---- events ----------------------------------------------------------------------------
 
     /// Records an event on `stream` for each known buffer; the buffer is not reused until the
-    /// event completes (one freed already leaves the cache until then). Returns true if any
-    /// event was recorded.
+    /// event completes. A freed buffer still in its pool's cache leaves it until then; one
+    /// whose space went back to free space (large buffers on page-mapped heaps) is no known
+    /// buffer any more and is skipped. Returns true if any event was recorded.
     pub fn record_events(&self, ptrs: &[u64], stream: StreamId) -> Result<bool> {
         let mut st = self.engine.lock();
         let backend = &self.engine.backend;

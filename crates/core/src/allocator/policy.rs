@@ -182,10 +182,12 @@ impl<B: Backend> State<B> {
                 return Ok(Some(slot));
             }
         }
-        // Over the low watermark, growing is the last resort: give back idle memory first.
-        if self.limits.low_limit != usize::MAX
-            && self.driver_estimate() + size > self.limits.low_limit
-        {
+        // Over the low watermark, growing is the last resort: give back idle memory first
+        // (judged on what other allocations hold now).
+        if self.limits.low_limit != usize::MAX && {
+            self.refresh_external(backend);
+            self.driver_estimate() + size > self.limits.low_limit
+        } {
             self.garbage_collect_default(backend, notes)?;
             if let Some(slot) = self.place_mapped(p, size, requested, notes) {
                 return Ok(Some(slot));
@@ -194,7 +196,12 @@ impl<B: Backend> State<B> {
         let paged = self.caps.page_mapping
             && self.pools[p as usize].kind.storage() == crate::Storage::Private;
         if paged {
-            self.grow_paged(backend, p, size, requested, notes)
+            if let Some(slot) = self.grow_paged(backend, p, size, requested, notes)? {
+                return Ok(Some(slot));
+            }
+            // Memory cannot grow (the high watermark, or the device is full): mapped pages
+            // inside a free range, past an unmapped start, still serve.
+            Ok(self.place_mapped_inside(p, size, requested, notes))
         } else {
             self.grow_heap(backend, p, size, requested, notes)
         }
@@ -209,6 +216,23 @@ impl<B: Backend> State<B> {
         notes: &mut Notes,
     ) -> Option<u32> {
         let (h, off) = self.pools[p as usize].best_fit(size, true)?;
+        Some(self.place(p, h, off, size, requested, notes))
+    }
+
+    /// Places on mapped pages anywhere inside a free range (placement otherwise tries only
+    /// the start of each range): a scan of every free range, for when memory cannot grow.
+    fn place_mapped_inside(
+        &mut self,
+        p: u32,
+        size: usize,
+        requested: usize,
+        notes: &mut Notes,
+    ) -> Option<u32> {
+        let (h, start, off) = self.pools[p as usize].mapped_fit_inside(size)?;
+        if off > start {
+            self.pools[p as usize].split_free(h, start, off);
+        }
+        self.shortfall = None;
         Some(self.place(p, h, off, size, requested, notes))
     }
 
@@ -313,6 +337,10 @@ impl<B: Backend> State<B> {
                 self.wait_retiring(backend, p, notes)?;
             }
         }
+        if need > 0 {
+            // What other allocations hold now, before the limit is checked.
+            self.refresh_external(backend);
+        }
         if !self.within_high(need) {
             // Without the chunk extension the request may still fit under the limit.
             runs = pages_of(self, p, h).unmapped_runs(off, size, 1);
@@ -321,9 +349,6 @@ impl<B: Backend> State<B> {
                 return Ok(None);
             }
             self.shortfall = None;
-        }
-        if need > 0 {
-            self.refresh_external(backend);
         }
         for run in runs {
             if !self.map_run(backend, p, h, run)? {
@@ -352,9 +377,14 @@ impl<B: Backend> State<B> {
             (size.div_ceil(2 * MIB) * 2 * MIB, false)
         };
         self.refresh_external(backend);
-        let Some(h) = self.new_heap(backend, p, heap_size, split, false)? else {
-            return Ok(None);
-        };
+        let mut heap = self.new_heap(backend, p, heap_size, split, false)?;
+        let own = size.div_ceil(2 * MIB) * 2 * MIB;
+        if heap.is_none() && heap_size > own {
+            // A heap of the request's own size may still fit where the usual one does not:
+            // a request that fits is not refused.
+            heap = self.new_heap(backend, p, own, false, false)?;
+        }
+        let Some(h) = heap else { return Ok(None) };
         Ok(Some(self.place(p, h, 0, size, requested, notes)))
     }
 
