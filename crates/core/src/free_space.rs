@@ -98,22 +98,6 @@ impl FreeRanges {
         [before, after]
     }
 
-    /// Cuts the free range starting at `start` in two at `at` (inside it), so that `at`
-    /// starts a range: for a placement at `at`, which separates the two again at once (the
-    /// only moment two ranges touch). Returns the range's length; None, changing nothing, if
-    /// no range starts at `start` or `at` is not inside it.
-    pub fn split(&mut self, start: usize, at: usize) -> Option<usize> {
-        let len = *self.by_start.get(&(start as u64))?;
-        if at <= start || at >= start + len {
-            return None;
-        }
-        self.by_start.insert(start as u64, at - start);
-        self.by_start.insert(at as u64, start + len - at);
-        self.by_end.insert(at as u64, start);
-        self.by_end.insert((start + len) as u64, at);
-        Some(len)
-    }
-
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_start.len()

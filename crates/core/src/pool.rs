@@ -335,17 +335,25 @@ impl Pool {
         best.map(|(_, h, start, off)| (h, start, off))
     }
 
-    /// Cuts the free range starting at `start` in heap `h` at `at`, for a placement at `at`
-    /// (see `FreeRanges::split`).
-    pub fn split_free(&mut self, h: u32, start: usize, at: usize) {
+    /// Takes `[at, at + len)` out of the middle of the free range starting at `start` in
+    /// heap `h`: what lies before `at` stays free as a range of its own.
+    pub fn take_inside(&mut self, h: u32, start: usize, at: usize, len: usize) {
         let heap = self.heaps[h as usize].as_mut().expect("heap slot in use");
-        let len = heap
+        let range_len = heap
             .free
-            .split(start, at)
-            .expect("a cut inside a free range");
-        self.free_index.remove(&(len, h, start));
+            .take_front(start, at - start + len)
+            .expect("a window inside a free range");
+        // Nothing free touches `[start, at)` now: it comes back as a range of its own.
+        heap.free.give(start, at - start);
+        self.free_index.remove(&(range_len, h, start));
         self.free_index.insert((at - start, h, start));
-        self.free_index.insert((start + len - at, h, at));
+        if range_len > at - start + len {
+            self.free_index
+                .insert((range_len - (at - start) - len, h, at + len));
+        }
+        heap.n_buffers += 1;
+        self.placed += len;
+        self.peak_placed = self.peak_placed.max(self.placed);
     }
 
     /// Among free ranges of at least `len`, the one needing the fewest unmapped pages at its

@@ -182,12 +182,10 @@ impl<B: Backend> State<B> {
                 return Ok(Some(slot));
             }
         }
-        // Over the low watermark, growing is the last resort: give back idle memory first
-        // (judged on what other allocations hold now).
-        if self.limits.low_limit != usize::MAX && {
-            self.refresh_external(backend);
-            self.driver_estimate() + size > self.limits.low_limit
-        } {
+        // Over the low watermark, growing is the last resort: give back idle memory first.
+        if self.limits.low_limit != usize::MAX
+            && self.driver_estimate() + size > self.limits.low_limit
+        {
             self.garbage_collect_default(backend, notes)?;
             if let Some(slot) = self.place_mapped(p, size, requested, notes) {
                 return Ok(Some(slot));
@@ -229,11 +227,12 @@ impl<B: Backend> State<B> {
         notes: &mut Notes,
     ) -> Option<u32> {
         let (h, start, off) = self.pools[p as usize].mapped_fit_inside(size)?;
-        if off > start {
-            self.pools[p as usize].split_free(h, start, off);
-        }
         self.shortfall = None;
-        Some(self.place(p, h, off, size, requested, notes))
+        if off == start {
+            return Some(self.place(p, h, off, size, requested, notes));
+        }
+        self.pools[p as usize].take_inside(h, start, off, size);
+        Some(self.place_taken(p, h, off, size, requested, notes))
     }
 
     /// Page-mapped growth: the free range needing the fewest new pages gets them mapped, in

@@ -340,8 +340,21 @@ impl<B: Backend> State<B> {
         requested: usize,
         notes: &mut Notes,
     ) -> u32 {
+        self.pools[p as usize].take(h, off, size);
+        self.place_taken(p, h, off, size, requested, notes)
+    }
+
+    /// The rest of [`State::place`], for space already taken out of the heap's free space.
+    pub fn place_taken(
+        &mut self,
+        p: u32,
+        h: u32,
+        off: usize,
+        size: usize,
+        requested: usize,
+        notes: &mut Notes,
+    ) -> u32 {
         let pool = &mut self.pools[p as usize];
-        pool.take(h, off, size);
         let heap = pool.heap_mut(h);
         let cancelled = match heap.pages.as_mut() {
             Some(pages) => pages.occupy(off, size) * pages.granularity,
