@@ -62,7 +62,8 @@ pub struct ReplayArgs {
     pub backend: BackendArg,
 
     /// Memory of the replayed device, e.g. 80GiB, 80G, 81920MiB or a number of bytes
-    /// (K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000)
+    /// (K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000), at most
+    /// 64 TiB
     #[arg(long, value_name = "SIZE", default_value = "80GiB", value_parser = parse_device_memory)]
     pub device_memory: usize,
 
@@ -76,8 +77,19 @@ pub struct ReplayArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// The largest replayed device: the simulated device keeps a table entry per 2 MiB page of
+/// its address space in memory (today's largest GPUs have under 200 GiB).
+pub const MAX_DEVICE_MEMORY: usize = 64 << 40;
+
 fn parse_device_memory(text: &str) -> Result<usize, String> {
-    crate::size::parse_size(text)
+    let size = crate::size::parse_size(text)?;
+    if size > MAX_DEVICE_MEMORY {
+        return Err(format!(
+            "{text:?} is more than a replayed device may have (at most 64 TiB: the simulated \
+             device keeps a table of its pages in memory)"
+        ));
+    }
+    Ok(size)
 }
 
 /// `--policy` values.

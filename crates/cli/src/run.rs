@@ -57,8 +57,16 @@ pub fn replay(args: &ReplayArgs) -> Status {
     let mut rows = Vec::new();
     let mut plots_written = HashSet::new();
     let several_traces = args.traces.len() > 1;
+    // Plots never replace an input (a plot named like a trace of a later row).
+    let inputs: Vec<PathBuf> = args
+        .traces
+        .iter()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    let mut plot_status = Status::Ok;
 
     for path in &args.traces {
+        let plot_status = &mut plot_status;
         let result = replay_trace(
             path,
             &options,
@@ -74,20 +82,29 @@ pub fn replay(args: &ReplayArgs) -> Status {
                 if args.json {
                     output::print_json_line(&row)?;
                 }
-                let mut plotted = Ok(());
                 if let (Some(base), Some(format)) = (&args.plot, plot_format) {
                     let target =
                         plot::file_for(base, &row.file_tag, several_traces || several_devices);
                     let target = unique(target, &mut plots_written);
-                    plotted = plot::write(&row, format, &target);
-                    if plotted.is_ok() {
-                        eprintln!("wrote {}", target.display());
+                    let plotted = if target.canonicalize().is_ok_and(|t| inputs.contains(&t)) {
+                        Err(Failure::Input(anyhow!(
+                            "{}: not written: the plot would replace a trace being replayed \
+                             (choose another --plot name)",
+                            target.display()
+                        )))
+                    } else {
+                        plot::write(&row, format, &target)
+                    };
+                    // A plot that cannot be written fails the run, not the other rows.
+                    match plotted {
+                        Ok(()) => eprintln!("wrote {}", target.display()),
+                        Err(failure) => *plot_status = (*plot_status).max(report_failure(&failure)),
                     }
                 }
                 // The table needs only the figures; a series can be large.
                 row.report.series = Vec::new();
                 rows.push(row);
-                plotted
+                Ok(())
             },
         );
         match result {
@@ -97,6 +114,7 @@ pub fn replay(args: &ReplayArgs) -> Status {
             Err(failure) => status = status.max(report_failure(&failure)),
         }
     }
+    status = status.max(plot_status);
     if !args.json
         && !rows.is_empty()
         && let Err(failure) = output::print_table(&rows)
@@ -156,6 +174,15 @@ fn replay_trace(
     let snap: Snapshot = snap.map_err(|e| Failure::Input(anyhow!(e)))?;
 
     let devices = bufferheap_replay::devices(&snap);
+    if devices.len() > bufferheap_replay::MAX_DEVICES {
+        return Err(Failure::Input(anyhow!(
+            "{}: the snapshot names {} devices, more than the {} a replay accepts: it is \
+             damaged (machines have a few dozen GPUs at most)",
+            path.display(),
+            devices.len(),
+            bufferheap_replay::MAX_DEVICES
+        )));
+    }
     if devices.is_empty() {
         return Err(Failure::Input(anyhow!(
             "{}: the snapshot has no allocator events and no segments: nothing to replay \

@@ -294,6 +294,13 @@ fn bad_arguments_exit_2_and_say_what_is_wrong() {
     let out = bufferheap(a!["replay", resnet(), "--device-memory", "80XB",]);
     assert_bad_input(&out, &["--device-memory", "80XB", "unknown unit"]);
 
+    for huge in ["18446744073709551615", "65TiB"] {
+        let out = bufferheap(a!["replay", resnet(), "--device-memory", huge,]);
+        assert_bad_input(&out, &["--device-memory", huge, "at most 64 TiB"]);
+    }
+    let out = bufferheap(a!["replay", resnet(), "--device-memory", "0",]);
+    assert_bad_input(&out, &["--device-memory", "greater than zero"]);
+
     let out = bufferheap(a!["replay", resnet(), "--plot", "p.jpg",]);
     assert_bad_input(&out, &["p.jpg", ".svg or .png"]);
 
@@ -495,4 +502,68 @@ fn a_snapshot_with_nothing_to_replay_is_bad_input() {
     std::fs::write(&trace, pickle::snapshot(Vec::new())).expect("write");
     let out = bufferheap(a!["replay", trace]);
     assert_bad_input(&out, &["empty.pickle", "nothing to replay"]);
+}
+
+#[test]
+fn a_plot_never_replaces_a_trace_being_replayed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("snap.svg");
+    std::fs::copy(resnet(), &trace).expect("copy");
+    let before = std::fs::read(&trace).expect("read");
+    let out = bufferheap(a!["replay", trace, "--plot", trace]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("would replace a trace"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(&trace).expect("read"),
+        before,
+        "the trace is intact"
+    );
+    assert!(stdout(&out).contains("snap"), "the row is still reported");
+}
+
+#[test]
+fn a_plot_that_cannot_be_written_does_not_stop_the_other_devices() {
+    use pickle::event;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("two.pickle");
+    let one = |addr| {
+        vec![
+            event("alloc", addr, 1 << 20),
+            event("free_completed", addr, 1 << 20),
+        ]
+    };
+    std::fs::write(
+        &trace,
+        pickle::snapshot(vec![one(0x7f00_0000_0000), one(0x7f10_0000_0000)]),
+    )
+    .expect("write");
+    // A directory where device 0's plot would go.
+    std::fs::create_dir(dir.path().join("p-two-device0.svg")).expect("mkdir");
+    let plot = dir.path().join("p.svg");
+    let out = bufferheap(a!["replay", trace, "--json", "--plot", plot]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).lines().count(),
+        2,
+        "both devices: {}",
+        stdout(&out)
+    );
+    assert!(dir.path().join("p-two-device1.svg").is_file());
+}
+
+#[test]
+fn a_snapshot_naming_too_many_devices_is_bad_input() {
+    use pickle::event;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("many.pickle");
+    let traces = (0..1025u64)
+        .map(|d| vec![event("alloc", 0x7f00_0000_0000 + (d << 32), 512)])
+        .collect();
+    std::fs::write(&trace, pickle::snapshot(traces)).expect("write");
+    let out = bufferheap(a!["replay", trace]);
+    assert_bad_input(&out, &["many.pickle", "1025 devices", "damaged"]);
 }

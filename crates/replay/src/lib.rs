@@ -151,6 +151,11 @@ impl ReplayReport {
 /// event. PyTorch programs allocate on a few dozen streams at most.
 pub const MAX_STREAMS: usize = 256;
 
+/// The most devices one snapshot may name. Each device's replay reads the whole snapshot's
+/// segments, so a damaged snapshot naming a new device in every segment would take time
+/// growing with the square of its size. Machines have a few dozen GPUs at most.
+pub const MAX_DEVICES: usize = 1024;
+
 /// Why a replay stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -176,16 +181,11 @@ pub enum ReplayError {
 
 /// The devices of a snapshot that have anything to replay.
 pub fn devices(snap: &Snapshot) -> Vec<usize> {
-    let mut out: Vec<usize> = (0..snap.device_traces.len())
+    let mut out: std::collections::BTreeSet<usize> = (0..snap.device_traces.len())
         .filter(|&d| !snap.device_traces[d].is_empty())
         .collect();
-    for s in &snap.segments {
-        if !out.contains(&s.device) {
-            out.push(s.device);
-        }
-    }
-    out.sort_unstable();
-    out
+    out.extend(snap.segments.iter().map(|s| s.device));
+    out.into_iter().collect()
 }
 
 /// Replays one device of a snapshot. `progress` is called with (events done, events total)
@@ -264,7 +264,8 @@ fn run<B: Backend>(
     let mut series = Vec::new();
 
     let initial = initial_live_blocks(snap, device);
-    let initial_bytes: u64 = initial.iter().map(|b| b.1).sum();
+    // Saturating, like the trace's own facts: a damaged trace's sizes may add past u64.
+    let initial_bytes: u64 = initial.iter().fold(0, |sum, b| sum.saturating_add(b.1));
     for &(addr, size) in &initial {
         let buffer = a
             .alloc(size as usize)
@@ -276,7 +277,7 @@ fn run<B: Backend>(
         if let Some(b) = buffer {
             ours.insert(addr, (b.ptr, size));
         }
-        live += size;
+        live = live.saturating_add(size);
     }
     peak_live = peak_live.max(live);
     peak_reserved = peak_reserved.max(a.total_allocated() as u64);
@@ -298,14 +299,14 @@ fn run<B: Backend>(
                 if let Some(b) = a.alloc_on(e.size as usize, e.stream).map_err(fail)? {
                     ours.insert(e.addr, (b.ptr, e.size));
                 }
-                live += e.size;
+                live = live.saturating_add(e.size);
                 peak_live = peak_live.max(live);
                 peak_reserved = peak_reserved.max(a.total_allocated() as u64);
             }
             Action::FreeCompleted => match ours.remove(&e.addr) {
                 Some((ptr, size)) => {
                     a.free(ptr).map_err(fail)?;
-                    live -= size;
+                    live = live.saturating_sub(size);
                 }
                 None => orphan_frees += 1,
             },

@@ -46,3 +46,23 @@ fn a_new_stream_in_every_event_is_refused_past_the_limit() {
         }
     }
 }
+
+#[test]
+fn blocks_whose_sizes_add_past_u64_do_not_break_the_replay() {
+    let free = |addr| TraceEvent {
+        action: Action::FreeRequested,
+        addr,
+        size: 1 << 63,
+        stream: 0,
+        time_us: 0,
+    };
+    let snap = Snapshot {
+        segments: Vec::new(),
+        device_traces: vec![vec![free(0x1000), free(0x2000)]],
+        allocator_settings: Vec::new(),
+    };
+    // Blocks alive before recording, each larger than any device: an error, not a panic.
+    let result = replay(&snap, 0, &ReplayOptions::default(), &mut |_, _| {});
+    let e = result.expect_err("no device holds them");
+    assert!(e.to_string().contains("initial block"), "{e}");
+}

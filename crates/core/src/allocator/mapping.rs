@@ -66,7 +66,7 @@ impl<B: Backend> State<B> {
         paged: bool,
     ) -> Result<Option<u32>> {
         let g = self.caps.granularity.max(ALIGN);
-        let size = size.div_ceil(g) * g;
+        let size = size.div_ceil(g).saturating_mul(g);
         if !paged && !self.within_high(size) {
             return Ok(None);
         }

@@ -249,7 +249,13 @@ impl<B: Backend> State<B> {
         let fit = match self.pools[p as usize].least_unmapped_fit(size, FIT_CANDIDATES) {
             Some((h, off, _)) => (h, off),
             None => {
-                let span = self.total_memory.max(size).div_ceil(g) * g;
+                let Some(span) = self.total_memory.max(size).div_ceil(g).checked_mul(g) else {
+                    self.shortfall = Some(crate::error::OomCause::Backend(format!(
+                        "an address range of {} does not fit in the address space",
+                        format_size(self.total_memory.max(size))
+                    )));
+                    return Ok(None);
+                };
                 let Some(h) = self.new_heap(backend, p, span, true, true)? else {
                     return Ok(None);
                 };
