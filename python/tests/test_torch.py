@@ -61,6 +61,21 @@ def test_install_allocate_and_stats():
         assert key in r["keys"]
 
 
+def test_a_failed_malloc_through_ctypes_in_a_torch_process_returns_null():
+    # Only PyTorch's own calls (after its init hook) get PyTorch's exception; a C++ exception
+    # thrown into ctypes would abort the process.
+    r = _run(
+        """
+        import ctypes, json, torch, bufferheap
+        lib = bufferheap.lib()
+        p = lib.fn("bufferheap_malloc")(-7, 0, None)
+        print(json.dumps(dict(ptr=p, error=lib.last_error())))
+        """
+    )
+    assert r["ptr"] is None
+    assert "negative size -7" in r["error"]
+
+
 def test_install_after_cuda_started_is_refused():
     r = _run(
         """

@@ -228,10 +228,12 @@ fn free(ptr: u64, size: isize, device: c_int) -> FfiResult<()> {
 }
 
 /// PyTorch's `set_init_fn`: called once when CUDA starts. Freezes the configuration and starts
-/// the backend (allocators are still created per device on first use).
+/// the backend (allocators are still created per device on first use); failed allocations
+/// raise PyTorch's error from then on (see `raise`).
 #[unsafe(no_mangle)]
 pub extern "C" fn bufferheap_init(device_count: c_int) {
     guard("bufferheap_init", (), || {
+        crate::raise::started_by_pytorch();
         let reg = registry();
         let started = reg
             .freeze("bufferheap_init was called")

@@ -6,15 +6,27 @@
 //! from `malloc`, and its wrapper calls our `malloc` outside any lock of its own, so an
 //! exception is what its callers expect. A C function cannot throw, but inside PyTorch's
 //! process `libc10` exports `c10::detail::torchCheckFail`, which throws `c10::Error` (a
-//! `RuntimeError` in Python) with our message. When that symbol is present, `bufferheap_malloc`
-//! calls it instead of returning NULL; elsewhere (a C program, the tests) nothing changes.
-//! `BUFFERHEAP_OOM=null` keeps the NULL return.
+//! `RuntimeError` in Python) with our message. When that symbol is present and PyTorch has
+//! started bufferheap as its allocator (its init hook, `bufferheap_init`, ran),
+//! `bufferheap_malloc` calls it instead of returning NULL. Elsewhere nothing changes: a C
+//! program, or a caller through ctypes in a process that merely imported torch, which could
+//! not catch a C++ exception (the process would abort). `BUFFERHEAP_OOM=null` keeps the NULL
+//! return.
 //!
 //! Invariant: the throw happens in `bufferheap_malloc`'s own frame (declared `C-unwind`),
 //! never inside `catch_unwind` and never across a Rust frame that is not ready for unwinding.
 
 use std::ffi::{CString, c_char, c_void};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once PyTorch's init hook ran: from then on `bufferheap_malloc`'s caller is PyTorch.
+static STARTED_BY_PYTORCH: AtomicBool = AtomicBool::new(false);
+
+/// Notes that PyTorch started bufferheap as its allocator (`bufferheap_init`).
+pub fn started_by_pytorch() {
+    STARTED_BY_PYTORCH.store(true, Ordering::Release);
+}
 
 /// `c10::detail::torchCheckFail(const char* func, const char* file, uint32_t line, const char* msg)`.
 type TorchCheckFail =
@@ -23,6 +35,9 @@ type TorchCheckFail =
 const SYMBOL: &std::ffi::CStr = c"_ZN3c106detail14torchCheckFailEPKcS2_jS2_";
 
 fn torch_check_fail() -> Option<TorchCheckFail> {
+    if !STARTED_BY_PYTORCH.load(Ordering::Acquire) {
+        return None;
+    }
     static FOUND: OnceLock<Option<usize>> = OnceLock::new();
     let addr = *FOUND.get_or_init(|| {
         if std::env::var("BUFFERHEAP_OOM").is_ok_and(|v| v.trim() == "null") {
