@@ -251,6 +251,30 @@ fn a_freed_buffer_given_an_event_is_not_reused_before_it_completes() {
 }
 
 #[test]
+fn a_buffer_held_back_after_its_free_is_freed_once_in_the_history() {
+    let a = Allocator::new(
+        SimBackend::new(GIB).with_manual_events(),
+        Config {
+            front_cache_bytes: 0,
+            history: 100,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let b = a.alloc(4096).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    a.record_events(&[b.ptr], 5).unwrap();
+    a.backend().complete_events();
+    a.free_inactive_buffers();
+    let completed = a
+        .history()
+        .iter()
+        .filter(|e| e.action == bufferheap_core::TraceAction::FreeCompleted && e.addr == b.ptr)
+        .count();
+    assert_eq!(completed, 1);
+}
+
+#[test]
 fn format_size_like_the_seed() {
     assert_eq!(format_size(512), "512 bytes");
     assert_eq!(format_size(1536), "1.50 KiB");

@@ -63,6 +63,10 @@ pub(crate) struct Record<E> {
     pub use_count: u32,
     /// The front cache holding a `Delegated` buffer (0 otherwise).
     pub front: u64,
+    /// Its free completed already (callback fired, traced): it went back from the cache to
+    /// wait for an event (`record_events` after the free), and its return to the cache is not
+    /// a second free.
+    pub free_completed: bool,
 }
 
 impl<E> Record<E> {
@@ -383,6 +387,7 @@ impl<B: Backend> State<B> {
             cached_at: 0,
             use_count: 1,
             front: 0,
+            free_completed: false,
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -502,6 +507,7 @@ impl<B: Backend> State<B> {
         let rec = &mut self.records[slot as usize];
         debug_assert_eq!(rec.state, BufState::Cached);
         rec.state = BufState::Pending;
+        rec.free_completed = true;
         let (p, size) = (rec.pool, rec.size);
         let pool = &mut self.pools[p as usize];
         let removed = pool.cache.remove(size, slot);
@@ -544,10 +550,15 @@ impl<B: Backend> State<B> {
                 s.cached_bytes[i].add(size);
             }
         }
-        notes.push(ptr, CallbackEvent::Freed);
-        if self.history.is_some() {
-            let stream = self.records[slot as usize].stream;
-            self.trace(TraceAction::FreeCompleted, ptr, size as usize, stream);
+        // A buffer back from waiting on an event recorded after its free was freed already:
+        // no second callback, no second trace entry.
+        let rec = &mut self.records[slot as usize];
+        let (stream, again) = (rec.stream, std::mem::take(&mut rec.free_completed));
+        if !again {
+            notes.push(ptr, CallbackEvent::Freed);
+            if self.history.is_some() {
+                self.trace(TraceAction::FreeCompleted, ptr, size as usize, stream);
+            }
         }
         if direct {
             self.release_space(slot);
