@@ -120,8 +120,14 @@ class ContextBook {
  public:
   void start(cca::CreateContextFn recorder, cca::RecordContext when, size_t max, bool clear) {
     std::lock_guard<std::mutex> guard(mutex_);
-    if (clear) {
+    // The book must stay the newest part of bufferheap's history: once trace entries get no
+    // stacks (STATE, or no recorder), the stacks kept would be matched to later entries.
+    // With no recorder at all, blocks' stacks are not kept up to date either.
+    if (clear || when < cca::RecordContext::ALLOC || recorder == nullptr) {
       events_.clear();
+    }
+    if (when == cca::RecordContext::NEVER || recorder == nullptr) {
+      live_.clear();
     }
     recorder_ = when == cca::RecordContext::NEVER ? nullptr : recorder;
     when_ = when;

@@ -196,6 +196,39 @@ def test_direct_front_answers_pytorchs_memory_snapshot_and_history(tmp_path):
     assert r["before_frames"] == [], "made before recording began"
 
 
+def test_direct_front_stacks_follow_a_change_of_what_is_recorded():
+    # Stacks on trace entries (context="all"), then on blocks only (context="state") without
+    # clearing: the later entries get no stacks, not older ones' stacks.
+    r = _run(
+        """
+        import json, torch, bufferheap
+        bufferheap.torch.install(direct=True)
+        torch.cuda.memory._record_memory_history(max_entries=1000, context="all", stacks="python")
+        def first():
+            return torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+        t = first()
+        ptr = t.data_ptr()
+        del t
+        torch.cuda.memory._record_memory_history(max_entries=1000, context="state", stacks="python")
+        def second():
+            return torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+        u = second()
+        snap = torch.cuda.memory._snapshot()
+        entries = [(e["action"], [f["name"] for f in e.get("frames", [])])
+                   for e in snap["device_traces"][0] if e["addr"] == u.data_ptr()]
+        block = [[f["name"] for f in b.get("frames", [])]
+                 for s in snap["segments"] for b in s["blocks"] if b["address"] == u.data_ptr()]
+        print(json.dumps(dict(same=u.data_ptr() == ptr, entries=entries, block=block)))
+        """
+    )
+    allocs = [frames for action, frames in r["entries"] if action == "alloc"]
+    assert allocs, r
+    assert all("first" not in frames for frames in allocs[1:]), r
+    if r["same"]:
+        assert "first" not in allocs[-1], r
+    assert r["block"] and "second" in r["block"][0] and "first" not in r["block"][0], r
+
+
 def test_direct_front_stacks_stay_with_their_allocations_under_threads():
     # Two threads allocate and free while snapshots are taken: every recorded allocation must
     # carry the stack of the thread that made it (the front files stacks and reads snapshots

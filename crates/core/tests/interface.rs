@@ -476,6 +476,8 @@ fn oversized_requests_are_rejected() {
             .to_string()
             .contains("invalid buffer size")
     );
+    // Counted as out-of-memory events, as PyTorch counts requests no device could hold.
+    assert_eq!(a.stats().num_ooms, 2);
 }
 
 #[test]

@@ -292,6 +292,11 @@ impl<B: Backend> Allocator<B> {
         let aligned = match round_up(size) {
             Some(a) if size < max => a,
             _ => {
+                // No device memory could hold it: an out-of-memory event, as PyTorch counts one.
+                let mut st = self.engine.lock();
+                st.stats.num_ooms += 1;
+                let free = self.engine.backend.memory_info().free;
+                st.trace(crate::TraceAction::Oom, free as u64, size, stream);
                 return Err(Error::InvalidSize {
                     requested: size,
                     max,
