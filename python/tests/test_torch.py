@@ -229,6 +229,32 @@ def test_direct_front_stacks_follow_a_change_of_what_is_recorded():
     assert r["block"] and "second" in r["block"][0] and "first" not in r["block"][0], r
 
 
+def test_direct_front_forgets_blocks_stacks_while_no_stacks_are_recorded():
+    # Blocks' stacks are kept while PyTorch records them; with context=None nothing is kept,
+    # so a block made then (at an address an earlier block had) shows no old stack later.
+    r = _run(
+        """
+        import json, torch, bufferheap
+        bufferheap.torch.install(direct=True)
+        torch.cuda.memory._record_memory_history(max_entries=1000, context="all", stacks="python")
+        def first():
+            return torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+        t = first()
+        ptr = t.data_ptr()
+        torch.cuda.memory._record_memory_history(max_entries=1000, context=None, stacks="python")
+        del t
+        u = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+        torch.cuda.memory._record_memory_history(max_entries=1000, context="state", stacks="python")
+        snap = torch.cuda.memory._snapshot()
+        block = [[f["name"] for f in b.get("frames", [])]
+                 for s in snap["segments"] for b in s["blocks"] if b["address"] == u.data_ptr()]
+        print(json.dumps(dict(same=u.data_ptr() == ptr, block=block)))
+        """
+    )
+    assert r["block"], r
+    assert "first" not in r["block"][0], r
+
+
 def test_direct_front_stacks_stay_with_their_allocations_under_threads():
     # Two threads allocate and free while snapshots are taken: every recorded allocation must
     # carry the stack of the thread that made it (the front files stacks and reads snapshots
