@@ -126,6 +126,9 @@ impl BufferCache {
 
     /// The first non-empty small bin in `start..=last`.
     fn first_small_bin(&self, start: usize, last: usize) -> Option<usize> {
+        if start > last || start >= WORDS * 64 {
+            return None;
+        }
         let mut word = start / 64;
         let mut bits = self.nonempty[word] & (!0u64 << (start % 64));
         loop {
@@ -148,7 +151,8 @@ impl BufferCache {
             let stack = &mut self.small[bin];
             match stack.iter().position(|&s| s == slot) {
                 Some(i) => {
-                    stack.swap_remove(i);
+                    // Not swap_remove: the newest entry stays on top (newest first).
+                    stack.remove(i);
                     if stack.is_empty() {
                         self.nonempty[bin / 64] &= !(1 << (bin % 64));
                     }
@@ -296,5 +300,25 @@ mod tests {
         assert_eq!(out, vec![(0, 0), (4 << 20, 7), (6 << 20, 1)]);
         assert_eq!((c.len(), c.bytes()), (0, 0));
         assert_eq!(c.take_exact(4 << 20), None);
+    }
+
+    #[test]
+    fn small_buffers_of_one_size_go_newest_first_after_a_removal() {
+        let mut c = BufferCache::default();
+        for slot in [1, 2, 3] {
+            c.push(4096, slot);
+        }
+        assert!(c.remove(4096, 1));
+        assert_eq!(c.take_exact(4096), Some(3));
+        assert_eq!(c.take_exact(4096), Some(2));
+    }
+
+    #[test]
+    fn an_empty_size_window_finds_nothing() {
+        let mut c = BufferCache::default();
+        c.push(4096, 1);
+        assert_eq!(c.take_fit(2 << 20, SMALL_LIMIT), None);
+        assert_eq!(c.take_fit(8192, 4096), None);
+        assert_eq!(c.len(), 1);
     }
 }

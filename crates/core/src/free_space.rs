@@ -392,7 +392,7 @@ impl<E: Entry> SizeIndex<E> {
     /// The entries of length exactly `len`, in order.
     #[inline]
     pub fn of_length(&self, len: usize) -> BinIter<'_, E> {
-        self.bins[bin_of(len)].lengths(len, Some(len.saturating_add(1)))
+        self.bins[bin_of(len)].lengths(len, len.checked_add(1))
     }
 
     /// Removes every entry.
@@ -445,6 +445,14 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_longest_possible_range_is_found_by_its_length() {
+        let mut index = SizeIndex::<FreeEntry>::default();
+        index.insert((usize::MAX, 0, 0));
+        assert_eq!(index.of_length(usize::MAX).next(), Some((usize::MAX, 0, 0)));
+        assert_eq!(index.at_least(usize::MAX).next(), Some((usize::MAX, 0, 0)));
+    }
 
     #[test]
     fn bins_follow_lengths() {

@@ -338,6 +338,7 @@ impl Pool {
     /// Takes `[at, at + len)` out of the middle of the free range starting at `start` in
     /// heap `h`: what lies before `at` stays free as a range of its own.
     pub fn take_inside(&mut self, h: u32, start: usize, at: usize, len: usize) {
+        debug_assert!(at > start, "a window at the range's start is `take`");
         let heap = self.heaps[h as usize].as_mut().expect("heap slot in use");
         let range_len = heap
             .free
