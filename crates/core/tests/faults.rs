@@ -671,3 +671,27 @@ fn seeded_random_faults_in_every_op() {
     );
     assert!(injected.iter().all(|&n| n > 0), "{by_kind:?}");
 }
+
+#[test]
+fn a_failed_release_while_emptying_the_mps_cache_loses_no_buffer() {
+    let sim = SimBackend::new(4096 * MIB).without_page_mapping();
+    let a = Allocator::new(
+        FaultyBackend::new(sim, 1),
+        Config {
+            policy: Policy::Mps,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    // Dedicated heaps, one buffer each, both cached.
+    let x = a.alloc(80 * MIB).unwrap().unwrap();
+    let y = a.alloc(90 * MIB).unwrap().unwrap();
+    a.free(x.ptr).unwrap();
+    a.free(y.ptr).unwrap();
+    a.backend().set(BackendOp::Release, Fault::EveryNth(1));
+    assert!(a.empty_cache().is_err());
+    a.backend().heal();
+    a.empty_cache().unwrap();
+    let u = a.usage();
+    assert_eq!((u.reserved, u.cached, u.heaps), (0, 0, 0), "{u:?}");
+}

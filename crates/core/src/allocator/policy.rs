@@ -637,8 +637,16 @@ impl<B: Backend> State<B> {
                 entries.len(), self.pools[q as usize].kind.name(), format_size(bytes)
             );
         }
+        // Every drained buffer is released even if one heap's release fails: one left out of
+        // the cache but still cached would hold its heap for good.
+        let mut first_error = None;
         for (_, slot) in entries {
-            self.mps_release_buffer(backend, slot, true, notes)?;
+            if let Err(e) = self.mps_release_buffer(backend, slot, true, notes) {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         self.release_empty_heaps(backend, q, true, notes)
     }
