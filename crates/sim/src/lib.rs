@@ -42,6 +42,8 @@ pub struct SimCounters {
 
 #[derive(Debug)]
 struct SimRegion {
+    /// Where it was handed out: a region is known by its handle, base and size together.
+    base: u64,
     size: usize,
     committed: bool,
     mapped: BTreeSet<usize>,
@@ -55,6 +57,19 @@ struct SimState {
     next_handle: u64,
     regions: HashMap<u64, SimRegion>,
     counters: SimCounters,
+}
+
+impl SimState {
+    /// The live region `region` names, as a driver checks it: its handle, base and size.
+    fn region(&self, region: &Region, op: BackendOp) -> Result<&SimRegion, BackendError> {
+        match self.regions.get(&region.handle) {
+            Some(r) if r.base == region.base && r.size == region.size => Ok(r),
+            _ => Err(BackendError::new(
+                op,
+                format!("unknown region at {:#x}", region.base),
+            )),
+        }
+    }
 }
 
 /// A simulated device.
@@ -222,6 +237,7 @@ impl Backend for SimBackend {
         st.regions.insert(
             handle,
             SimRegion {
+                base,
                 size,
                 committed: mapped,
                 mapped: BTreeSet::new(),
@@ -243,12 +259,11 @@ impl Backend for SimBackend {
 
     fn release(&self, region: &Region) -> Result<(), BackendError> {
         let mut st = self.state.lock();
-        let r = st.regions.remove(&region.handle).ok_or_else(|| {
-            BackendError::new(
-                BackendOp::Release,
-                format!("unknown region at {:#x}", region.base),
-            )
-        })?;
+        st.region(region, BackendOp::Release)?;
+        let r = st
+            .regions
+            .remove(&region.handle)
+            .expect("looked up just above");
         let held = if r.committed {
             r.size
         } else {
@@ -263,10 +278,7 @@ impl Backend for SimBackend {
         let g = self.granularity;
         let mut st = self.state.lock();
         let free = self.total - st.counters.held;
-        let r = st
-            .regions
-            .get(&region.handle)
-            .ok_or_else(|| BackendError::new(BackendOp::Map, "unknown region"))?;
+        let r = st.region(region, BackendOp::Map)?;
         if r.committed {
             return Err(BackendError::new(
                 BackendOp::Map,
@@ -303,10 +315,7 @@ impl Backend for SimBackend {
     fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
         let g = self.granularity;
         let mut st = self.state.lock();
-        let r = st
-            .regions
-            .get(&region.handle)
-            .ok_or_else(|| BackendError::new(BackendOp::Unmap, "unknown region"))?;
+        let r = st.region(region, BackendOp::Unmap)?;
         self.check_range(r, offset, len, BackendOp::Unmap)?;
         if !(offset / g..(offset + len) / g).all(|p| r.mapped.contains(&p)) {
             return Err(BackendError::new(
@@ -370,13 +379,20 @@ impl Backend for SimBackend {
     }
 
     fn write(&self, region: &Region, offset: usize, bytes: &[u8]) -> Result<(), BackendError> {
-        if offset
-            .checked_add(bytes.len())
-            .is_none_or(|e| e > region.size)
-        {
+        let st = self.state.lock();
+        let r = st.region(region, BackendOp::Write)?;
+        let end = offset.checked_add(bytes.len()).filter(|&e| e <= r.size);
+        let Some(end) = end else {
             return Err(BackendError::new(
                 BackendOp::Write,
                 "write outside the region",
+            ));
+        };
+        let g = self.granularity;
+        if !r.committed && !(offset / g..end.div_ceil(g)).all(|p| r.mapped.contains(&p)) {
+            return Err(BackendError::new(
+                BackendOp::Write,
+                "write to pages that are not mapped",
             ));
         }
         Ok(())
@@ -408,5 +424,30 @@ mod tests {
         sim.map(&r, 0, 12 * g).unwrap();
         assert!(sim.unmap(&r, 0, 8 * g).is_err());
         sim.unmap(&r, 0, 12 * g).unwrap();
+    }
+
+    #[test]
+    fn regions_are_known_by_handle_base_and_size_and_writes_need_live_memory() {
+        let g = DEFAULT_GRANULARITY;
+        let sim = SimBackend::new(1 << 30);
+        let r = sim.reserve(8 * g, Storage::Private, false).unwrap();
+        let moved = Region {
+            base: r.base + g as u64,
+            size: 4 * g,
+            ..r.clone()
+        };
+        assert!(sim.map(&moved, 0, g).is_err());
+        assert!(sim.release(&moved).is_err());
+        assert!(sim.write(&r, 0, &[1]).is_err(), "not mapped yet");
+        sim.map(&r, 0, g).unwrap();
+        sim.write(&r, 0, &[1]).unwrap();
+        assert!(
+            sim.write(&r, g - 1, &[1, 2]).is_err(),
+            "crosses into an unmapped page"
+        );
+        let s = sim.reserve(g, Storage::Shared, true).unwrap();
+        sim.write(&s, 0, &[1, 2, 3]).unwrap();
+        sim.release(&s).unwrap();
+        assert!(sim.write(&s, 0, &[1, 2, 3]).is_err(), "released");
     }
 }
