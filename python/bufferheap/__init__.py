@@ -19,9 +19,10 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import threading
 from typing import Any, Dict, Optional, Union
 
-from . import _config, _snapshot
+from . import _config, _ffi, _snapshot
 from ._ffi import BufferheapError, LibraryNotFoundError, find_library, lib
 
 __version__ = "0.1.0"
@@ -50,6 +51,8 @@ Device = Union[None, int, str, Any]
 
 # The settings applied through bufferheap_configure in this process (None: none yet).
 _applied: Optional[Dict[str, str]] = None
+# Held from the check of `_applied` to its update, so that two threads cannot both apply.
+_configure_lock = threading.Lock()
 
 
 def __getattr__(name: str):
@@ -61,7 +64,8 @@ def __getattr__(name: str):
 
 def library_path() -> str:
     """The path of the native library this process uses (or would load)."""
-    return str(find_library())
+    loaded = _ffi._library
+    return str(loaded.path if loaded is not None else find_library())
 
 
 def initialized() -> bool:
@@ -88,15 +92,16 @@ def configure(
     wanted = _config.as_dict(
         _config.configuration(policy, low_watermark_ratio, high_watermark_ratio, debug, history, front_cache_bytes, idle_page_fraction, unmap_rate_limit)
     )
-    if _applied is not None:
-        if wanted == _applied:
-            return dict(_applied)
-        raise BufferheapError(f"bufferheap is already configured with {_applied}; cannot change it to {wanted}")
-    library = lib()
-    for key, value in wanted.items():
-        library.configure(key, value)
-    _applied = wanted
-    return dict(wanted)
+    with _configure_lock:
+        if _applied is not None:
+            if wanted == _applied:
+                return dict(_applied)
+            raise BufferheapError(f"bufferheap is already configured with {_applied}; cannot change it to {wanted}")
+        library = lib()
+        for key, value in wanted.items():
+            library.configure(key, value)
+        _applied = wanted
+        return dict(wanted)
 
 
 def _current_device() -> int:
@@ -113,12 +118,15 @@ def _device_index(device: Device) -> int:
     if isinstance(device, bool):
         raise TypeError("device must be an int, a string or a torch.device, not a bool")
     if isinstance(device, int):
+        # A C int on the way down: anything else would wrap to another device (-1: every one).
+        if not -1 <= device < 1 << 31:
+            raise ValueError(f"not a device index: {device!r}")
         return device
     if isinstance(device, str):
-        kind, _, index = device.partition(":")
-        if kind.isdigit() and not index:
+        kind, colon, index = device.partition(":")
+        if kind.isdigit() and not colon:
             return int(kind)
-        if kind != "cuda" or (index and not index.isdigit()):
+        if kind != "cuda" or (colon and not index.isdigit()):
             raise ValueError(f"not a CUDA device: {device!r}")
         return int(index) if index else _current_device()
     kind = getattr(device, "type", None)

@@ -6,6 +6,9 @@ import math
 from typing import Dict, List, Optional, Tuple, Union
 
 POLICIES = ("default", "mps")
+# The library's bounds: the largest ratio, and the high ratio it starts with when none is set.
+MAX_RATIO = 2.0
+DEFAULT_HIGH = 1.7
 
 Number = Union[int, float]
 
@@ -14,17 +17,20 @@ def _ratio(name: str, value: Number) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"{name} must be a finite number >= 0 (0 disables the limit), got {value}")
+    if not math.isfinite(value) or not 0.0 <= value <= MAX_RATIO:
+        raise ValueError(f"{name} must be between 0 (disables the limit) and {MAX_RATIO}, got {value}")
     return value
 
 
 def check_watermarks(low: Optional[Number], high: Optional[Number]) -> Tuple[Optional[float], Optional[float]]:
-    """Both ratios validated; low may not exceed high while high is a limit (> 0)."""
+    """Both ratios validated; low may not exceed high (the default one when high is unset)
+    while high is a limit (> 0)."""
     low = None if low is None else _ratio("low_watermark_ratio", low)
     high = None if high is None else _ratio("high_watermark_ratio", high)
-    if low is not None and high is not None and high > 0.0 and low > high:
-        raise ValueError(f"low_watermark_ratio ({low}) must not exceed high_watermark_ratio ({high})")
+    in_force = DEFAULT_HIGH if high is None else high
+    if low is not None and in_force > 0.0 and low > in_force:
+        unset = "" if high is not None else " (the default; set high_watermark_ratio too)"
+        raise ValueError(f"low_watermark_ratio ({low}) must not exceed high_watermark_ratio ({in_force}){unset}")
     return low, high
 
 
@@ -56,8 +62,8 @@ def configuration(
     if low is not None:
         pairs.append(("low_watermark_ratio", _format_ratio(low)))
     if debug is not None:
-        if not isinstance(debug, (bool, int)) or int(debug) < 0:
-            raise ValueError(f"debug must be a bool or a non-negative int (verbosity flags); got {debug!r}")
+        if not isinstance(debug, (bool, int)) or not 0 <= int(debug) < 1 << 32:
+            raise ValueError(f"debug must be a bool or an int of 32 flag bits (verbosity flags); got {debug!r}")
         pairs.append(("debug", str(int(debug))))
     if history is not None:
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:

@@ -63,8 +63,13 @@ def test_errors_carry_the_library_message(fake_lib):
         bufferheap.set_watermarks(0.5, 1.0, device=42)
     with pytest.raises(bufferheap.BufferheapError, match="invalid device"):
         bufferheap.empty_cache(device=77)
-    with pytest.raises(bufferheap.BufferheapError):
+    with pytest.raises(ValueError, match="not a device index"):
         bufferheap.reset_peak_memory_stats(device=-5)
+    with pytest.raises(ValueError, match="not a device index"):
+        bufferheap.memory_stats((1 << 32) + 1)  # would wrap to device 1
+    for bad in ("cuda:", "0:", "cpu"):
+        with pytest.raises(ValueError, match="not a CUDA device"):
+            bufferheap.memory_stats(bad)
 
 
 def test_set_watermarks(fake_lib):

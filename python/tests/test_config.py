@@ -34,12 +34,25 @@ def test_bad_policy(policy):
         _config.configuration(policy)
 
 
-@pytest.mark.parametrize("value", [-0.1, math.inf, math.nan])
+@pytest.mark.parametrize("value", [-0.1, math.inf, math.nan, 2.5])
 def test_bad_ratio_values(value):
-    with pytest.raises(ValueError, match="finite number >= 0"):
+    with pytest.raises(ValueError, match="between 0 .disables the limit. and 2.0"):
         _config.configuration(high_watermark_ratio=value)
-    with pytest.raises(ValueError, match="finite number >= 0"):
+    with pytest.raises(ValueError, match="between 0 .disables the limit. and 2.0"):
         _config.configuration(low_watermark_ratio=value)
+
+
+def test_low_is_checked_against_the_default_high_when_high_is_unset():
+    # The library would start with high 1.7 and refuse a low of 1.8 at the first allocation.
+    with pytest.raises(ValueError, match=r"\(the default; set high_watermark_ratio too\)"):
+        _config.configuration(low_watermark_ratio=1.8)
+    assert dict(_config.configuration(low_watermark_ratio=1.8, high_watermark_ratio=2.0))["low_watermark_ratio"] == "1.8"
+    assert dict(_config.configuration(low_watermark_ratio=1.8, high_watermark_ratio=0))["low_watermark_ratio"] == "1.8"
+
+
+def test_debug_flags_fit_32_bits():
+    with pytest.raises(ValueError, match="32 flag bits"):
+        _config.configuration(debug=1 << 40)
 
 
 @pytest.mark.parametrize("value", ["1.0", True, [1]])

@@ -119,9 +119,9 @@ def test_errors_carry_the_library_message(real_lib):
         bufferheap.set_watermarks(0.5, 1.0, device=42)
     with pytest.raises(bufferheap.BufferheapError, match="invalid device 77"):
         bufferheap.empty_cache(device=77)
-    with pytest.raises(bufferheap.BufferheapError, match="invalid device -5"):
+    with pytest.raises(ValueError, match="not a device index"):
         bufferheap.reset_peak_memory_stats(device=-5)
-    with pytest.raises(bufferheap.BufferheapError, match="between 0.0 .disabled. and 2"):
+    with pytest.raises(ValueError, match="between 0 .disables the limit. and 2.0"):
         bufferheap.set_watermarks(1.0, 2.5)
 
 
@@ -285,3 +285,44 @@ def test_debug_output_names_the_owner_of_a_pointer_freed_with_another_device(rea
     err = capfd.readouterr().err
     assert f"free of {hex(p)} named device 0, but the pointer belongs to device 1; freed there" in err
     assert "bufferheap: Initializing heap allocator" in err
+
+
+def test_configure_is_checked_whole_before_anything_is_applied(real_lib):
+    # A low ratio above the default high would stop the allocator at its first allocation;
+    # it is refused at once, and nothing of the call is applied.
+    with pytest.raises(ValueError, match="must not exceed"):
+        bufferheap.configure(low_watermark_ratio=1.8)
+    with pytest.raises(ValueError, match="32 flag bits"):
+        bufferheap.configure(policy="mps", high_watermark_ratio=1.0, debug=1 << 40)
+    assert bufferheap.configure() == {"policy": "default"}
+    p = _malloc(real_lib, 4096)
+    assert p, real_lib.last_error()
+    assert bufferheap.memory_stats()["high_watermark_limit"] is not None
+    _free(real_lib, p)
+
+
+def test_library_path_names_the_library_in_use(real_lib, monkeypatch):
+    loaded = bufferheap.library_path()
+    monkeypatch.setenv("BUFFERHEAP_LIB", "/nonexistent/other.so")
+    assert bufferheap.library_path() == loaded
+
+
+def test_configure_from_two_threads_applies_one_setting(real_lib):
+    results = []
+    start = threading.Barrier(2)
+
+    def configure(policy):
+        start.wait()
+        try:
+            results.append(("ok", bufferheap.configure(policy=policy)["policy"]))
+        except bufferheap.BufferheapError:
+            results.append(("refused", policy))
+
+    threads = [threading.Thread(target=configure, args=(p,)) for p in ("default", "mps")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(kind for kind, _ in results) == ["ok", "refused"], results
+    applied = [p for kind, p in results if kind == "ok"][0]
+    assert bufferheap.memory_stats()["policy"] == applied

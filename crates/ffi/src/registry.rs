@@ -163,7 +163,11 @@ impl Registry {
             .map_err(|e| FfiError::new(format!("bufferheap_configure: {e}")))?;
         check_ratio("low_watermark_ratio", next.low_watermark_ratio)?;
         check_ratio("high_watermark_ratio", next.high_watermark_ratio)?;
-        if let (Some(low), Some(high)) = (next.low_watermark_ratio, next.high_watermark_ratio)
+        // Against the high ratio in force: the one set, or the default it would start with.
+        let high = next
+            .high_watermark_ratio
+            .unwrap_or(bufferheap_core::DEFAULT_HIGH);
+        if let Some(low) = next.low_watermark_ratio
             && high > 0.0
             && low > high
         {
