@@ -275,6 +275,21 @@ fn a_buffer_held_back_after_its_free_is_freed_once_in_the_history() {
 }
 
 #[test]
+fn a_private_buffer_has_no_host_address_however_it_is_served() {
+    // The host backend gives private regions a host base too; a private buffer's host
+    // address stays None from the engine and from a thread's front cache alike.
+    let a = Allocator::new(HostBackend::with_memory(1 << 30), Config::default()).unwrap();
+    let first = a.alloc(1000).unwrap().unwrap();
+    a.free(first.ptr).unwrap();
+    for _ in 0..3 {
+        let again = a.alloc(1000).unwrap().unwrap();
+        assert_eq!(again.ptr, first.ptr);
+        assert_eq!(again.host_ptr, None);
+        a.free(again.ptr).unwrap();
+    }
+}
+
+#[test]
 fn format_size_like_the_seed() {
     assert_eq!(format_size(512), "512 bytes");
     assert_eq!(format_size(1536), "1.50 KiB");

@@ -735,7 +735,11 @@ impl<B: Backend> State<B> {
             return;
         }
         let (region, offset) = self.region_of(slot);
-        let host_ptr = region.host_base.map(|h| h + offset as u64);
+        // As the engine describes a buffer: a host address for shared storage only.
+        let host_ptr = (kind.storage() == crate::Storage::Shared)
+            .then_some(region.host_base)
+            .flatten()
+            .map(|h| h + offset as u64);
         let rec = &mut self.records[slot as usize];
         rec.state = BufState::Delegated;
         rec.front = fr.id;
