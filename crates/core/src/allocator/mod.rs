@@ -590,16 +590,10 @@ impl<B: Backend> Allocator<B> {
 
     /// Stores a shape with a buffer in use.
     pub fn set_shape(&self, ptr: u64, shape: &[i64]) -> Result<()> {
+        // Not on a freed buffer: kept, the shape would come back with its next allocation.
         let mut st = self.engine.lock();
-        let Some(slot) = st.resolve(ptr) else {
-            return Err(st.not_in_use(ptr));
-        };
-        let rec = &mut st.records[slot as usize];
-        if rec.state != BufState::InUse {
-            // Kept, the shape would come back with the buffer's next allocation.
-            return Err(Error::NotInUse(ptr));
-        }
-        rec.shape = shape.to_vec();
+        let slot = st.in_use(ptr)?;
+        st.records[slot as usize].shape = shape.to_vec();
         Ok(())
     }
 
@@ -707,13 +701,8 @@ impl<B: Backend> Allocator<B> {
     /// an event is recorded on that stream and the buffer waits for it before reuse.
     pub fn record_stream(&self, ptr: u64, stream: StreamId) -> Result<()> {
         let mut st = self.engine.lock();
-        let Some(slot) = st.resolve(ptr) else {
-            return Err(st.not_in_use(ptr));
-        };
+        let slot = st.in_use(ptr)?;
         let rec = &mut st.records[slot as usize];
-        if rec.state != BufState::InUse {
-            return Err(Error::NotInUse(ptr));
-        }
         if stream != rec.stream && !rec.streams.contains(&stream) {
             rec.streams.push(stream);
         }

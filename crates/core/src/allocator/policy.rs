@@ -381,12 +381,26 @@ impl<B: Backend> State<B> {
         } else {
             (size.div_ceil(2 * MIB) * 2 * MIB, false)
         };
+        self.place_in_new_heap(backend, p, (heap_size, split), size, requested, notes)
+    }
+
+    /// Places a request of `size` at the start of a new committed heap of `heap.0` bytes
+    /// (split into several buffers if `heap.1`). Where the high watermark or the device
+    /// refuses that heap, one of the request's own size (rounded to 2 MiB) may still fit, and
+    /// a request that fits is not refused (the seed gives up there).
+    fn place_in_new_heap(
+        &mut self,
+        backend: &B,
+        p: u32,
+        (heap_size, split): (usize, bool),
+        size: usize,
+        requested: usize,
+        notes: &mut Notes,
+    ) -> Result<Option<u32>> {
         self.refresh_external(backend);
         let mut heap = self.new_heap(backend, p, heap_size, split, false)?;
         let own = size.div_ceil(2 * MIB) * 2 * MIB;
         if heap.is_none() && heap_size > own {
-            // A heap of the request's own size may still fit where the usual one does not:
-            // a request that fits is not refused.
             heap = self.new_heap(backend, p, own, false, false)?;
         }
         let Some(h) = heap else { return Ok(None) };
@@ -546,17 +560,8 @@ impl<B: Backend> State<B> {
         if let Some((h, off)) = self.pools[p as usize].best_fit(size, false) {
             return Ok(Some(self.place(p, h, off, size, requested, notes)));
         }
-        let (heap_size, split) = self.mps_heap_size(size, pressure);
-        self.refresh_external(backend);
-        let mut heap = self.new_heap(backend, p, heap_size, split, false)?;
-        let dedicated = size.div_ceil(2 * MIB) * 2 * MIB;
-        if heap.is_none() && split && heap_size > dedicated {
-            // The seed gives up when its multi-buffer heap does not fit; a heap of the
-            // buffer's own size may still fit, and a request that fits is not refused.
-            heap = self.new_heap(backend, p, dedicated, false, false)?;
-        }
-        let Some(h) = heap else { return Ok(None) };
-        Ok(Some(self.place(p, h, 0, size, requested, notes)))
+        let heap = self.mps_heap_size(size, pressure);
+        self.place_in_new_heap(backend, p, heap, size, requested, notes)
     }
 
     /// The seed's heap sizes.

@@ -693,11 +693,16 @@ impl<B: Backend> State<B> {
         }
     }
 
-    /// The same for a call that needs a buffer in use (a freed one is `NotInUse`).
-    pub fn not_in_use(&self, ptr: u64) -> Error {
-        match self.not_placed(ptr) {
-            Error::DoubleFree(ptr) => Error::NotInUse(ptr),
-            other => other,
+    /// The record of the buffer in use at `ptr`, for a call that needs one (`set_shape`,
+    /// `record_stream`): a freed buffer is `NotInUse`, a pointer not ours `UnknownPointer`.
+    pub fn in_use(&mut self, ptr: u64) -> Result<u32> {
+        match self.resolve(ptr) {
+            Some(slot) if self.records[slot as usize].state == BufState::InUse => Ok(slot),
+            Some(_) => Err(Error::NotInUse(ptr)),
+            None => Err(match self.not_placed(ptr) {
+                Error::DoubleFree(ptr) => Error::NotInUse(ptr),
+                other => other,
+            }),
         }
     }
 }
