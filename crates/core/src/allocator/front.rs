@@ -177,12 +177,6 @@ impl Delta {
         self.returned = [0; 3];
         self.taken_at_window = 0;
     }
-
-    /// Adds all of this delta into the engine's statistics and clock, and clears it.
-    fn fold_into(&mut self, stats: &mut Stats, clock: &mut u64) {
-        self.fold_window(stats, clock);
-        self.fold_counts(stats);
-    }
 }
 
 /// A delegated buffer, as its front knows it.
@@ -436,6 +430,18 @@ impl Front {
         }
     }
 
+    /// Folds the window of this front's delta (and with `counts`, its cumulative counts too)
+    /// into the engine's statistics and clock; `m` is this front's magazine, locked by the
+    /// caller. Every fold goes through here, so the changed flag is cleared with it.
+    #[inline(always)]
+    fn fold(&self, m: &mut Magazine, stats: &mut Stats, clock: &mut u64, counts: bool) {
+        m.delta.fold_window(stats, clock);
+        if counts {
+            m.delta.fold_counts(stats);
+        }
+        self.window_changed.store(false, Ordering::Relaxed);
+    }
+
     /// Widens the address bounds to `ptr` (before the buffer can be freed into this front).
     fn cover(&self, ptr: u64) {
         if ptr < self.lowest.load(Ordering::Relaxed) {
@@ -579,8 +585,7 @@ impl<B: Backend> State<B> {
                 fr.magazine.try_lock()
             };
             if let Some(mut m) = guard {
-                m.delta.fold_into(&mut self.stats, &mut self.alloc_clock);
-                fr.window_changed.store(false, Ordering::Relaxed);
+                fr.fold(&mut m, &mut self.stats, &mut self.alloc_clock, true);
             }
         }
     }
@@ -596,8 +601,7 @@ impl<B: Backend> State<B> {
                 continue;
             }
             if let Some(mut m) = fr.magazine.try_lock() {
-                m.delta.fold_window(stats, clock);
-                fr.window_changed.store(false, Ordering::Relaxed);
+                fr.fold(&mut m, stats, clock, false);
             }
         }
     }
@@ -613,7 +617,7 @@ impl<B: Backend> State<B> {
         let entry = self.fronts.iter().find(|fr| fr.id == front).and_then(|fr| {
             let mut guard = fr.magazine.lock();
             let m = &mut *guard;
-            m.delta.fold_into(&mut self.stats, &mut self.alloc_clock);
+            fr.fold(m, &mut self.stats, &mut self.alloc_clock, true);
             let idx = m.index.remove(&ptr)?;
             m.vacant.push(idx);
             let e = m.entries[idx as usize].clone();
@@ -664,8 +668,7 @@ impl<B: Backend> State<B> {
         // Folded at once: this change happens now, between engine calls of other threads,
         // and must not be folded later out of order with theirs.
         let mut m = owner.magazine.lock();
-        m.delta.fold_window(&mut self.stats, &mut self.alloc_clock);
-        owner.window_changed.store(false, Ordering::Relaxed);
+        owner.fold(&mut m, &mut self.stats, &mut self.alloc_clock, false);
         Some(freed)
     }
 
@@ -700,7 +703,7 @@ impl<B: Backend> State<B> {
             let mut m = fr.magazine.lock();
             // Buffers it handed out may be freed by the engine next: their allocation must
             // be in the engine's counters first.
-            m.delta.fold_into(&mut self.stats, &mut self.alloc_clock);
+            fr.fold(&mut m, &mut self.stats, &mut self.alloc_clock, true);
             if close {
                 fr.closed.store(true, Ordering::Relaxed);
             }
