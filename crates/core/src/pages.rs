@@ -198,19 +198,14 @@ impl Pages {
     /// their retirement is void (the pages are gone already, whatever path unmapped them).
     pub fn mark_unmapped(&mut self, (first, n): PageRun) -> usize {
         debug_assert!(self.whole_extents((first, n)), "unmap of part of an extent");
-        let mut cancelled = 0;
+        let cancelled = self.cancel_retiring(first * self.granularity, n * self.granularity);
         for p in first..first + n {
             debug_assert!(self.mapped[p] && self.live[p] == 0);
             self.extent[p] = 0;
             self.mapped[p] = false;
             self.idle.remove(&p);
-            if self.retiring[p] != 0 {
-                self.retiring[p] = 0;
-                cancelled += 1;
-            }
         }
         self.mapped_pages -= n;
-        self.retiring_pages -= cancelled;
         cancelled
     }
 
