@@ -50,7 +50,14 @@ pub extern "C-unwind" fn bufferheap_malloc(
 ) -> *mut c_void {
     let mut failure = None;
     let ptr = guard("bufferheap_malloc", null_mut(), || {
-        match malloc(size, device, stream_id(stream)) {
+        let result = match usize::try_from(size) {
+            Ok(size) => malloc(size, device, stream_id(stream)),
+            Err(_) => Err(FfiError::new(format!(
+                "bufferheap: negative size {size} requested on device {device}; nothing was \
+                 allocated"
+            ))),
+        };
+        match result {
             Ok(ptr) => ptr,
             Err(e) => {
                 report(&e);
@@ -69,12 +76,7 @@ pub extern "C-unwind" fn bufferheap_malloc(
     ptr
 }
 
-fn malloc(size: isize, device: c_int, stream: StreamId) -> FfiResult<*mut c_void> {
-    if size < 0 {
-        return Err(FfiError::new(format!(
-            "bufferheap: negative size {size} requested on device {device}; nothing was allocated"
-        )));
-    }
+fn malloc(size: usize, device: c_int, stream: StreamId) -> FfiResult<*mut c_void> {
     if size == 0 {
         return Ok(null_mut());
     }
@@ -82,7 +84,7 @@ fn malloc(size: isize, device: c_int, stream: StreamId) -> FfiResult<*mut c_void
     let sys = reg.system()?;
     let d = sys.check_device(device)?;
     let allocator = sys.get_or_create(reg, d)?;
-    match allocator.alloc_on(size as usize, stream) {
+    match allocator.alloc_on(size, stream) {
         Ok(Some(buffer)) => Ok(buffer.ptr as usize as *mut c_void),
         Ok(None) => Ok(null_mut()),
         Err(Error::OutOfMemory(oom)) => Err(FfiError::out_of_memory(format!("{oom} (device {d})"))),
@@ -120,13 +122,9 @@ pub unsafe extern "C" fn bufferheap_try_malloc(
             set_last_error("bufferheap_try_malloc: `out` is NULL; nothing was allocated");
             return FAILED;
         }
-        let result = match isize::try_from(size) {
-            Ok(size) => malloc(size, device, stream_id(stream)),
-            Err(_) => Err(FfiError::out_of_memory(format!(
-                "bufferheap: cannot allocate {size} bytes on device {device}: more than any \
-                 device's address space"
-            ))),
-        };
+        // Sizes past `isize::MAX` reach the engine too, which refuses them as larger than the
+        // device and counts the out-of-memory error as PyTorch does.
+        let result = malloc(size, device, stream_id(stream));
         let (ptr, answer) = match result {
             Ok(ptr) => (ptr, ALLOCATED),
             Err(e) => {

@@ -475,8 +475,18 @@ fn watermarks_memory_fraction_and_oom() {
         "{}",
         last_error()
     );
+    let ooms = stat(d, "num_ooms");
     assert_eq!(try_malloc(usize::MAX, d).1, 1);
-    assert!(last_error().contains("more than any device's address space"));
+    assert!(
+        last_error().contains("exceeds the largest buffer"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        stat(d, "num_ooms"),
+        ooms + 1,
+        "a request past isize::MAX counts as out of memory"
+    );
     assert_eq!(try_malloc(512, 99).1, -1);
     assert!(
         last_error().contains("invalid device 99"),
