@@ -293,6 +293,30 @@ fn what_an_exited_thread_held_is_taken_back() {
 }
 
 #[test]
+fn a_free_into_an_exited_threads_front_comes_back_at_once() {
+    let a = sim(1 << 30, Policy::Default);
+    // This thread's own front exists before the other thread exits.
+    let mine = a.alloc(3000).unwrap().unwrap();
+    a.free(mine.ptr).unwrap();
+    let other = a.clone();
+    let kept = std::thread::spawn(move || {
+        let b = other.alloc(1500).unwrap().unwrap();
+        other.free(b.ptr).unwrap();
+        // Served by the thread's front: delegated to it, and in use when the thread exits.
+        other.alloc(1500).unwrap().unwrap().ptr
+    })
+    .join()
+    .unwrap();
+    a.free(kept).unwrap();
+    assert_eq!(a.usage().allocated, 0);
+    // The buffer came back to the engine and into this thread's front, not into the exited
+    // thread's, where nothing could reuse it.
+    let again = a.alloc(1500).unwrap().unwrap();
+    assert_eq!(again.ptr, kept, "the freed buffer serves its size again");
+    a.free(again.ptr).unwrap();
+}
+
+#[test]
 fn memory_held_by_front_caches_is_used_before_running_out() {
     for policy in policies() {
         let total = 64 * MIB;

@@ -656,7 +656,9 @@ impl<B: Backend> State<B> {
     /// A buffer delegated to another thread's front and freed here goes back into that
     /// front: the thread that allocated it is the likeliest to ask for its size again (in a
     /// training step, the Python thread allocates activations that the autograd thread frees).
-    /// `None` if the buffer is not delegated.
+    /// `None` if the buffer is not delegated, or its owner's thread has exited: then every
+    /// exited thread's front is emptied and forgotten first, so that what they held comes
+    /// back now rather than when a thread next makes a front.
     pub fn free_to_owner(&mut self, slot: u32, ptr: u64) -> Option<Freed> {
         let rec = &self.records[slot as usize];
         if rec.state != BufState::Delegated {
@@ -664,6 +666,10 @@ impl<B: Backend> State<B> {
         }
         let front = rec.front;
         let owner = self.fronts.iter().find(|fr| fr.id == front)?;
+        if Arc::strong_count(owner) == 1 {
+            self.forget_orphans();
+            return None;
+        }
         let freed = owner.free(ptr);
         // Folded at once: this change happens now, between engine calls of other threads,
         // and must not be folded later out of order with theirs.
