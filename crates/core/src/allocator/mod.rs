@@ -9,6 +9,7 @@
 //! events of `wait_for_events`; every public method takes it at most once per step, so a
 //! callback may call any method. Unknown pointers give `None`/an error, never a panic.
 
+mod devices;
 mod front;
 mod limits;
 mod mapping;
@@ -27,6 +28,7 @@ use crate::format::format_size;
 use crate::pool::ALIGN;
 use crate::sync::{AtomicBool, Mutex, MutexGuard, Ordering};
 
+pub use devices::Devices;
 pub use limits::{DEFAULT_HIGH, DEFAULT_LOW_DISCRETE, DEFAULT_LOW_UNIFIED, MAX_RATIO};
 pub use policy::MPS_REUSE_SLACK;
 pub use report::{BlockInfo, BlockState, HeapReport, PoolReport, Report, SegmentInfo};
@@ -754,38 +756,5 @@ impl<B: Backend> Drop for Engine<B> {
         let st = &mut *st;
         report::report_leaks(st);
         report::release_everything(st, &self.backend);
-    }
-}
-
-/// Allocators of several devices: `allocator(device, shared)` as the seed's
-/// `getIMPSAllocator`.
-#[derive(Debug)]
-pub struct Devices<B: Backend> {
-    allocators: Vec<Allocator<B>>,
-}
-
-impl<B: Backend> Devices<B> {
-    /// One engine per backend (one backend per device, in device order).
-    pub fn new(backends: Vec<B>, config: &Config) -> Result<Self> {
-        let allocators = backends
-            .into_iter()
-            .map(|b| Allocator::new(b, config.clone()))
-            .collect::<Result<_>>()?;
-        Ok(Devices { allocators })
-    }
-
-    /// Private front-end of `device`, or its shared front-end with `shared` (`None` where the
-    /// backend has no shared storage or the device does not exist).
-    pub fn allocator(&self, device: usize, shared: bool) -> Option<Allocator<B>> {
-        let a = self.allocators.get(device)?;
-        if shared { a.shared() } else { Some(a.clone()) }
-    }
-
-    pub fn len(&self) -> usize {
-        self.allocators.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.allocators.is_empty()
     }
 }
