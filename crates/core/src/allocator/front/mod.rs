@@ -462,6 +462,7 @@ impl<B: Backend> State<B> {
     /// `None` if the buffer is not delegated, or its owner's thread has exited: then every
     /// exited thread's front is emptied and forgotten first, so that what they held comes
     /// back now rather than when a thread next makes a front.
+    #[inline]
     pub fn free_to_owner(&mut self, slot: u32, ptr: u64) -> Option<Freed> {
         let rec = &self.records[slot as usize];
         if rec.state != BufState::Delegated {
@@ -601,6 +602,8 @@ impl<B: Backend> State<B> {
 
     /// Forgets the fronts of threads that have exited (only the engine holds them now),
     /// taking back everything they held.
+    #[cold]
+    #[inline(never)]
     fn forget_orphans(&mut self) {
         let (orphans, live): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fronts)
             .into_iter()
