@@ -108,7 +108,7 @@ pub fn replay(args: &ReplayArgs) -> Status {
             },
         );
         match result {
-            Ok(()) => {}
+            Ok(worst) => status = status.max(worst),
             // Nobody reads the results any more: stop quietly.
             Err(Failure::BrokenPipe) => return status,
             Err(failure) => status = status.max(report_failure(&failure)),
@@ -158,14 +158,16 @@ fn describe(e: &anyhow::Error) -> String {
 
 /// Reads one trace and replays each of its devices, calling `emit` with each row and whether
 /// the trace has several devices. With `with_series`, each report keeps one series point per
-/// event (32 bytes each), so that a plot can show every peak.
+/// event (32 bytes each), so that a plot can show every peak. A device whose replay fails is
+/// reported on stderr and the others are still replayed; the status says the worst failure
+/// reported that way.
 fn replay_trace(
     path: &Path,
     options: &ReplayOptions,
     with_series: bool,
     show_progress: bool,
     emit: &mut dyn FnMut(Row, bool) -> Result<(), Failure>,
-) -> Result<(), Failure> {
+) -> Result<Status, Failure> {
     let stem = trace_stem(path);
     let spinner = progress_bar(show_progress, None, &stem);
     spinner.set_message("reading");
@@ -191,6 +193,7 @@ fn replay_trace(
         )));
     }
     let several_devices = devices.len() > 1;
+    let mut status = Status::Ok;
     for device in devices {
         let (name, file_tag) = if several_devices {
             (
@@ -210,8 +213,14 @@ fn replay_trace(
             bar.set_position(done as u64)
         });
         bar.finish_and_clear();
-        let report =
-            result.map_err(|e| Failure::Input(anyhow!(e).context(path.display().to_string())))?;
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                let failure = Failure::Input(anyhow!(e).context(path.display().to_string()));
+                status = status.max(report_failure(&failure));
+                continue;
+            }
+        };
         let warnings = report.warnings();
         emit(
             Row {
@@ -224,7 +233,7 @@ fn replay_trace(
             several_devices,
         )?;
     }
-    Ok(())
+    Ok(status)
 }
 
 /// A progress bar on stderr (a spinner when `total` is `None`), or a hidden one.

@@ -556,6 +556,36 @@ fn a_plot_that_cannot_be_written_does_not_stop_the_other_devices() {
 }
 
 #[test]
+fn a_device_that_fails_to_replay_does_not_stop_the_other_devices() {
+    use pickle::event;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("two.pickle");
+    // Device 0 asks for more than the replayed device has; device 1 fits.
+    std::fs::write(
+        &trace,
+        pickle::snapshot(vec![
+            vec![event("alloc", 0x7f00_0000_0000, 2 << 30)],
+            vec![event("alloc", 0x7f10_0000_0000, 1 << 20)],
+        ]),
+    )
+    .expect("write");
+    let out = bufferheap(a!["replay", trace, "--json", "--device-memory", "1GiB"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("device 0"), "{}", stderr(&out));
+    let rows: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(
+        rows.len(),
+        1,
+        "device 1 still has its row: {}",
+        stdout(&out)
+    );
+    assert_eq!(rows[0]["device"], 1);
+}
+
+#[test]
 fn a_snapshot_naming_too_many_devices_is_bad_input() {
     use pickle::event;
     let dir = tempfile::tempdir().expect("temp dir");
