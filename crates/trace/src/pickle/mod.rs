@@ -75,6 +75,9 @@ struct Vm<'a> {
     memo: Vec<Option<Value>>,
     /// Memo entries set at indices far past the end of `memo`.
     memo_far: HashMap<u64, Value>,
+    /// Distinct memo indices stored so far (in `memo` and `memo_far`): where MEMOIZE stores
+    /// next, as in CPython, whose memo may be sparse.
+    memo_count: u64,
     budget: Budget,
 }
 
@@ -88,6 +91,7 @@ impl<'a> Vm<'a> {
             marks: Vec::new(),
             memo: Vec::new(),
             memo_far: HashMap::new(),
+            memo_count: 0,
             budget: Budget::default(),
         }
     }
@@ -360,8 +364,7 @@ impl<'a> Vm<'a> {
                     self.push(v)?;
                 }
                 MEMOIZE => {
-                    let i = self.memo.len() as u64;
-                    self.memo_put(i)?;
+                    self.memo_put(self.memo_count)?;
                 }
                 BINPUT => {
                     let i = self.byte()?;
@@ -512,18 +515,25 @@ impl<'a> Vm<'a> {
             _ => return Err(self.corrupt("memo store with an empty stack")),
         };
         let len = self.memo.len() as u64;
-        if i < len {
+        let stored_before = if i < len {
+            let stored = self.memo[i as usize].is_some();
             self.memo[i as usize] = Some(v);
+            stored
         } else if i == len {
             if self.memo.len() >= MAX_MEMO {
                 return Err(self.limit(format!("more than {MAX_MEMO} memo entries")));
             }
             self.memo.push(Some(v));
+            // An entry stored far ahead earlier now lives in `memo`.
+            self.memo_far.remove(&i).is_some()
         } else {
             if self.memo_far.len() >= MAX_MEMO {
                 return Err(self.limit(format!("more than {MAX_MEMO} memo entries")));
             }
-            self.memo_far.insert(i, v);
+            self.memo_far.insert(i, v).is_some()
+        };
+        if !stored_before {
+            self.memo_count += 1;
         }
         Ok(())
     }

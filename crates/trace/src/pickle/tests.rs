@@ -120,6 +120,21 @@ fn memo_entries_can_be_overwritten_and_containers_are_not_aliased() {
 }
 
 #[test]
+fn memoize_after_a_sparse_put_stores_where_python_does() {
+    // BINPUT 1 makes one entry; CPython's MEMOIZE then stores at index 1 (the number of
+    // entries), overwriting it, so BINGET 1 reads 8192.
+    let v = run(b"J\x00\x10\x00\x00q\x010J\x00\x20\x00\x00\x940h\x01.").unwrap();
+    assert!(matches!(v, Value::Int(8192)), "{v:?}");
+    // An entry stored ahead (1) and then again once the dense part reaches it counts once:
+    // two entries, so MEMOIZE stores at 2.
+    let body = b"K\x07q\x010K\x08q\x000K\x09q\x010K\x0a\x940";
+    let v = run(&cat(&[body, b"h\x02."])).unwrap();
+    assert!(matches!(v, Value::Int(10)), "{v:?}");
+    let v = run(&cat(&[body, b"h\x01."])).unwrap();
+    assert!(matches!(v, Value::Int(9)), "{v:?}");
+}
+
+#[test]
 fn ignored_values_of_every_kind_are_skipped() {
     // An event with extra keys holding tuples, sets, bytes, floats, None, nested lists, etc.
     let junk = cat(&[
