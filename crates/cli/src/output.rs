@@ -177,6 +177,7 @@ mod tests {
                 physical_allocs: 0,
                 alloc_retries: 0,
                 orphan_frees: 2,
+                replaced_allocs: 0,
                 unknown_actions: 0,
                 replay_seconds: 0.125,
                 series: Vec::new(),

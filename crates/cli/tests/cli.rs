@@ -109,6 +109,7 @@ fn json_has_every_key_and_the_traces_peak_live_for_both_policies() {
             "physical_allocs",
             "alloc_retries",
             "orphan_frees",
+            "replaced_allocs",
             "unknown_actions",
             "replay_seconds",
             "warnings",

@@ -118,6 +118,9 @@ pub struct ReplayReport {
     pub alloc_retries: u64,
     /// Frees of addresses the replay never saw allocated (counted, skipped).
     pub orphan_frees: u64,
+    /// Allocations at an address whose block was never freed: the earlier block is freed in
+    /// the engine first; both count as live, as `tools/trace_facts.py` counts them.
+    pub replaced_allocs: u64,
     /// Actions this replay does not know (counted, skipped).
     pub unknown_actions: u64,
     pub replay_seconds: f64,
@@ -133,6 +136,14 @@ impl ReplayReport {
             w.push(format!(
                 "{} frees of addresses never allocated were skipped",
                 self.orphan_frees
+            ));
+        }
+        if self.replaced_allocs > 0 {
+            w.push(format!(
+                "{} allocations came at an address whose block was never freed: the earlier \
+                 block was freed first (its bytes stay counted as live, as the trace's facts \
+                 count them)",
+                self.replaced_allocs
             ));
         }
         if self.unknown_actions > 0 {
@@ -249,13 +260,14 @@ fn run<B: Backend>(
             });
         }
     }
-    let mut ours: HashMap<u64, (u64, u64)> = HashMap::with_capacity(4096);
+    // Each live block of the trace: our buffer (none for a block of 0 bytes) and its size.
+    let mut ours: HashMap<u64, (Option<u64>, u64)> = HashMap::with_capacity(4096);
     let mut live: u64 = 0;
     let mut peak_live: u64 = 0;
     let mut peak_reserved: u64 = 0;
     let mut tracker = ReservedTracker::new(snap, device);
     let mut pytorch_peak = tracker.current();
-    let (mut allocs, mut orphan_frees, mut unknown) = (0u64, 0u64, 0u64);
+    let (mut allocs, mut orphan_frees, mut replaced, mut unknown) = (0u64, 0u64, 0u64, 0u64);
     let every = if options.series_points == 0 {
         usize::MAX
     } else {
@@ -274,9 +286,7 @@ fn run<B: Backend>(
                 event: format!("initial block at {addr:#x}"),
                 source,
             })?;
-        if let Some(b) = buffer {
-            ours.insert(addr, (b.ptr, size));
-        }
+        ours.insert(addr, (buffer.map(|b| b.ptr), size));
         live = live.saturating_add(size);
     }
     peak_live = peak_live.max(live);
@@ -293,19 +303,22 @@ fn run<B: Backend>(
                 allocs += 1;
                 if let Some((old, _)) = ours.remove(&e.addr) {
                     // The trace reuses an address it never freed: the old block is gone.
-                    a.free(old).map_err(fail)?;
-                    orphan_frees += 1;
+                    if let Some(old) = old {
+                        a.free(old).map_err(fail)?;
+                    }
+                    replaced += 1;
                 }
-                if let Some(b) = a.alloc_on(e.size as usize, e.stream).map_err(fail)? {
-                    ours.insert(e.addr, (b.ptr, e.size));
-                }
+                let buffer = a.alloc_on(e.size as usize, e.stream).map_err(fail)?;
+                ours.insert(e.addr, (buffer.map(|b| b.ptr), e.size));
                 live = live.saturating_add(e.size);
                 peak_live = peak_live.max(live);
                 peak_reserved = peak_reserved.max(a.total_allocated() as u64);
             }
             Action::FreeCompleted => match ours.remove(&e.addr) {
                 Some((ptr, size)) => {
-                    a.free(ptr).map_err(fail)?;
+                    if let Some(ptr) = ptr {
+                        a.free(ptr).map_err(fail)?;
+                    }
                     live = live.saturating_sub(size);
                 }
                 None => orphan_frees += 1,
@@ -363,6 +376,7 @@ fn run<B: Backend>(
         physical_allocs: stats.num_physical_allocs,
         alloc_retries: stats.num_alloc_retries,
         orphan_frees,
+        replaced_allocs: replaced,
         unknown_actions: unknown,
         replay_seconds: start.elapsed().as_secs_f64(),
         series,

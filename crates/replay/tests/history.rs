@@ -59,3 +59,39 @@ fn a_history_replays_to_the_engines_own_peak() {
     assert_eq!(r.peak_live_bytes, a.stats().allocated_bytes[0].peak);
     assert_eq!(r.orphan_frees, 0);
 }
+
+fn event(action: Action, addr: u64, size: u64) -> TraceEvent {
+    TraceEvent {
+        action,
+        addr,
+        size,
+        stream: 0,
+        time_us: 0,
+    }
+}
+
+#[test]
+fn replaced_blocks_and_empty_blocks_are_not_called_frees_of_unknown_addresses() {
+    let (a, b) = (0x7f00_0000_0000, 0x7f10_0000_0000);
+    let snap = Snapshot {
+        segments: Vec::new(),
+        device_traces: vec![vec![
+            // A block whose free the trace lacks, replaced by a new one at its address.
+            event(Action::Alloc, a, 1 << 20),
+            event(Action::Alloc, a, 2 << 20),
+            event(Action::FreeCompleted, a, 2 << 20),
+            // A block of 0 bytes, allocated and freed.
+            event(Action::Alloc, b, 0),
+            event(Action::FreeCompleted, b, 0),
+        ]],
+        allocator_settings: Vec::new(),
+    };
+    let r = replay(&snap, 0, &ReplayOptions::default(), &mut |_, _| {}).unwrap();
+    assert_eq!(r.orphan_frees, 0, "{:?}", r.warnings());
+    assert_eq!(r.replaced_allocs, 1);
+    let warnings = r.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("never freed"), "{warnings:?}");
+    // Both sizes count as live, as the trace's facts count them.
+    assert_eq!(r.peak_live_bytes, 3 << 20);
+}
