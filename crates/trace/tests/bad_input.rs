@@ -240,6 +240,56 @@ fn a_wrong_type_names_the_path_and_what_was_found() {
 }
 
 #[test]
+fn integers_outside_64_bits_are_named_by_their_range() {
+    let with_size = |size: i128| {
+        snapshot_with(1, &|p, _| {
+            p.empty_dict().mark();
+            p.str("action").str("alloc");
+            p.str("addr").int(4096);
+            p.str("size").int(size);
+            p.setitems();
+        })
+    };
+    assert_eq!(
+        err(&with_size(1 << 64)).to_string(),
+        "device_traces[0][0].size: expected a non-negative integer, found an integer of 2**64 \
+         or more"
+    );
+    assert_eq!(
+        err(&with_size(-(1 << 70))).to_string(),
+        "device_traces[0][0].size: expected a non-negative integer, found an integer below \
+         -2**63"
+    );
+    let bytes = snapshot_with(1, &|p, _| {
+        p.empty_dict().mark();
+        p.str("action").str("alloc");
+        p.str("addr").int(4096);
+        p.str("size").int(512);
+        p.str("time_us").int(1 << 63);
+        p.setitems();
+    });
+    assert_eq!(
+        err(&bytes).to_string(),
+        "device_traces[0][0].time_us: expected a 64-bit integer, found 9223372036854775808"
+    );
+}
+
+#[test]
+fn an_oom_event_with_a_bad_device_free_names_it() {
+    let bytes = snapshot_with(1, &|p, _| {
+        p.empty_dict().mark();
+        p.str("action").str("oom");
+        p.str("device_free").int(-5);
+        p.str("size").int(1 << 20);
+        p.setitems();
+    });
+    assert_eq!(
+        err(&bytes).to_string(),
+        "device_traces[0][0].device_free: expected a non-negative integer, found -5"
+    );
+}
+
+#[test]
 fn a_block_without_state_is_reported_inside_its_segment() {
     let snap = read_snapshot(&trace_path(RESNET)).unwrap();
     let mut bytes = encode_snapshot(&snap, 3, 10, 1000);

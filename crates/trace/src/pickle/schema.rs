@@ -27,7 +27,15 @@ fn missing(rec: &Record, key: Name) -> PendingError {
 }
 
 fn wrong(key: Name, expected: &'static str, found: &Value) -> PendingError {
-    PendingError::shape(expected, found.describe()).at(Seg::Key(key.as_str()))
+    // An integer refused here is refused for its value: say which.
+    let found = match found {
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::HugeInt(false) => "an integer of 2**64 or more".to_owned(),
+        Value::HugeInt(true) => "an integer below -2**63".to_owned(),
+        other => other.describe(),
+    };
+    PendingError::shape(expected, found).at(Seg::Key(key.as_str()))
 }
 
 fn as_u64(key: Name, v: &Value) -> Res<u64> {
@@ -96,9 +104,11 @@ pub(crate) fn event(rec: &Record) -> Res<TraceEvent> {
     };
     let addr = match (opt_u64(rec, Name::Addr)?, &action) {
         (Some(a), _) => a,
-        (None, Action::Oom) => {
-            req_u64(rec, Name::DeviceFree).map_err(|_| missing(rec, Name::Addr))?
-        }
+        // PyTorch's oom events carry `device_free` in place of `addr`.
+        (None, Action::Oom) => match opt_u64(rec, Name::DeviceFree)? {
+            Some(free) => free,
+            None => return Err(missing(rec, Name::Addr)),
+        },
         (None, _) => return Err(missing(rec, Name::Addr)),
     };
     Ok(TraceEvent {
