@@ -4,12 +4,13 @@
 //! - Gzip is recognised by its first two bytes (1f 8b) only, never by a file name.
 //! - Decompression stops with [`TraceError::TooLarge`] once the output would exceed the limit,
 //!   so a gzip bomb costs at most `limit` bytes of memory.
-//! - Concatenated gzip members are read as one stream, as Python's `gzip` module does.
+//! - Concatenated gzip members are read as one stream, and zero bytes padding the file after
+//!   a member are skipped, as Python's `gzip` module does.
 
 use std::borrow::Cow;
 use std::io::Read;
 
-use flate2::read::MultiGzDecoder;
+use flate2::bufread::GzDecoder;
 
 use crate::error::{Result, TraceError};
 
@@ -37,12 +38,21 @@ pub(crate) fn unpack(bytes: &[u8], limit: u64) -> Result<Cow<'_, [u8]>> {
         .min((bytes.len() as u64).saturating_mul(1032))
         .min(usize::MAX as u64 / 2);
     let mut out = Vec::with_capacity(cap as usize);
-    MultiGzDecoder::new(bytes)
-        .take(limit.saturating_add(1))
-        .read_to_end(&mut out)
-        .map_err(TraceError::Gzip)?;
-    if out.len() as u64 > limit {
-        return Err(TraceError::TooLarge { limit });
+    let mut rest = bytes;
+    loop {
+        // A buffered decoder consumes exactly one member from `rest`.
+        let room = (limit.saturating_add(1)).saturating_sub(out.len() as u64);
+        GzDecoder::new(&mut rest)
+            .take(room)
+            .read_to_end(&mut out)
+            .map_err(TraceError::Gzip)?;
+        if out.len() as u64 > limit {
+            return Err(TraceError::TooLarge { limit });
+        }
+        let padding = rest.iter().take_while(|&&b| b == 0).count();
+        rest = &rest[padding..];
+        if rest.is_empty() {
+            return Ok(Cow::Owned(out));
+        }
     }
-    Ok(Cow::Owned(out))
 }

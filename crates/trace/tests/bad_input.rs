@@ -79,6 +79,35 @@ fn truncated_gzip_is_a_gzip_error() {
 }
 
 #[test]
+fn gzip_members_and_zero_padding_read_as_pythons_gzip_reads_them() {
+    let pickle = snapshot_with(3, &good_event);
+    let member = |bytes: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    };
+    let (head, tail) = pickle.split_at(pickle.len() / 2);
+    for padding in [0, 8, 512] {
+        // One member, then zeros (as tape and block devices pad files).
+        let mut one = member(&pickle);
+        one.extend(std::iter::repeat_n(0u8, padding));
+        // Two members with zeros between and after them.
+        let mut two = member(head);
+        two.extend(std::iter::repeat_n(0u8, padding));
+        two.extend(member(tail));
+        two.extend(std::iter::repeat_n(0u8, padding));
+        for bytes in [one, two] {
+            let snap = parse_snapshot(&bytes).unwrap_or_else(|e| panic!("padding {padding}: {e}"));
+            assert_eq!(snap.device_traces[0].len(), 3);
+        }
+    }
+    // Anything else after a member is still refused.
+    let mut junk = member(&pickle);
+    junk.extend(b"\x00\x00junk");
+    assert!(matches!(err(&junk), TraceError::Gzip(_)));
+}
+
+#[test]
 fn truncated_pickle_is_an_error_at_every_cut() {
     let raw = raw_pickle(RESNET);
     let mut cuts: Vec<usize> = (1..300).collect();
