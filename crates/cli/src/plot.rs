@@ -194,7 +194,8 @@ fn draw<DB: DrawingBackend>(
         .max()
         .unwrap_or(0)
         .max(report.peak_reserved_bytes)
-        .max(report.peak_live_bytes);
+        .max(report.peak_live_bytes)
+        .max(report.pytorch_reserved_bytes.max(0) as u64);
     // Headroom above the highest line keeps the legend clear of the data.
     let y_max = if top == 0 { 1.0 } else { gib(top) * 1.32 };
     let x_max = series.last().map_or(0, |p| p.event).max(1) as f64;

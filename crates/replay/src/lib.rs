@@ -82,6 +82,8 @@ impl Default for ReplayOptions {
 /// One point of the over-time series.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct SeriesPoint {
+    /// Events applied: 0 is the state before the first event (the blocks alive before
+    /// recording placed, PyTorch's reserved bytes as recording began).
     pub event: usize,
     pub live_bytes: u64,
     pub reserved_bytes: u64,
@@ -291,6 +293,14 @@ fn run<B: Backend>(
     }
     peak_live = peak_live.max(live);
     peak_reserved = peak_reserved.max(a.total_allocated() as u64);
+    if options.series_points > 0 {
+        series.push(SeriesPoint {
+            event: 0,
+            live_bytes: live,
+            reserved_bytes: a.total_allocated() as u64,
+            pytorch_reserved_bytes: pytorch_peak,
+        });
+    }
 
     for (i, e) in events.iter().enumerate() {
         let fail = |source| ReplayError::Engine {
@@ -330,7 +340,7 @@ fn run<B: Backend>(
         pytorch_peak = pytorch_peak.max(reserved);
         if i % every == 0 || i + 1 == total {
             series.push(SeriesPoint {
-                event: i,
+                event: i + 1,
                 live_bytes: live,
                 reserved_bytes: a.total_allocated() as u64,
                 pytorch_reserved_bytes: reserved,

@@ -95,3 +95,27 @@ fn replaced_blocks_and_empty_blocks_are_not_called_frees_of_unknown_addresses() 
     // Both sizes count as live, as the trace's facts count them.
     assert_eq!(r.peak_live_bytes, 3 << 20);
 }
+
+#[test]
+fn the_series_starts_with_the_state_before_the_first_event() {
+    let (a, b) = (0x7f00_0000_0000, 0x7f10_0000_0000);
+    // PyTorch held a 20 MiB segment when recording began and gave it back first.
+    let snap = Snapshot {
+        segments: Vec::new(),
+        device_traces: vec![vec![
+            event(Action::SegmentFree, a, 20 << 20),
+            event(Action::Alloc, b, 1 << 20),
+        ]],
+        allocator_settings: Vec::new(),
+    };
+    let r = replay(&snap, 0, &ReplayOptions::default(), &mut |_, _| {}).unwrap();
+    assert_eq!(r.pytorch_reserved_bytes, 20 << 20);
+    let first = r.series.first().expect("a series");
+    assert_eq!((first.event, first.pytorch_reserved_bytes), (0, 20 << 20));
+    let last = r.series.last().expect("a series");
+    assert_eq!(
+        (last.event, last.live_bytes),
+        (2, 1 << 20),
+        "events applied"
+    );
+}
