@@ -218,3 +218,28 @@ fn a_buffer_placed_over_retiring_pages_finds_them_mapped() {
     a.free(z.ptr).unwrap();
     a.free(x.ptr).unwrap();
 }
+
+#[test]
+fn a_huge_idle_page_fraction_means_never_unmapping() {
+    let a = Allocator::new(
+        SimBackend::new(16 << 30),
+        Config {
+            idle_page_fraction: 1e30,
+            front_cache_bytes: 0,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let x = a.alloc(64 * MIB).unwrap().unwrap();
+    let y = a.alloc(2 * MIB).unwrap().unwrap();
+    a.free(x.ptr).unwrap();
+    // Does not fit in x's hole: growth, with x's 64 MiB of pages idle.
+    let z = a.alloc(128 * MIB).unwrap().unwrap();
+    assert_eq!(
+        a.stats().num_unmap_calls,
+        0,
+        "idle pages unmapped under an unbounded budget"
+    );
+    a.free(y.ptr).unwrap();
+    a.free(z.ptr).unwrap();
+}

@@ -285,10 +285,11 @@ impl<B: Backend> State<B> {
             let fraction = self.config.idle_page_fraction
                 * pool.churn.scale_at(now, self.config.unmap_rate_limit) as f64;
             let placed_peak = pool.peak_placed.max(pool.placed + size);
-            let budget = (placed_peak as f64 * (1.0 + fraction)) as usize + 2 * g;
+            let budget = ((placed_peak as f64 * (1.0 + fraction)) as usize).saturating_add(2 * g);
             // When over budget, trim down to the middle of the band so that the next few
             // growths find headroom without another trim (hysteresis).
-            let low_mark = (placed_peak as f64 * (1.0 + fraction * TRIM_TO)) as usize + g;
+            let low_mark =
+                ((placed_peak as f64 * (1.0 + fraction * TRIM_TO)) as usize).saturating_add(g);
             let kept = pool.reserved - pool.retiring;
             let over = if kept + need > budget {
                 (kept + need).saturating_sub(low_mark)
