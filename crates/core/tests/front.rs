@@ -343,6 +343,36 @@ fn memory_held_by_front_caches_is_used_before_running_out() {
 }
 
 #[test]
+fn garbage_collection_takes_back_what_front_caches_hold() {
+    for front_cache_bytes in [0, 1 << 20] {
+        let a = Allocator::new(
+            SimBackend::new(1 << 30),
+            Config {
+                front_cache_bytes,
+                ..Config::default()
+            },
+        )
+        .unwrap();
+        let small: Vec<_> = (0..64)
+            .map(|_| a.alloc(16 * KIB).unwrap().unwrap())
+            .collect();
+        for b in &small {
+            a.free(b.ptr).unwrap();
+        }
+        // Every later growth is over the low watermark: garbage collection first.
+        a.set_low_watermark_ratio(0.001).unwrap();
+        let big = a.alloc(4 * MIB).unwrap().unwrap();
+        let stats = a.stats();
+        assert_eq!(
+            stats.reserved_bytes[1].current, 0,
+            "front_cache_bytes {front_cache_bytes}: the small pool keeps pages for cached \
+             buffers after garbage collection"
+        );
+        a.free(big.ptr).unwrap();
+    }
+}
+
+#[test]
 fn a_new_callback_sees_every_later_event() {
     let a = sim(1 << 30, Policy::Default);
     let b = a.alloc(1024).unwrap().unwrap();

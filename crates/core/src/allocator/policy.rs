@@ -434,6 +434,8 @@ impl<B: Backend> State<B> {
     /// every empty committed heap released.
     fn garbage_collect_default(&mut self, backend: &B, notes: &mut Notes) -> Result<()> {
         let before = self.reserved_total();
+        // Buffers cached in threads' front caches hold pages too.
+        self.return_fronts(false, false);
         for q in 0..self.pools.len() as u32 {
             self.release_cached_in(backend, q, false, notes)?;
         }
