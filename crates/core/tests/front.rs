@@ -373,6 +373,53 @@ fn garbage_collection_takes_back_what_front_caches_hold() {
 }
 
 #[test]
+fn a_small_pool_does_not_grow_while_a_front_cache_holds_its_buffers() {
+    for policy in policies() {
+        let a = Allocator::new(
+            SimBackend::new(1 << 30),
+            Config {
+                policy,
+                ..Config::default()
+            },
+        )
+        .unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        let (exit_tx, exit_rx) = mpsc::channel::<()>();
+        let other = a.clone();
+        let t = std::thread::spawn(move || {
+            // 512 x 16 KiB fill one 8 MiB heap (mps) exactly; 64 of them go to this thread's
+            // front cache (1 MiB).
+            let bufs: Vec<_> = (0..512)
+                .map(|_| other.alloc(16 * KIB).unwrap().unwrap())
+                .collect();
+            for b in &bufs[..64] {
+                other.free(b.ptr).unwrap();
+            }
+            done_tx
+                .send(bufs[64..].iter().map(|b| b.ptr).collect::<Vec<_>>())
+                .unwrap();
+            // Stay alive: the front stays this thread's.
+            exit_rx.recv().unwrap();
+        });
+        let live = done_rx.recv().unwrap();
+        let before = a.usage().reserved;
+        let b = a.alloc(16 * KIB).unwrap().unwrap();
+        let after = a.usage().reserved;
+        exit_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert_eq!(
+            after, before,
+            "{policy}: memory grew for 16 KiB while another thread's front cache held 64 free \
+             buffers of that size"
+        );
+        a.free(b.ptr).unwrap();
+        for p in live {
+            a.free(p).unwrap();
+        }
+    }
+}
+
+#[test]
 fn a_new_callback_sees_every_later_event() {
     let a = sim(1 << 30, Policy::Default);
     let b = a.alloc(1024).unwrap().unwrap();

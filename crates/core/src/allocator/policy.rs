@@ -486,6 +486,16 @@ impl<B: Backend> State<B> {
                 if pressure && size < self.pools[p as usize].cache.bytes() {
                     self.mps_garbage_collect(backend, p, notes)?;
                 }
+                // As under the default policy, small buffers cached in threads' front caches
+                // come back before a small pool grows a heap.
+                if kind.is_small()
+                    && self.pools[p as usize].best_fit(size, false).is_none()
+                    && self.return_fronts(false, false) > 0
+                    && let Some(slot) =
+                        self.mps_get_free_buffer(p, size, requested, &mut pressure, notes)
+                {
+                    return Ok(Some(slot));
+                }
                 self.mps_alloc_buffer(backend, p, size, requested, pressure, notes)
             }
             Phase::AfterCallbacks => {
