@@ -125,6 +125,51 @@ fn growth_counts_what_other_allocations_hold_now() {
 }
 
 #[test]
+fn largest_available_counts_what_other_allocations_hold() {
+    let shared = Shared {
+        sim: SimBackend::new(1000 * MIB),
+        external: AtomicUsize::new(0),
+    };
+    let a = Allocator::new(shared, config(0.1)).unwrap();
+    a.backend().external.store(90 * MIB, Ordering::SeqCst);
+    let n = a.largest_available();
+    assert!(
+        n <= 10 * MIB,
+        "{} MiB under a 100 MiB limit with 90 held elsewhere",
+        n / MIB
+    );
+    let b = a.alloc(n).unwrap();
+    assert!(
+        b.is_some(),
+        "largest_available() = {n} bytes, and they can be had"
+    );
+}
+
+#[test]
+fn largest_available_under_an_unaligned_limit_can_be_allocated() {
+    for policy in [Policy::Default, Policy::Mps] {
+        let a = Allocator::new(
+            SimBackend::new(16 << 30),
+            Config {
+                policy,
+                ..Config::default()
+            },
+        )
+        .unwrap();
+        // 30% of 16 GiB is no whole number of pages.
+        a.set_watermark_ratios(0.0, 0.3).unwrap();
+        let n = a.largest_available();
+        let b = a.alloc(n);
+        assert!(
+            matches!(b, Ok(Some(_))),
+            "{policy}: largest_available() = {n} under a limit of {}: {:?}",
+            a.high_watermark_limit(),
+            b.map(|b| b.map(|b| b.size)).map_err(|e| e.to_string())
+        );
+    }
+}
+
+#[test]
 fn a_committed_heap_shrinks_to_the_request_under_the_limit() {
     for policy in [Policy::Default, Policy::Mps] {
         let sim = SimBackend::new(1000 * MIB).without_page_mapping();

@@ -106,8 +106,17 @@ impl<B: Backend> Allocator<B> {
     /// only as far as its pool's idle mapped pages and that growth can back it.
     pub fn largest_available(&self) -> usize {
         let device_free = self.engine.backend.memory_info().free;
-        let st = self.engine.lock();
-        let growth = device_free.min(st.limits.high_limit.saturating_sub(st.reserved_total()));
+        let mut st = self.engine.lock();
+        // The limit counts what other allocations hold, as every growth does.
+        st.refresh_external(&self.engine.backend);
+        let headroom = match st.limits.high_limit {
+            usize::MAX => usize::MAX,
+            limit => limit.saturating_sub(st.driver_estimate()),
+        };
+        // Memory grows by whole pages, and committed heaps by 2 MiB: a request of the
+        // headroom itself would round up past it.
+        let unit = self.engine.caps.granularity.max(2 << 20);
+        let growth = device_free.min(headroom) / unit * unit;
         let held = st
             .pools
             .iter()
