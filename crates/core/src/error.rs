@@ -25,8 +25,8 @@ pub enum Error {
     /// A call that needs a buffer in use (`set_shape`, `record_stream`) named a freed one.
     #[error("pointer {0:#x} belongs to a buffer that is not in use (it was freed)")]
     NotInUse(u64),
-    /// A request larger than the device's largest buffer.
-    #[error("invalid buffer size: {} exceeds the largest buffer the device supports ({})", format_size(*.requested), format_size(*.max))]
+    /// A request not below the device's limit per buffer (as the seed checks it).
+    #[error("invalid buffer size: {} is not below the device's limit of {} per buffer", format_size(*.requested), format_size(*.max))]
     InvalidSize { requested: usize, max: usize },
     /// A watermark ratio out of range.
     #[error("invalid {which} watermark ratio {ratio}: {reason}")]

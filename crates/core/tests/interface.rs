@@ -493,6 +493,13 @@ fn oversized_requests_are_rejected() {
     );
     // Counted as out-of-memory events, as PyTorch counts requests no device could hold.
     assert_eq!(a.stats().num_ooms, 2);
+    // A request of exactly the limit is refused (as the seed refuses it), and the message
+    // does not claim it exceeds what it equals.
+    let at_limit = a.alloc(16 * GIB).unwrap_err().to_string();
+    assert!(
+        at_limit.contains("16.00 GiB is not below the device's limit of 16.00 GiB"),
+        "{at_limit}"
+    );
 }
 
 #[test]
