@@ -227,12 +227,12 @@ def _settings() -> Dict[str, Any]:
 def snapshot(path: Optional[str] = None, device: Device = None) -> Dict[str, Any]:
     """The allocator's state in torch.cuda.memory._snapshot()'s format.
 
-    device None takes every device the process uses. With a path, the dict is also pickled
-    there (gzip-compressed if the name ends in .gz) for PyTorch's memory viewer and
+    device None (or -1) takes every device the process uses. With a path, the dict is also
+    pickled there (gzip-compressed if the name ends in .gz) for PyTorch's memory viewer and
     ``bufferheap replay``. Returns the dict.
     """
     library = lib()
-    if device is None:
+    if device is None or _device_index(device) == -1:
         # One answer for every device the library sees (each device's segments and trace).
         every = json.loads(library.snapshot_json(-1))
         answers = [

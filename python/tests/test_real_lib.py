@@ -198,6 +198,13 @@ def test_a_snapshot_of_every_device_holds_each_devices_segments(real_lib):
     assert where[on_0] == 0 and where[on_1] == 1
     assert len(snap["device_traces"]) == 2
     assert [s for s in snap["segments"] if s["device"] == 1] == bufferheap.snapshot(device=1)["segments"]
+    # -1 names every device, as it does for the resets.
+    bufferheap.record_memory_history(max_entries=100)
+    _malloc(real_lib, 4096, device=1)
+    every = bufferheap.snapshot(device=-1)
+    assert every["segments"] == bufferheap.snapshot()["segments"]
+    assert every["device_traces"] == bufferheap.snapshot()["device_traces"]
+    assert len(every["device_traces"]) == 2 and every["device_traces"][1]
 
 
 def test_record_memory_history_fills_the_snapshots_traces(real_lib):
