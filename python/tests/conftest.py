@@ -83,6 +83,31 @@ def real_lib(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def lib_with_env(tmp_path, monkeypatch):
+    """A function that loads a fresh copy of the real library (host backend) after setting the
+    environment variables it is given: for settings read when the library starts."""
+    if not REAL_LIB:
+        pytest.skip("set BUFFERHEAP_LIB to a built libbufferheap_ffi.so to test the real library")
+
+    def load(**env):
+        copy = tmp_path / "libbufferheap_ffi.so"
+        shutil.copy(Path(REAL_LIB).expanduser(), copy)
+        monkeypatch.setenv(_ffi.ENV_VAR, str(copy))
+        monkeypatch.setenv("BUFFERHEAP_BACKEND", "host")
+        for var in ("BUFFERHEAP_POLICY", "BUFFERHEAP_DEBUG", "BUFFERHEAP_LOW_WATERMARK_RATIO",
+                    "BUFFERHEAP_HIGH_WATERMARK_RATIO", "BUFFERHEAP_HOST_DEVICES"):
+            monkeypatch.delenv(var, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        _ffi._reset_for_tests()
+        monkeypatch.setattr(bufferheap, "_applied", None)
+        return _ffi.lib()
+
+    yield load
+    _ffi._reset_for_tests()
+
+
+@pytest.fixture
 def no_lib_env(monkeypatch):
     monkeypatch.delenv(_ffi.ENV_VAR, raising=False)
     _ffi._reset_for_tests()

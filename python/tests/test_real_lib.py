@@ -333,3 +333,16 @@ def test_configure_from_two_threads_applies_one_setting(real_lib):
     assert sorted(kind for kind, _ in results) == ["ok", "refused"], results
     applied = [p for kind, p in results if kind == "ok"][0]
     assert bufferheap.memory_stats()["policy"] == applied
+
+
+def test_try_malloc_reports_a_bad_environment_without_writing_to_stderr(lib_with_env, capfd):
+    # bufferheap.h: bufferheap_try_malloc "never throws, never writes to stderr" (its caller,
+    # the direct front, raises the reason); bufferheap_malloc writes it once.
+    lib = lib_with_env(BUFFERHEAP_POLICY="bogus")
+    out = ctypes.c_void_p()
+    capfd.readouterr()
+    assert lib.fn("bufferheap_try_malloc")(4096, 0, None, ctypes.byref(out)) == -1
+    assert "BUFFERHEAP_POLICY" in lib.last_error()
+    assert capfd.readouterr().err == ""
+    assert lib.fn("bufferheap_malloc")(4096, 0, None) is None
+    assert "BUFFERHEAP_POLICY" in capfd.readouterr().err

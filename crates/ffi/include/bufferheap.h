@@ -93,7 +93,7 @@ void *bufferheap_base_alloc(void *ptr, size_t *size);
  * "high_watermark_ratio" (0.0 to 2.0; 0 disables the limit), "debug" (bit mask, decimal or
  * 0x hex), "history" (events kept for snapshots), "front_cache_bytes" (per thread; 0: none),
  * "idle_page_fraction" (the page budget of the default policy), "unmap_rate_limit" (page
- * unmaps per 1000 allocations before that budget loosens; 0, the default: never). */
+ * unmaps per 1000 allocations before that budget loosens; default 2, 0: never). */
 int bufferheap_configure(const char *key, const char *value);
 
 /* 1 once the configuration is frozen (bufferheap_init was called or an allocator exists),

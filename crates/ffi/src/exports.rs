@@ -124,7 +124,8 @@ pub unsafe extern "C" fn bufferheap_try_malloc(
         }
         // Sizes past `isize::MAX` reach the engine too, which refuses them as larger than the
         // device and counts the out-of-memory error as PyTorch does.
-        let result = malloc(size, device, stream_id(stream));
+        // The caller raises the reason itself: a setup error is not written to stderr too.
+        let result = crate::registry::quietly(|| malloc(size, device, stream_id(stream)));
         let (ptr, answer) = match result {
             Ok(ptr) => (ptr, ALLOCATED),
             Err(e) => {

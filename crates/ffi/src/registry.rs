@@ -17,6 +17,7 @@
 //!   failed creation is not kept, so a later call tries again. Reading an existing allocator
 //!   takes no lock of the registry's.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -76,6 +77,23 @@ pub fn registry() -> &'static Registry {
     REGISTRY.get_or_init(Registry::from_env)
 }
 
+thread_local! {
+    /// Set while a caller that reports errors itself (`bufferheap_try_malloc`) runs.
+    static QUIET: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with setup errors returned but not written to stderr.
+pub fn quietly<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            QUIET.with(|q| q.set(self.0));
+        }
+    }
+    let _restore = Restore(QUIET.with(|q| q.replace(true)));
+    f()
+}
+
 /// Chooses the backend from Rust before the first call that uses a device, instead of the
 /// environment (`BUFFERHEAP_BACKEND`, `BUFFERHEAP_HOST_DEVICES`, `BUFFERHEAP_HOST_MEMORY`).
 /// An error once the backend has been resolved.
@@ -129,10 +147,10 @@ impl Registry {
     }
 
     /// A setup error: written to stderr the first time it is met (and marked so), returned
-    /// every time.
+    /// every time. Not written inside [`quietly`]: such a caller reports it itself.
     fn setup_error(shown: &AtomicBool, message: &str) -> FfiError {
         let error = FfiError::new(message);
-        if shown.swap(true, Ordering::Relaxed) {
+        if QUIET.with(Cell::get) || shown.swap(true, Ordering::Relaxed) {
             return error;
         }
         eprint_lines(message);
