@@ -152,11 +152,29 @@ impl Config {
                 reason,
             })?;
         }
-        if let Some((var, value)) = first(&ENV_HIGH) {
-            config.high_watermark_ratio = Some(parse_ratio(&var, &value)?);
+        let high = first(&ENV_HIGH);
+        if let Some((var, value)) = &high {
+            config.high_watermark_ratio = Some(parse_watermark(var, value)?);
         }
         if let Some((var, value)) = first(&ENV_LOW) {
-            config.low_watermark_ratio = Some(parse_ratio(&var, &value)?);
+            let low = parse_watermark(&var, &value)?;
+            // Checked here, where the variable can be named (the allocator would refuse the
+            // pair at its start, on every allocation).
+            let high_ratio = config
+                .high_watermark_ratio
+                .unwrap_or(crate::allocator::DEFAULT_HIGH);
+            if high_ratio > 0.0 && low > high_ratio {
+                let high_from = high.map_or("the default".to_owned(), |(v, _)| v);
+                return Err(Error::InvalidConfig {
+                    variable: var,
+                    value,
+                    reason: format!(
+                        "the low watermark ratio must not exceed the high one ({high_ratio}, \
+                         from {high_from})"
+                    ),
+                });
+            }
+            config.low_watermark_ratio = Some(low);
         }
         if let Some((var, value)) = first(&ENV_DEBUG) {
             config.debug = parse_mask(&var, &value)?;
@@ -188,8 +206,10 @@ impl Config {
                     reason,
                 })?
             }
-            "low_watermark_ratio" => self.low_watermark_ratio = Some(parse_ratio(key, value)?),
-            "high_watermark_ratio" => self.high_watermark_ratio = Some(parse_ratio(key, value)?),
+            "low_watermark_ratio" => self.low_watermark_ratio = Some(parse_watermark(key, value)?),
+            "high_watermark_ratio" => {
+                self.high_watermark_ratio = Some(parse_watermark(key, value)?)
+            }
             "debug" => self.debug = parse_mask(key, value)?,
             "history" => self.history = parse_count(key, value)?,
             "front_cache_bytes" => self.front_cache_bytes = parse_bytes(key, value)?,
@@ -208,6 +228,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A watermark ratio: a ratio of at most [`crate::MAX_RATIO`] (0 disables the limit).
+fn parse_watermark(variable: &str, value: &str) -> Result<f64> {
+    let ratio = parse_ratio(variable, value)?;
+    if ratio > crate::allocator::MAX_RATIO {
+        return Err(Error::InvalidConfig {
+            variable: variable.into(),
+            value: value.into(),
+            reason: format!(
+                "must be between 0.0 (disabled) and {}",
+                crate::allocator::MAX_RATIO
+            ),
+        });
+    }
+    Ok(ratio)
 }
 
 fn parse_ratio(variable: &str, value: &str) -> Result<f64> {

@@ -714,6 +714,56 @@ fn front_cache_and_page_budget_settings_from_the_environment() {
 }
 
 #[test]
+fn watermark_ratios_from_the_environment_are_checked_where_they_are_read() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        Config::from_lookup(move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    };
+    // Out of range: the variable is named, not a later allocation.
+    match env(&[("BUFFERHEAP_HIGH_WATERMARK_RATIO", "5")]) {
+        Err(Error::InvalidConfig {
+            variable, reason, ..
+        }) => {
+            assert_eq!(variable, "BUFFERHEAP_HIGH_WATERMARK_RATIO");
+            assert!(reason.contains("between 0.0 (disabled) and 2"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A low ratio above the high one names the low variable and where the high one came from.
+    match env(&[
+        ("BUFFERHEAP_HIGH_WATERMARK_RATIO", "0.5"),
+        ("BUFFERHEAP_LOW_WATERMARK_RATIO", "0.8"),
+    ]) {
+        Err(Error::InvalidConfig {
+            variable, reason, ..
+        }) => {
+            assert_eq!(variable, "BUFFERHEAP_LOW_WATERMARK_RATIO");
+            assert!(
+                reason.contains("BUFFERHEAP_HIGH_WATERMARK_RATIO"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Above the default high ratio (1.7) with no high one set.
+    assert!(env(&[("BUFFERHEAP_LOW_WATERMARK_RATIO", "1.8")]).is_err());
+    // A disabled high limit allows any low ratio in range.
+    let c = env(&[
+        ("BUFFERHEAP_HIGH_WATERMARK_RATIO", "0"),
+        ("BUFFERHEAP_LOW_WATERMARK_RATIO", "1.9"),
+    ])
+    .unwrap();
+    assert_eq!(
+        (c.low_watermark_ratio, c.high_watermark_ratio),
+        (Some(1.9), Some(0.0))
+    );
+}
+
+#[test]
 fn largest_available_is_what_one_request_can_get() {
     for policy in both_policies() {
         let a = sim(policy);
