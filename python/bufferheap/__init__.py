@@ -97,9 +97,8 @@ def configure(
             if wanted == _applied:
                 return dict(_applied)
             raise BufferheapError(f"bufferheap is already configured with {_applied}; cannot change it to {wanted}")
-        library = lib()
-        for key, value in wanted.items():
-            library.configure(key, value)
+        # All or nothing: a key the library refuses leaves none of the others applied.
+        lib().configure_all(wanted)
         _applied = wanted
         return dict(wanted)
 

@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 ENV_VAR = "BUFFERHEAP_LIB"
 
@@ -54,6 +54,7 @@ _SIGNATURES = {
     "bufferheap_record_stream": (None, [_c.c_void_p, _c.c_void_p]),
     "bufferheap_base_alloc": (_c.c_void_p, [_c.c_void_p, _c.POINTER(_c.c_size_t)]),
     "bufferheap_configure": (_c.c_int, [_c.c_char_p, _c.c_char_p]),
+    "bufferheap_configure_all": (_c.c_int, [_c.c_char_p]),
     "bufferheap_initialized": (_c.c_int, []),
     "bufferheap_stats_json": (_c.c_void_p, [_c.c_int]),
     "bufferheap_snapshot_json": (_c.c_void_p, [_c.c_int]),
@@ -182,6 +183,12 @@ class Library:
     def configure(self, key: str, value: str) -> None:
         status = self.fn("bufferheap_configure")(key.encode(), value.encode())
         self.check_status(f"bufferheap_configure({key!r}, {value!r})", status)
+
+    def configure_all(self, settings: Dict[str, str]) -> None:
+        """Applies every setting or none (one key=value per line to the library)."""
+        text = "\n".join(f"{k}={v}" for k, v in settings.items())
+        status = self.fn("bufferheap_configure_all")(text.encode())
+        self.check_status(f"bufferheap_configure_all({text!r})", status)
 
     def initialized(self) -> bool:
         return bool(self.fn("bufferheap_initialized")())

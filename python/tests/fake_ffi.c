@@ -220,6 +220,34 @@ int bufferheap_configure(const char *key, const char *value) {
     return 0;
 }
 
+/* All or nothing, as the real library: on a refused line the earlier ones are undone. */
+int bufferheap_configure_all(const char *settings) {
+    if (!settings) { set_error("null settings"); return 1; }
+    char saved_policy[sizeof policy];
+    memcpy(saved_policy, policy, sizeof policy);
+    double saved_low = low_ratio, saved_high = high_ratio;
+    int saved_debug = debug_flags;
+    char line[256];
+    const char *p = settings;
+    while (*p) {
+        size_t n = strcspn(p, "\n");
+        if (n >= sizeof line) { set_error("setting too long"); goto undo; }
+        memcpy(line, p, n);
+        line[n] = 0;
+        p += n + (p[n] == '\n');
+        if (!n) continue;
+        char *eq = strchr(line, '=');
+        if (!eq) { set_error("not key=value: '%s'", line); goto undo; }
+        *eq = 0;
+        if (bufferheap_configure(line, eq + 1)) goto undo;
+    }
+    return 0;
+undo:
+    memcpy(policy, saved_policy, sizeof policy);
+    low_ratio = saved_low; high_ratio = saved_high; debug_flags = saved_debug;
+    return 1;
+}
+
 static int check_device(int device) {
     if (device < -1 || device >= MAX_DEVICES) { set_error("invalid device %d", device); return 1; }
     return 0;

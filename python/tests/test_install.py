@@ -45,8 +45,8 @@ def install(monkeypatch):
         path = "/nonexistent/libbufferheap_ffi.so"
         missing = list(_ffi.TORCH_HOOKS.values())
 
-        def configure(self, key, value):
-            sent.append((key, value))
+        def configure_all(self, settings):
+            sent.extend(settings.items())
 
     monkeypatch.setattr(_ffi, "lib", lambda: Library())
     monkeypatch.setattr(bufferheap, "lib", lambda: Library())

@@ -346,3 +346,22 @@ def test_try_malloc_reports_a_bad_environment_without_writing_to_stderr(lib_with
     assert capfd.readouterr().err == ""
     assert lib.fn("bufferheap_malloc")(4096, 0, None) is None
     assert "BUFFERHEAP_POLICY" in capfd.readouterr().err
+
+
+def test_a_configure_the_library_refuses_applies_nothing(lib_with_env):
+    # Python's own checks pass; the library refuses the low ratio against the environment's
+    # high one. Nothing of the call may stay applied (policy included).
+    lib_with_env(BUFFERHEAP_HIGH_WATERMARK_RATIO="0.5")
+    with pytest.raises(bufferheap.BufferheapError, match="must not exceed"):
+        bufferheap.configure(policy="mps", low_watermark_ratio=1.0)
+    assert bufferheap.memory_stats(0)["policy"] == "default"
+
+
+def test_configure_all_refuses_lines_that_are_not_settings(real_lib):
+    configure_all = real_lib.fn("bufferheap_configure_all")
+    assert configure_all(b"policy=mps\nhistory") == -1
+    assert "line 2" in real_lib.last_error()
+    assert configure_all(b"policy=mps\nno_such_key=1") == -1
+    assert bufferheap.memory_stats(0)["policy"] == "default"
+    assert configure_all(b"policy=mps\n\nhistory=10\n") == 0
+    assert bufferheap.memory_stats(0)["policy"] == "mps"

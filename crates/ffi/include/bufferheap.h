@@ -96,6 +96,10 @@ void *bufferheap_base_alloc(void *ptr, size_t *size);
  * unmaps per 1000 allocations before that budget loosens; default 2, 0: never). */
 int bufferheap_configure(const char *key, const char *value);
 
+/* Changes several settings at once, all of them or none: `settings` holds one "key=value"
+ * per line (the keys of bufferheap_configure). 0, or -1 with nothing applied. */
+int bufferheap_configure_all(const char *settings);
+
 /* 1 once the configuration is frozen (bufferheap_init was called or an allocator exists),
  * else 0. */
 int bufferheap_initialized(void);

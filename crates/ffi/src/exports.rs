@@ -398,6 +398,44 @@ pub unsafe extern "C" fn bufferheap_configure(key: *const c_char, value: *const 
     })
 }
 
+/// Changes several settings at once, all or none: `settings` holds one `key=value` per line
+/// (the keys of `bufferheap_configure`). 0, or -1 with the last error and nothing applied.
+///
+/// # Safety
+/// `settings` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bufferheap_configure_all(settings: *const c_char) -> c_int {
+    if settings.is_null() {
+        set_last_error("bufferheap_configure_all: settings must not be NULL");
+        return -1;
+    }
+    // SAFETY: non-NULL (checked above); the caller passes a NUL-terminated string that stays
+    // alive for the duration of the call; it is copied before it returns.
+    let settings = unsafe { CStr::from_ptr(settings) };
+    status("bufferheap_configure_all", || {
+        let Ok(settings) = settings.to_str() else {
+            return Err(FfiError::new(
+                "bufferheap_configure_all: settings must be UTF-8 text",
+            ));
+        };
+        let mut pairs = Vec::new();
+        for (n, line) in settings.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let Some(pair) = line.split_once('=') else {
+                return Err(FfiError::new(format!(
+                    "bufferheap_configure_all: line {} ({line:?}) is not key=value; nothing \
+                     was applied",
+                    n + 1
+                )));
+            };
+            pairs.push(pair);
+        }
+        registry().configure_all(&pairs)
+    })
+}
+
 /// 1 once the configuration is frozen (`bufferheap_init` was called or an allocator exists).
 #[unsafe(no_mangle)]
 pub extern "C" fn bufferheap_initialized() -> c_int {

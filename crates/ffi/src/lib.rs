@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `bufferheap_malloc` / `bufferheap_free`, `bufferheap_try_malloc` | PyTorch's alloc and free; an alloc that answers instead of raising |
 //! | `bufferheap_init`, `bufferheap_reset`, `bufferheap_set_memory_fraction`, `bufferheap_record_stream`, `bufferheap_base_alloc` | PyTorch's optional hooks |
-//! | `bufferheap_configure`, `bufferheap_initialized` | settings before the first allocation |
+//! | `bufferheap_configure`, `bufferheap_configure_all`, `bufferheap_initialized` | settings before the first allocation |
 //! | `bufferheap_stats_json`, `bufferheap_snapshot_json`, `bufferheap_string_free` | figures as JSON |
 //! | `bufferheap_stats_values`, `bufferheap_memory_snapshot` | the same as C values, for a C++ front |
 //! | `bufferheap_record_history`, `bufferheap_history_limit` | the allocation history, at run time |

@@ -161,9 +161,18 @@ impl Registry {
         Self::setup_error(&self.config_error_shown, message)
     }
 
-    /// Sets one setting (`policy`, `low_watermark_ratio`, `high_watermark_ratio`, `debug`);
-    /// an error once the configuration is frozen.
+    /// Sets one setting (a key of [`Config::set`]); an error once the configuration is frozen.
     pub fn configure(&self, key: &str, value: &str) -> FfiResult<()> {
+        self.configure_all(&[(key, value)])
+    }
+
+    /// Sets several settings at once: all of them, or none when one is refused.
+    pub fn configure_all(&self, settings: &[(&str, &str)]) -> FfiResult<()> {
+        let named = settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut state = self.config.lock();
         let current = match &state.config {
             Ok(c) => c.clone(),
@@ -171,14 +180,24 @@ impl Registry {
         };
         if let Some(reason) = &state.frozen {
             return Err(FfiError::new(format!(
-                "bufferheap_configure({key}={value}): settings must come before the first \
-                 allocation; the allocator is already initialized ({reason}), so the setting \
-                 was not applied"
+                "bufferheap_configure({named}): settings must come before the first \
+                 allocation; the allocator is already initialized ({reason}), so nothing was \
+                 applied"
             )));
         }
         let mut next = current;
-        next.set(key, value)
-            .map_err(|e| FfiError::new(format!("bufferheap_configure: {e}")))?;
+        for (key, value) in settings {
+            next.set(key, value).map_err(|e| {
+                FfiError::new(format!(
+                    "bufferheap_configure: {e}{}",
+                    if settings.len() > 1 {
+                        "; none of the settings was applied"
+                    } else {
+                        ""
+                    }
+                ))
+            })?;
+        }
         check_ratio("low_watermark_ratio", next.low_watermark_ratio)?;
         check_ratio("high_watermark_ratio", next.high_watermark_ratio)?;
         // Against the high ratio in force: the one set, or the default it would start with.
@@ -190,8 +209,8 @@ impl Registry {
             && low > high
         {
             return Err(FfiError::new(format!(
-                "bufferheap_configure({key}={value}): the low watermark ratio ({low}) must not \
-                 exceed the high watermark ratio ({high})"
+                "bufferheap_configure({named}): the low watermark ratio ({low}) must not \
+                 exceed the high watermark ratio ({high}); nothing was applied"
             )));
         }
         state.config = Ok(next);
