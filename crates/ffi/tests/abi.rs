@@ -139,6 +139,7 @@ fn signatures_match_the_contract() {
     let _: extern "C" fn(*mut c_void, *mut c_void) = bufferheap_record_stream;
     let _: unsafe extern "C" fn(*mut c_void, *mut usize) -> *mut c_void = bufferheap_base_alloc;
     let _: unsafe extern "C" fn(*const c_char, *const c_char) -> c_int = bufferheap_configure;
+    let _: unsafe extern "C" fn(*const c_char) -> c_int = bufferheap_configure_all;
     let _: extern "C" fn() -> c_int = bufferheap_initialized;
     let _: extern "C" fn(c_int) -> *mut c_char = bufferheap_stats_json;
     let _: extern "C" fn(c_int) -> *mut c_char = bufferheap_snapshot_json;
@@ -604,6 +605,7 @@ fn header_declares_exactly_the_exports() {
         "bufferheap_record_stream",
         "bufferheap_base_alloc",
         "bufferheap_configure",
+        "bufferheap_configure_all",
         "bufferheap_initialized",
         "bufferheap_stats_json",
         "bufferheap_snapshot_json",
@@ -634,6 +636,7 @@ void (*p_fraction)(double, int) = bufferheap_set_memory_fraction;
 void (*p_record)(void *, void *) = bufferheap_record_stream;
 void *(*p_base)(void *, size_t *) = bufferheap_base_alloc;
 int (*p_configure)(const char *, const char *) = bufferheap_configure;
+int (*p_configure_all)(const char *) = bufferheap_configure_all;
 int (*p_initialized)(void) = bufferheap_initialized;
 char *(*p_stats)(int) = bufferheap_stats_json;
 char *(*p_snapshot)(int) = bufferheap_snapshot_json;
