@@ -365,3 +365,42 @@ def test_configure_all_refuses_lines_that_are_not_settings(real_lib):
     assert bufferheap.memory_stats(0)["policy"] == "default"
     assert configure_all(b"policy=mps\n\nhistory=10\n") == 0
     assert bufferheap.memory_stats(0)["policy"] == "mps"
+
+
+def test_a_snapshot_taken_while_another_thread_allocates_is_consistent(real_lib):
+    # As PyTorch's _snapshot(): segments and traces are read together, so the last event of
+    # every address agrees with the state of the block there.
+    import random
+
+    malloc, free = real_lib.fn("bufferheap_malloc"), real_lib.fn("bufferheap_free")
+    bufferheap.record_memory_history(max_entries=5000)
+    stop = threading.Event()
+
+    def churn():
+        r, mine = random.Random(1), []
+        while not stop.is_set():
+            if len(mine) > 64 or (mine and r.random() < 0.5):
+                free(mine.pop(r.randrange(len(mine))), 0, 0, None)
+            else:
+                mine.append(malloc(r.choice([4096, 100000, 3 << 20]), 0, None))
+        for p in mine:
+            free(p, 0, 0, None)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    disagreements = []
+    try:
+        for _ in range(60):
+            snap = bufferheap.snapshot(device=0)
+            last = {}
+            for e in snap["device_traces"][0]:
+                if e["action"] in ("alloc", "free_completed"):
+                    last[e["addr"]] = e["action"]
+            allocated = {b["address"] for s in snap["segments"] for b in s["blocks"] if b["state"] == "active_allocated"}
+            disagreements = [(hex(a), action) for a, action in last.items() if (action == "alloc") != (a in allocated)]
+            if disagreements:
+                break
+    finally:
+        stop.set()
+        worker.join()
+    assert disagreements == []

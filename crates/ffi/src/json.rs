@@ -112,21 +112,19 @@ pub fn snapshot_json(reg: &Registry, sys: &System, device: i32) -> FfiResult<Str
     let devices = sys.devices_of(device)?;
     let traces = if device == -1 { sys.count() } else { 1 };
     let mut segments = Vec::new();
-    for d in devices {
+    let mut device_traces = vec![Vec::<Value>::new(); traces];
+    for (i, d) in devices.enumerate() {
         if let Some(a) = sys.existing(d) {
-            segments.extend(a.segments().into_iter().map(|s| Segment::new(d, s)));
+            // Read together, so that they agree while other threads allocate.
+            let (segs, history) = a.segments_and_history();
+            segments.extend(segs.into_iter().map(|s| Segment::new(d, s)));
+            device_traces[i] = history.iter().map(trace_entry).collect();
         }
     }
     let policy = match sys.existing(device.max(0) as usize) {
         Some(a) => a.policy(),
         None => reg.config()?.policy,
     };
-    let mut device_traces = vec![Vec::<Value>::new(); traces];
-    for (i, d) in sys.devices_of(device)?.enumerate() {
-        if let Some(a) = sys.existing(d) {
-            device_traces[i] = a.history().iter().map(trace_entry).collect();
-        }
-    }
     let answer = json!({
         "segments": segments,
         "device_traces": device_traces,

@@ -178,9 +178,13 @@ pub fn read(sys: &System, device: i32, traces: bool) -> FfiResult<FlatSnapshot> 
     let mut flat = FlatSnapshot::default();
     for d in sys.devices_of(device)? {
         if let Some(a) = sys.existing(d) {
-            flat.add_segments(d, &a.segments())?;
             if traces {
-                flat.add_trace(d, &a.history());
+                // Read together, so that they agree while other threads allocate.
+                let (segments, history) = a.segments_and_history();
+                flat.add_segments(d, &segments)?;
+                flat.add_trace(d, &history);
+            } else {
+                flat.add_segments(d, &a.segments())?;
             }
         }
     }

@@ -224,73 +224,87 @@ impl<B: Backend> Allocator<B> {
     /// Heaps as PyTorch snapshot segments, with their blocks (buffers and free ranges) in
     /// address order. A page-mapped heap is reported up to its last mapped page.
     pub fn segments(&self) -> Vec<SegmentInfo> {
+        segments_of(&mut self.engine.lock())
+    }
+
+    /// [`Allocator::segments`] and [`Allocator::history`] read under one hold of the lock, so
+    /// that they agree while other threads allocate: every address's last history entry
+    /// matches its block's state (a snapshot's segments and traces).
+    pub fn segments_and_history(&self) -> (Vec<SegmentInfo>, Vec<crate::TraceEntry>) {
         let mut st = self.engine.lock();
-        st.return_fronts(true, false);
-        let mut by_heap: std::collections::HashMap<(u32, u32), Vec<BlockInfo>> = Default::default();
-        for rec in st.records.iter().filter(|r| r.state != BufState::Vacant) {
-            let state = match rec.state {
-                BufState::InUse => BlockState::ActiveAllocated,
-                BufState::Pending => BlockState::ActivePendingFree,
-                _ => BlockState::Inactive,
+        let segments = segments_of(&mut st);
+        let history = st.history.as_ref().map(|h| h.entries()).unwrap_or_default();
+        (segments, history)
+    }
+}
+
+/// The heaps of `st` as snapshot segments (see [`Allocator::segments`]).
+fn segments_of<B: Backend>(st: &mut State<B>) -> Vec<SegmentInfo> {
+    st.return_fronts(true, false);
+    let mut by_heap: std::collections::HashMap<(u32, u32), Vec<BlockInfo>> = Default::default();
+    for rec in st.records.iter().filter(|r| r.state != BufState::Vacant) {
+        let state = match rec.state {
+            BufState::InUse => BlockState::ActiveAllocated,
+            BufState::Pending => BlockState::ActivePendingFree,
+            _ => BlockState::Inactive,
+        };
+        let requested_size = if rec.state == BufState::InUse {
+            rec.requested
+        } else {
+            0
+        };
+        by_heap
+            .entry((rec.pool, rec.heap))
+            .or_default()
+            .push(BlockInfo {
+                address: rec.ptr,
+                size: rec.size,
+                requested_size,
+                state,
+            });
+    }
+    let mut out = Vec::new();
+    for (p, pool) in st.pools.iter().enumerate() {
+        for h in pool.heap_slots() {
+            let heap = pool.heap(h);
+            let mut blocks = by_heap.remove(&(p as u32, h)).unwrap_or_default();
+            blocks.extend(heap.free.iter().map(|(off, len)| BlockInfo {
+                address: heap.region.base + off as u64,
+                size: len,
+                requested_size: 0,
+                state: BlockState::Inactive,
+            }));
+            blocks.sort_by_key(|b| b.address);
+            // A page-mapped heap shows one segment per run of mapped pages, as PyTorch
+            // shows its expandable segments: the segments add up to the reserved bytes.
+            // Every buffer lies on mapped pages; free ranges are cut at the runs' ends.
+            let ranges = match &heap.pages {
+                Some(pages) => pages.mapped_byte_runs(),
+                None => vec![(0, heap.region.size)],
             };
-            let requested_size = if rec.state == BufState::InUse {
-                rec.requested
-            } else {
-                0
-            };
-            by_heap
-                .entry((rec.pool, rec.heap))
-                .or_default()
-                .push(BlockInfo {
-                    address: rec.ptr,
-                    size: rec.size,
-                    requested_size,
-                    state,
-                });
-        }
-        let mut out = Vec::new();
-        for (p, pool) in st.pools.iter().enumerate() {
-            for h in pool.heap_slots() {
-                let heap = pool.heap(h);
-                let mut blocks = by_heap.remove(&(p as u32, h)).unwrap_or_default();
-                blocks.extend(heap.free.iter().map(|(off, len)| BlockInfo {
-                    address: heap.region.base + off as u64,
-                    size: len,
-                    requested_size: 0,
-                    state: BlockState::Inactive,
-                }));
-                blocks.sort_by_key(|b| b.address);
-                // A page-mapped heap shows one segment per run of mapped pages, as PyTorch
-                // shows its expandable segments: the segments add up to the reserved bytes.
-                // Every buffer lies on mapped pages; free ranges are cut at the runs' ends.
-                let ranges = match &heap.pages {
-                    Some(pages) => pages.mapped_byte_runs(),
-                    None => vec![(0, heap.region.size)],
-                };
-                for (offset, len) in ranges {
-                    let start = heap.region.base + offset as u64;
-                    let end = start + len as u64;
-                    // Blocks do not overlap, so their ends are sorted like their starts.
-                    let first = blocks.partition_point(|b| b.address + b.size as u64 <= start);
-                    let inside: Vec<BlockInfo> = blocks[first..]
-                        .iter()
-                        .take_while(|b| b.address < end)
-                        .map(|b| {
-                            let from = b.address.max(start);
-                            let to = (b.address + b.size as u64).min(end);
-                            BlockInfo {
-                                address: from,
-                                size: (to - from) as usize,
-                                ..b.clone()
-                            }
-                        })
-                        .collect();
-                    out.push(segment_info(pool, start, len, heap.pages.is_some(), inside));
-                }
+            for (offset, len) in ranges {
+                let start = heap.region.base + offset as u64;
+                let end = start + len as u64;
+                // Blocks do not overlap, so their ends are sorted like their starts.
+                let first = blocks.partition_point(|b| b.address + b.size as u64 <= start);
+                let inside: Vec<BlockInfo> = blocks[first..]
+                    .iter()
+                    .take_while(|b| b.address < end)
+                    .map(|b| {
+                        let from = b.address.max(start);
+                        let to = (b.address + b.size as u64).min(end);
+                        BlockInfo {
+                            address: from,
+                            size: (to - from) as usize,
+                            ..b.clone()
+                        }
+                    })
+                    .collect();
+                out.push(segment_info(pool, start, len, heap.pages.is_some(), inside));
             }
         }
-        out
     }
+    out
 }
 
 /// A segment of `pool` at `address` holding `blocks` (which tile it), with its sums;
