@@ -11,6 +11,9 @@ ap.add_argument("mode", choices=["native", "expandable", "bufferheap", "bufferhe
 ap.add_argument("--steps", type=int, default=20)
 a = ap.parse_args()
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+# An inherited setting must not leak in: "native" is PyTorch's default allocator.
+for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+    os.environ.pop(var, None)
 if a.mode == "expandable":
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 import torch

@@ -10,7 +10,8 @@ A C++ loop (built with torch.utils.cpp_extension.load_inline) calls
 c10::cuda::CUDACachingAllocator::raw_alloc / raw_delete, which reach whichever allocator is
 installed: a ring of `live` slots, each step frees the slot's old block and allocates a new
 one, sizes log-uniform in [lo, hi]; a warm-up pass, then a timed pass of N steps; best of R.
-Prints one JSON line per size range: mode, policy, lo, hi, live, ns_per_pair.
+Prints one JSON line per size range: mode, policy, lo, hi, live, ns_per_pair; for bufferheap
+also the range's own page map and unmap calls and peak reserved bytes (over its 2 x R passes).
 """
 
 import argparse
@@ -75,9 +76,14 @@ torch.zeros(1, device="cuda")
 ext = load_inline("bufferheap_microbench", cpp_sources=SRC, functions=["bench"], with_cuda=True, verbose=False)
 for lo, hi, live in RANGES:
     r = dict(mode=a.mode, policy=a.policy if ours else None, lo=lo, hi=hi, live=live, steps=a.steps)
+    if ours:
+        # The counters below are this range's own (its warm-up and timed passes, all repeats).
+        bufferheap.reset_accumulated_memory_stats()
+        bufferheap.reset_peak_memory_stats()
     r["ns_per_pair"] = min(ext.bench(a.steps, live, lo, hi) for _ in range(a.repeats))
     if ours:
         st = bufferheap.memory_stats()
-        r["num_device_alloc"] = st.get("num_device_alloc")
+        r["num_map_calls"] = st.get("num_map_calls")
+        r["num_unmap_calls"] = st.get("num_unmap_calls")
         r["max_reserved_gib"] = bufferheap.max_memory_reserved() / 2**30
     print(json.dumps(r), flush=True)

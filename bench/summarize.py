@@ -3,12 +3,15 @@
 usage: python3 bench/summarize.py [out/results.jsonl]
 
 Where a (workload, mode) or (size range, mode) appears more than once, the last line counts.
+Lines carry the id of the run_all.sh invocation that wrote them ("run"); a ratio to native is
+given only between lines of one invocation (timings are compared only inside one run).
 Losses are compared with native's step by step (max relative difference); PyTorch's own
 expandable_segments and cudaMallocAsync show how far apart runs differing only in the
 allocator land through nondeterministic kernels (bf16 noise).
 """
 
 import json
+import math
 import sys
 from collections import OrderedDict
 
@@ -51,7 +54,9 @@ def fmt(x, digits=2):
 def max_rel_diff(a, b):
     if not a or not b or len(a) != len(b):
         return None
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+    diffs = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)]
+    # A loss that went NaN (a diverged run) differs without bound; max() would skip it.
+    return math.inf if any(math.isnan(d) for d in diffs) else max(diffs)
 
 
 def load(path):
@@ -88,7 +93,7 @@ def workload_table(workloads):
         native = workloads.get((w, "native"))
         base = native.get("losses") if native else None
         diffs = {lbl: max_rel_diff(workloads[(w, lbl)].get("losses"), base) for lbl in rows}
-        torch_noise = max([d for lbl, d in diffs.items() if d is not None and lbl in MODE_NAMES.values()] + [0.0])
+        torch_noise = max([d for lbl, d in diffs.items() if d is not None and math.isfinite(d) and lbl in MODE_NAMES.values()] + [0.0])
         tol = max(LOSS_RTOL, 1.5 * torch_noise)
         first = True
         for lbl in rows:
@@ -124,7 +129,12 @@ def micro_table(micro):
         native = micro.get((rng, "native"))
         for o in ours:
             r = micro.get((rng, o))
-            cells.append("–" if r is None or native is None else f"{r['ns_per_pair'] / native['ns_per_pair']:.2f}")
+            if r is None or native is None:
+                cells.append("–")
+            elif r.get("run") != native.get("run"):
+                cells.append("(other run)")
+            else:
+                cells.append(f"{r['ns_per_pair'] / native['ns_per_pair']:.2f}")
         out.append(f"| {size(lo)} .. {size(hi)}, {live} | " + " | ".join(cells) + " |")
     return out
 

@@ -15,7 +15,6 @@ out["peer_copy_ok"] = bool(torch.equal(c, a * 2))
 big1 = torch.empty(512 << 20, dtype=torch.uint8, device="cuda:1")
 s0, s1 = bufferheap.memory_stats(0), bufferheap.memory_stats(1)
 out["allocated_gib"] = [s0["allocated_bytes.all.current"] / 2**30, s1["allocated_bytes.all.current"] / 2**30]
-out["device_of_pointers"] = [a.device.index, b.device.index, big1.device.index]
 # each allocator holds exactly its own device's tensors
 out["stats_per_device_ok"] = (s0["allocated_bytes.all.current"] >= a.numel() * 4 + c.numel() * 4
                               and s1["allocated_bytes.all.current"] >= b.numel() * 4 + (512 << 20)
