@@ -104,11 +104,12 @@ pub fn physical_block(mode: PhysicalGranularity, granularity: usize) -> usize {
 ///   cost: device memory comes back later than the engine asked; `DriverStats::held_bytes`
 ///   says how much is held.
 /// - [`PartialUnmap::Recreate`]: the parts that stay get new physical allocations at once: new
-///   handles are created first (if the device is out of memory, the allocation is deferred as
-///   above), then the old mapping is unmapped and released and the new handles are mapped in its
-///   place. **The contents of the pages that stay are lost**, so this is correct only for an
-///   engine that guarantees: whenever it unmaps part of a range it mapped with one call, the
-///   rest of that range holds no live data either (and no queued device work uses it).
+///   handles are created first (where they cannot be, out of memory or not, the allocation is
+///   deferred as above), then the old mapping is unmapped and released and the new handles are
+///   mapped in its place. **The contents of the pages that stay are lost**, so this is correct
+///   only for an engine that guarantees: whenever it unmaps part of a range it mapped with one
+///   call, the rest of that range holds no live data either (and no queued device work uses
+///   it).
 ///
 /// Either way, a range spanning several earlier `map` calls unmaps and releases every
 /// allocation it covers whole, and treats the ones at its ends as above.
@@ -278,7 +279,7 @@ impl PageTable {
                     }
                 };
                 if let Err(err) = drv.map(ps, pe - ps, handle) {
-                    let _ = drv.release(handle);
+                    self.release_or_keep(drv, handle);
                     failure = Some(err);
                     break 'gaps;
                 }
@@ -332,6 +333,40 @@ impl PageTable {
         Ok(())
     }
 
+    /// Releases `handle`; one the driver refuses is kept for `clear` to retry, so that no
+    /// physical allocation is lost on an error path.
+    fn release_or_keep(&mut self, drv: &mut impl PageDriver, handle: u64) {
+        if drv.release(handle).is_err() {
+            self.unreleased.push(handle);
+        }
+    }
+
+    fn release_all(&mut self, drv: &mut impl PageDriver, made: &[Made]) {
+        for &(_, _, handle) in made {
+            self.release_or_keep(drv, handle);
+        }
+    }
+
+    /// Creates one handle per range; `None` (those already created released) when one
+    /// cannot be created.
+    fn create_all(
+        &mut self,
+        drv: &mut impl PageDriver,
+        ranges: &[(usize, usize)],
+    ) -> Option<Vec<Made>> {
+        let mut made = Vec::with_capacity(ranges.len());
+        for &(s, e) in ranges {
+            match drv.create(e - s) {
+                Ok(handle) => made.push((s, e, handle)),
+                Err(_) => {
+                    self.release_all(drv, &made);
+                    return None;
+                }
+            }
+        }
+        Some(made)
+    }
+
     /// Undoes the mappings a failed `map` made (nothing has used them, so no `quiesce`). A
     /// mapping that cannot be undone stays in the table as held memory, so that `release`
     /// frees it later.
@@ -340,7 +375,7 @@ impl PageTable {
         let (unmapped, _) = unmap_runs(drv, &spans);
         for (&(s, e, handle), ok) in done.iter().zip(unmapped) {
             if ok {
-                let _ = drv.release(handle);
+                self.release_or_keep(drv, handle);
             } else {
                 self.physical.insert(
                     s,
@@ -390,27 +425,23 @@ impl PageTable {
             if live.is_empty() {
                 doomed.push((start, phys, Vec::new()));
             } else if self.mode == PhysicalGranularity::PerMap(PartialUnmap::Recreate) {
-                match create_all(drv, &live) {
-                    Ok(handles) => doomed.push((start, phys, handles)),
-                    Err(err) => {
-                        // Out of memory: defer this allocation instead. Anything else is
-                        // worth reporting, but deferring is still the safe outcome.
-                        if !err.out_of_memory {
-                            first_error.get_or_insert(err);
-                        }
-                    }
+                // Replacements that cannot be made (out of memory, or any other refusal):
+                // this allocation is deferred instead, kept until all of it is free. An
+                // error here would break the contract: the range is already the device's.
+                if let Some(handles) = self.create_all(drv, &live) {
+                    doomed.push((start, phys, handles));
                 }
             }
             // Otherwise `Defer`: keep the allocation until all of it is free. (`PerPage`
             // allocations are single pages: never covered in part.)
         }
         if doomed.is_empty() {
-            return first_error.map_or(Ok(()), Err);
+            return Ok(());
         }
         // Nothing is unmapped yet: a failure here leaves the range as it was.
         let undo = |table: &mut Self, drv: &mut _, doomed: &[(usize, Physical, Vec<Made>)]| {
             for (_, _, replacements) in doomed {
-                release_all(drv, replacements);
+                table.release_all(drv, replacements);
             }
             table.logical_insert(offset, end);
         };
@@ -429,7 +460,7 @@ impl PageTable {
         for ((start, phys, replacements), ok) in doomed.into_iter().zip(unmapped) {
             if !ok {
                 // Held (see above); its replacements are not needed.
-                release_all(drv, &replacements);
+                self.release_all(drv, &replacements);
                 continue;
             }
             self.physical.remove(&start);
@@ -463,7 +494,7 @@ impl PageTable {
         handle: u64,
     ) -> Result<(), BackendError> {
         if let Err(err) = drv.map(s, e - s, handle) {
-            let _ = drv.release(handle);
+            self.release_or_keep(drv, handle);
             return Err(err);
         }
         if let Err(err) = drv.set_access(s, e - s) {
@@ -636,30 +667,6 @@ fn unmap_runs(
         i = j;
     }
     (unmapped, first_error)
-}
-
-/// Creates one handle per range; on failure releases those already created.
-fn create_all(
-    drv: &mut impl PageDriver,
-    ranges: &[(usize, usize)],
-) -> Result<Vec<Made>, BackendError> {
-    let mut made = Vec::with_capacity(ranges.len());
-    for &(s, e) in ranges {
-        match drv.create(e - s) {
-            Ok(handle) => made.push((s, e, handle)),
-            Err(err) => {
-                release_all(drv, &made);
-                return Err(err);
-            }
-        }
-    }
-    Ok(made)
-}
-
-fn release_all(drv: &mut impl PageDriver, made: &[Made]) {
-    for &(_, _, handle) in made {
-        let _ = drv.release(handle);
-    }
 }
 
 #[cfg(test)]

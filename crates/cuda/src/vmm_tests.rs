@@ -712,3 +712,76 @@ fn random_sequences_keep_the_invariants() {
         }
     }
 }
+
+/// The model, except that `create` fails with an error other than out-of-memory while
+/// `create_fails` is set (as `cuMemCreate` does with `CUDA_ERROR_INVALID_VALUE`, say).
+#[derive(Debug, Default)]
+struct CreateFails {
+    m: Model,
+    create_fails: bool,
+}
+
+impl PageDriver for CreateFails {
+    fn create(&mut self, len: usize) -> Result<u64, BackendError> {
+        if self.create_fails {
+            return Err(BackendError::new(BackendOp::Map, "cuMemCreate failed"));
+        }
+        self.m.create(len)
+    }
+    fn map(&mut self, offset: usize, len: usize, handle: u64) -> Result<(), BackendError> {
+        self.m.map(offset, len, handle)
+    }
+    fn set_access(&mut self, offset: usize, len: usize) -> Result<(), BackendError> {
+        self.m.set_access(offset, len)
+    }
+    fn unmap(&mut self, offset: usize, lens: &[usize]) -> Result<(), (usize, BackendError)> {
+        self.m.unmap(offset, lens)
+    }
+    fn release(&mut self, handle: u64) -> Result<(), BackendError> {
+        self.m.release(handle)
+    }
+    fn quiesce(&mut self) -> Result<(), BackendError> {
+        self.m.quiesce()
+    }
+}
+
+#[test]
+fn replacements_that_cannot_be_created_defer_the_allocation_and_the_unmap_succeeds() {
+    // One allocation [0, 8); unmapping [2, 4) needs replacements for [0, 2) and [4, 8).
+    let (mut t, mut d) = (table(8, RECREATE), CreateFails::default());
+    t.map(&mut d, 0, pages(8)).unwrap();
+    d.create_fails = true;
+    // Deferred, not an error: an error would tell the engine the range is still mapped.
+    t.unmap(&mut d, pages(2), pages(2)).unwrap();
+    assert!(!t.is_mapped(pages(2), pages(2)));
+    assert!(t.is_mapped(0, pages(2)) && t.is_mapped(pages(4), pages(4)));
+    // The deferred allocation still backs the pages that stay, and goes once all are free.
+    d.create_fails = false;
+    t.unmap(&mut d, 0, pages(2)).unwrap();
+    t.unmap(&mut d, pages(4), pages(4)).unwrap();
+    assert!(d.m.handles.is_empty(), "{:?}", d.m.handles);
+
+    // Two map calls: [0, 2) and [2, 8). Unmapping [0, 4) frees [0, 2) whole; the replacement
+    // for [4, 8) cannot be made, so [2, 8) waits, and the call succeeds.
+    let (mut t, mut d) = (table(8, RECREATE), CreateFails::default());
+    t.map(&mut d, 0, pages(2)).unwrap();
+    t.map(&mut d, pages(2), pages(6)).unwrap();
+    d.create_fails = true;
+    t.unmap(&mut d, 0, pages(4)).unwrap();
+    assert!(t.is_mapped(pages(4), pages(4)));
+}
+
+#[test]
+fn handles_a_failed_map_could_not_release_are_retried_by_clear() {
+    let (mut t, mut m) = (table(8, PER_PAGE), Model::default());
+    m.fail_access = true; // the map fails after creating and mapping its 2 pages...
+    m.fail_release = true; // ...and the driver refuses to release them once unmapped
+    assert!(t.map(&mut m, 0, pages(2)).is_err());
+    (m.fail_access, m.fail_release) = (false, false);
+    t.clear(&mut m).unwrap();
+    assert!(
+        m.handles.is_empty(),
+        "{} physical allocation(s) never released",
+        m.handles.len()
+    );
+}
