@@ -436,3 +436,41 @@ fn eight_threads_host_memory() {
     .unwrap();
     hammer(a, "default/host");
 }
+
+#[test]
+fn a_reports_totals_agree_with_its_own_pools_while_others_allocate() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let a = Allocator::new(SimBackend::new(1 << 30), Config::default()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|t| {
+            let (a, stop) = (a.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let size = (64 << 10) * (1 + (i * 7 + t) % 8);
+                    let b = a.alloc(size).unwrap().unwrap();
+                    a.free(b.ptr).unwrap();
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let mut mismatches = 0;
+    for _ in 0..2000 {
+        let r = a.report();
+        let cached: usize = r.pools.iter().map(|p| p.cached_bytes).sum();
+        let reserved: usize = r.pools.iter().map(|p| p.reserved).sum();
+        if cached != r.usage.cached || reserved != r.usage.reserved {
+            mismatches += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert_eq!(
+        mismatches, 0,
+        "reports whose pools disagree with their own totals"
+    );
+}

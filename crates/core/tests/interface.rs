@@ -112,6 +112,16 @@ fn shapes_are_kept_until_free() {
 
 #[test]
 fn shared_front_end_and_host_pointers() {
+    // The host backend gives private regions a host address too: still no host pointer.
+    let host = Allocator::new(HostBackend::with_memory(GIB), Config::default()).unwrap();
+    let p = host.alloc(4096).unwrap().unwrap();
+    assert_eq!(
+        host.shared_host_ptr(p.ptr),
+        None,
+        "private buffer on the host backend"
+    );
+    host.free(p.ptr).unwrap();
+
     let a = sim(Policy::Default);
     assert!(a.shared_storage_supported());
     let shared = a.shared().unwrap();

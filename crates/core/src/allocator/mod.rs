@@ -625,6 +625,11 @@ impl<B: Backend> Allocator<B> {
     pub fn shared_host_ptr(&self, ptr: u64) -> Option<(u64, u32)> {
         let st = self.engine.lock();
         let slot = st.slot_of(ptr)?;
+        // Private buffers have no host pointer, even where the backend maps them on the host.
+        let pool = st.records[slot as usize].pool;
+        if st.pools[pool as usize].kind.storage() != Storage::Shared {
+            return None;
+        }
         let (region, offset) = st.region_of(slot);
         let host = region.host_base? + offset as u64;
         let backend = &self.engine.backend;

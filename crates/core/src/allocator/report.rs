@@ -200,9 +200,8 @@ impl<B: Backend> Allocator<B> {
                     .collect(),
             })
             .collect();
-        drop(st);
-        let mut st = self.engine.lock();
-        st.fold_fronts(true);
+        // Under the same hold of the lock, so that the totals agree with the pools' figures
+        // (the fronts were folded when they were emptied above).
         Report {
             policy: st.policy,
             usage: Usage {
