@@ -170,6 +170,47 @@ fn largest_available_under_an_unaligned_limit_can_be_allocated() {
 }
 
 #[test]
+fn largest_available_counts_only_pools_a_request_reaches() {
+    // Under mps, a 1 MiB buffer takes an 8 MiB small heap; 7 MiB of it stay free, but a
+    // request of 7 MiB goes to the large pool.
+    let a = Allocator::new(
+        SimBackend::new(256 * MIB),
+        Config {
+            policy: Policy::Mps,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let _small = a.alloc(MIB).unwrap().unwrap();
+    let mut held = vec![];
+    while let Ok(Some(b)) = a.alloc(8 * MIB) {
+        held.push(b);
+    }
+    let n = a.largest_available();
+    assert!(
+        n == 0 || a.alloc(n).is_ok_and(|b| b.is_some()),
+        "mps: {n} bytes"
+    );
+
+    // A free range in the shared heap does not serve the private front-end.
+    let a = Allocator::new(SimBackend::new(1 << 30), Config::default()).unwrap();
+    a.set_watermark_ratios(0.0, 0.1).unwrap();
+    let shared = a.shared().unwrap();
+    let _keep = shared.alloc(2 * MIB).unwrap().unwrap();
+    let big = shared.alloc(40 * MIB).unwrap().unwrap();
+    shared.free(big.ptr).unwrap();
+    let mut held = vec![];
+    while let Ok(Some(b)) = a.alloc(2 * MIB) {
+        held.push(b);
+    }
+    let n = a.largest_available();
+    assert!(
+        n == 0 || a.alloc(n).is_ok_and(|b| b.is_some()),
+        "shared heap: {n} bytes"
+    );
+}
+
+#[test]
 fn a_committed_heap_shrinks_to_the_request_under_the_limit() {
     for policy in [Policy::Default, Policy::Mps] {
         let sim = SimBackend::new(1000 * MIB).without_page_mapping();

@@ -5,10 +5,13 @@
 //! the figures are exact, not the engine's partial view.
 
 use super::Allocator;
+use super::state::{TINY_LIMIT, one_private_range};
+use crate::Storage;
 use crate::backend::Backend;
 use crate::config::debug;
 use crate::error::Result;
 use crate::format::format_size;
+use crate::pool::PoolKind;
 use crate::stats::{Stats, Usage};
 
 impl<B: Backend> Allocator<B> {
@@ -101,8 +104,9 @@ impl<B: Backend> Allocator<B> {
 
     /// The largest buffer one request could get now without failing, what PyTorch's
     /// `cacheInfo` tells cuDNN when it sizes the workspaces of its benchmark: the largest cached
-    /// buffer or free range of any pool, or the device's free memory within the high
-    /// watermark's headroom, whichever is larger. A free range of a page-mapped heap counts
+    /// buffer or free range of a pool that a request of this front-end's storage on the default
+    /// stream reaches, or the device's free memory within the high watermark's headroom,
+    /// whichever is larger. A free range of a page-mapped heap counts
     /// only as far as its pool's idle mapped pages and that growth can back it.
     pub fn largest_available(&self) -> usize {
         let device_free = self.engine.backend.memory_info().free;
@@ -117,9 +121,19 @@ impl<B: Backend> Allocator<B> {
         // headroom itself would round up past it.
         let unit = self.engine.caps.granularity.max(2 << 20);
         let growth = device_free.min(headroom) / unit * unit;
+        // Only pools a request of this front-end on the default stream can reach count, each
+        // for the sizes that go to it: a small pool serves requests up to the small limit,
+        // and a large pool none below it.
+        let storage = self.storage;
+        let small_max = if storage == Storage::Private && one_private_range(st.policy, &st.caps) {
+            TINY_LIMIT
+        } else {
+            crate::cache::SMALL_LIMIT
+        };
         let held = st
             .pools
             .iter()
+            .filter(|p| p.stream == 0 && p.kind.storage() == storage && p.kind != PoolKind::Scalar)
             .map(|p| {
                 let page_mapped = p.heaps.iter().flatten().any(|h| h.pages.is_some());
                 let range = if page_mapped {
@@ -127,7 +141,12 @@ impl<B: Backend> Allocator<B> {
                 } else {
                     p.largest_free()
                 };
-                range.max(p.cache.largest())
+                let most = range.max(p.cache.largest());
+                match (p.kind.is_small(), most <= small_max) {
+                    (true, _) => most.min(small_max),
+                    (false, true) => 0,
+                    (false, false) => most,
+                }
             })
             .max()
             .unwrap_or(0);
