@@ -211,6 +211,36 @@ fn largest_available_counts_only_pools_a_request_reaches() {
 }
 
 #[test]
+fn a_request_that_fits_on_the_device_is_not_refused_for_pages_mapped_ahead() {
+    let a = Allocator::new(SimBackend::new(256 * MIB), Config::default()).unwrap();
+    // Shared memory takes part of the device, so private growth runs it out.
+    let shared = a.shared().unwrap();
+    let _keep = shared.alloc(2 * MIB).unwrap().unwrap();
+    let big = shared.alloc(60 * MIB).unwrap().unwrap();
+    shared.free(big.ptr).unwrap();
+    let mut held = vec![];
+    while let Ok(Some(b)) = a.alloc(8 * MIB) {
+        held.push(b);
+    }
+    // Growth in a burst maps pages ahead; where the device cannot hold those, the request
+    // itself still gets its pages.
+    loop {
+        let free = a.backend().memory_info().free;
+        match a.alloc(2 * MIB) {
+            Ok(b) => held.push(b.unwrap()),
+            Err(e) => {
+                assert!(
+                    free < 2 * MIB,
+                    "{} MiB free, 2 MiB refused: {e}",
+                    free / MIB
+                );
+                break;
+            }
+        }
+    }
+}
+
+#[test]
 fn a_committed_heap_shrinks_to_the_request_under_the_limit() {
     for policy in [Policy::Default, Policy::Mps] {
         let sim = SimBackend::new(1000 * MIB).without_page_mapping();

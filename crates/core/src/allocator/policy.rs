@@ -18,6 +18,7 @@ use crate::callbacks::Notes;
 use crate::config::{Policy, debug};
 use crate::error::Result;
 use crate::format::format_size;
+use crate::pages::PageRun;
 
 use super::state::{BufState, State};
 
@@ -356,12 +357,25 @@ impl<B: Backend> State<B> {
             }
             self.shortfall = None;
         }
-        for run in runs {
-            if !self.map_run(backend, p, h, run)? {
+        if !self.map_runs(backend, p, h, runs)? {
+            // The device may still hold the request without the pages mapped ahead.
+            let exact = pages_of(self, p, h).unmapped_runs(off, size, 1);
+            if !self.map_runs(backend, p, h, exact)? {
                 return Ok(None);
             }
+            self.shortfall = None;
         }
         Ok(Some(self.place(p, h, off, size, requested, notes)))
+    }
+
+    /// Maps `runs` in order; false at the first the device has no memory for.
+    fn map_runs(&mut self, backend: &B, p: u32, h: u32, runs: Vec<PageRun>) -> Result<bool> {
+        for run in runs {
+            if !self.map_run(backend, p, h, run)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Growth by a new committed heap, sized like PyTorch's native segments: 2 MiB for small
