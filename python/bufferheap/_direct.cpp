@@ -36,6 +36,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -156,7 +157,9 @@ class ContextBook {
     Context context = recorder != nullptr ? recorder() : nullptr;
     std::lock_guard<std::mutex> guard(mutex_);
     int answer = call();
-    if (answer != kAllocated || !on()) {
+    // A request of 0 bytes gets no buffer and leaves no entry in bufferheap's history: filing it
+    // would push out the stacks of real entries.
+    if (answer != kAllocated || !on() || *ptr == nullptr) {
       return answer;
     }
     live_[address(*ptr)] = context;
@@ -654,7 +657,45 @@ struct DirectAllocator final : Pluggable {
     return limit > 0;
   }
 
+  // torch.cuda.set_per_process_memory_fraction() reaches bufferheap through the base's hook;
+  // the fraction is kept here for get_per_process_memory_fraction() (1.0 until one is set).
+  void setMemoryFraction(double fraction, c10::DeviceIndex device) override {
+    Pluggable::setMemoryFraction(fraction, device);
+    std::lock_guard<std::mutex> guard(fraction_mutex_);
+    fractions_[device] = fraction;
+  }
+
+  double getMemoryFraction(c10::DeviceIndex device) override {
+    std::lock_guard<std::mutex> guard(fraction_mutex_);
+    auto it = fractions_.find(device);
+    return it == fractions_.end() ? 1.0 : it->second;
+  }
+
+  // CUDA graphs and torch.cuda.MemPool allocate into private pools that nothing else may use
+  // while a graph can replay. bufferheap keeps no such pools: a graph's memory would be handed
+  // to other tensors and overwritten by each replay. Refused, so that capture fails loudly.
+  void beginAllocateToPool(
+      c10::DeviceIndex device,
+      c10::cuda::MempoolId_t mempool_id,
+      std::function<bool(cudaStream_t)> /*filter*/) override {
+    // A std::runtime_error (RuntimeError in Python): a c10::Error thrown here crashed inside
+    // PyTorch 2.11's capture_begin on the H100, where this one is reported cleanly.
+    throw std::runtime_error(
+        "bufferheap does not support CUDA graph capture or torch.cuda.MemPool (pool (" +
+        std::to_string(mempool_id.first) + ", " + std::to_string(mempool_id.second) +
+        ") on device " + std::to_string(static_cast<int>(device)) +
+        "): it keeps no private memory pools, so a captured graph's memory would be reused by "
+        "other tensors. Capture graphs in a process that does not install bufferheap.");
+  }
+
+  // Nothing was ever allocated to a pool (see beginAllocateToPool).
+  void endAllocateToPool(c10::DeviceIndex, c10::cuda::MempoolId_t) override {}
+  void releasePool(c10::DeviceIndex, c10::cuda::MempoolId_t) override {}
+
  private:
+  std::mutex fraction_mutex_;
+  std::unordered_map<c10::DeviceIndex, double> fractions_;
+
   std::vector<int> skipped_actions() {
     std::lock_guard<std::mutex> guard(skip_mutex_);
     return skip_actions_;

@@ -53,6 +53,10 @@ def build() -> Path:
             name=NAME,
             sources=[str(SOURCE)],
             extra_cflags=["-O2"],
+            # The front has no CUDA sources, so no GPU architecture matters; naming one keeps
+            # PyTorch from asking the device for its own (which would start CUDA, and with it
+            # PyTorch's allocator, before bufferheap's can be installed).
+            extra_cuda_cflags=["-gencode=arch=compute_90,code=sm_90"],
             build_directory=str(folder),
             with_cuda=True,
             is_python_module=False,
@@ -65,6 +69,11 @@ def build() -> Path:
             "and the CUDA headers PyTorch was built with; install(direct=False) uses PyTorch's pluggable "
             "path, which needs none of them."
         ) from e
+    if torch.cuda.is_initialized():
+        raise RuntimeError(
+            "bufferheap.torch.install(direct=True): building the C++ front started CUDA, and with it "
+            "PyTorch's own allocator, so bufferheap's can no longer be installed in this process"
+        )
     built = sorted(folder.glob(f"{NAME}*.so"), key=lambda p: p.stat().st_mtime)
     if not built:
         raise RuntimeError(f"bufferheap: building the C++ front left no {NAME}*.so in {folder}")

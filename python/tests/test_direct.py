@@ -69,9 +69,10 @@ class _FakeCppExtension:
         Path(kw["build_directory"], kw["name"] + ".so").write_bytes(b"")
 
 
-def _fake_torch(monkeypatch, ext):
+def _fake_torch(monkeypatch, ext, cuda_started=False):
     torch = types.ModuleType("torch")
     torch.__version__ = "2.11.0+cu130"
+    torch.cuda = types.SimpleNamespace(is_initialized=lambda: cuda_started)
     utils = types.ModuleType("torch.utils")
     utils.cpp_extension = ext
     torch.utils = utils
@@ -87,6 +88,14 @@ def test_build_goes_to_one_folder_per_torch_version(monkeypatch, tmp_path):
     assert built == tmp_path / "bufferheap_direct-torch2.11.0_cu130" / "bufferheap_direct.so"
     (call,) = ext.calls
     assert call["sources"] == [str(_direct.SOURCE)] and call["with_cuda"] and not call["is_python_module"]
+    # An architecture is named, so that PyTorch does not ask the device (which starts CUDA).
+    assert any("arch" in flag for flag in call["extra_cuda_cflags"])
+
+
+def test_a_build_that_started_cuda_is_reported(monkeypatch, tmp_path):
+    _fake_torch(monkeypatch, _FakeCppExtension(tmp_path), cuda_started=True)
+    with pytest.raises(RuntimeError, match="started CUDA"):
+        _direct.build()
 
 
 def test_a_failed_build_says_what_is_missing_and_what_works_without_it(monkeypatch, tmp_path):

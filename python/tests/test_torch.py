@@ -291,3 +291,61 @@ def test_direct_front_stacks_stay_with_their_allocations_under_threads():
     )
     assert r["checked"] > 1000, r
     assert r["wrong"] == 0, r
+
+
+def test_direct_front_installs_where_no_gpu_architecture_is_named():
+    # Building the front must not start CUDA (PyTorch asks the device for its architecture
+    # when none is named), or PyTorch's own allocator is in place before bufferheap's.
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])
+    code = "import json, torch, bufferheap; info = bufferheap.torch.install(direct=True); print(json.dumps(info['settings']))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["front"] == "direct"
+
+
+def test_direct_front_refuses_cuda_graph_capture_and_keeps_the_memory_fraction():
+    r = _run(
+        """
+        import json, torch, bufferheap
+        bufferheap.torch.install(direct=True)
+        default_fraction = torch.cuda.get_per_process_memory_fraction()
+        torch.cuda.set_per_process_memory_fraction(0.5)
+        fraction = torch.cuda.get_per_process_memory_fraction()
+        x = torch.ones(1 << 20, device="cuda")
+        side = torch.cuda.Stream()
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g, stream=side):
+                y = x * 2
+            refused = None
+        except RuntimeError as e:
+            refused = str(e)
+        z = torch.zeros(1 << 20, device="cuda")   # the process goes on working
+        print(json.dumps(dict(default_fraction=default_fraction, fraction=fraction, refused=refused,
+                              zeros=float(z.sum()))))
+        """
+    )
+    assert r["default_fraction"] == 1.0 and r["fraction"] == 0.5
+    assert r["refused"] and "does not support CUDA graph capture" in r["refused"]
+    assert r["zeros"] == 0.0
+
+
+def test_direct_front_empty_tensors_do_not_push_stacks_out_of_the_history():
+    r = _run(
+        """
+        import json, torch, bufferheap
+        bufferheap.torch.install(direct=True)
+        torch.cuda.memory._record_memory_history(max_entries=100)
+        def make_a():
+            return torch.empty(4 << 20, dtype=torch.uint8, device="cuda")
+        a = make_a()
+        empties = [torch.empty(0, device="cuda") for _ in range(200)]
+        snap = torch.cuda.memory._snapshot()
+        allocs = [e for e in snap["device_traces"][0] if e["action"] == "alloc" and e["addr"] == a.data_ptr()]
+        names = [f["name"] for e in allocs for f in e["frames"]]
+        print(json.dumps(dict(allocs=len(allocs), named=names.count("make_a"))))
+        """
+    )
+    assert r["allocs"] == 1
+    assert r["named"] >= 1, "the allocation's stack names the function that made it"
