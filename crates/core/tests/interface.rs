@@ -489,6 +489,18 @@ fn out_of_memory_error_reads_like_the_seed() {
 }
 
 #[test]
+fn a_backend_with_pages_below_the_buffer_alignment_is_refused() {
+    // Its regions would be aligned to 256 bytes only, and so would the buffers in them.
+    match Allocator::new(
+        SimBackend::new(64 * MIB).with_granularity(256),
+        Config::default(),
+    ) {
+        Err(Error::Unsupported(reason)) => assert!(reason.contains("below the buffer alignment")),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
 fn oversized_requests_are_rejected() {
     let a = sim(Policy::Default);
     match a.alloc(usize::MAX) {

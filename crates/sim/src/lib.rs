@@ -124,7 +124,8 @@ impl SimBackend {
         }
     }
 
-    /// Sets the page size (a power of two).
+    /// Sets the page size: a power of two of at least 512 bytes (the buffer alignment; the
+    /// engine refuses a backend with smaller pages).
     pub fn with_granularity(mut self, granularity: usize) -> SimBackend {
         self.granularity = granularity;
         self

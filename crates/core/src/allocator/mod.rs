@@ -190,6 +190,14 @@ impl<B: Backend> Allocator<B> {
                 caps.granularity
             )));
         }
+        // Region bases are aligned to the granularity only: below the buffer alignment, buffer
+        // addresses (base + offset) would not be aligned.
+        if caps.granularity < ALIGN {
+            return Err(Error::Unsupported(format!(
+                "backend granularity {} is below the buffer alignment of {ALIGN} bytes",
+                caps.granularity
+            )));
+        }
         static NEXT_ENGINE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let debug_mask = config.debug;
         let (policy, front_capacity) = (config.policy, config.front_cache_bytes);
