@@ -10,7 +10,8 @@
 //!
 //! Invariants: every region's base is aligned to the granularity; `held` counts committed
 //! regions plus mapped pages and never exceeds the configured total (checked and updated
-//! under one lock hold); a region handle is unique in the process, and a call acts on a
+//! under one lock hold); a page is mapped at most once, and only mapped pages are unmapped
+//! (a region's bitmap says which; other calls are refused, as the CUDA backend refuses them); a region handle is unique in the process, and a call acts on a
 //! region only if its handle, base and size are those this backend handed out, so a region
 //! made up or taken from another backend is refused, never touched; the only `unsafe` code
 //! is the system calls and the copy in `write`, each with its argument.
@@ -40,6 +41,25 @@ struct HostRegion {
     size: usize,
     committed: bool,
     mapped_bytes: usize,
+    /// One bit per page, set while the page is mapped (page-mapped regions only).
+    mapped: Vec<u64>,
+}
+
+impl HostRegion {
+    /// Pages `[first, first + n)` whose mapped bit is `set`: all of them, or not.
+    fn pages_are(&self, first: usize, n: usize, set: bool) -> bool {
+        (first..first + n).all(|p| (self.mapped[p / 64] >> (p % 64)) & 1 == u64::from(set))
+    }
+
+    fn mark(&mut self, first: usize, n: usize, set: bool) {
+        for p in first..first + n {
+            if set {
+                self.mapped[p / 64] |= 1 << (p % 64);
+            } else {
+                self.mapped[p / 64] &= !(1 << (p % 64));
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -269,6 +289,11 @@ impl Backend for HostBackend {
                 size,
                 committed,
                 mapped_bytes: 0,
+                mapped: if committed {
+                    Vec::new()
+                } else {
+                    vec![0; (size / g).div_ceil(64)]
+                },
             },
         );
         if committed {
@@ -312,6 +337,18 @@ impl Backend for HostBackend {
                 "region is committed, not page-mapped",
             ));
         }
+        check_page_range(r.size, offset, len, self.granularity, BackendOp::Map)?;
+        let (first, n) = (offset / self.granularity, len / self.granularity);
+        // As the CUDA backend: a page is mapped once; mapping it again is an engine bug.
+        if !r.pages_are(first, n, false) {
+            return Err(BackendError::new(
+                BackendOp::Map,
+                format!(
+                    "range [{offset:#x}, {:#x}) is already mapped in part or whole",
+                    offset + len
+                ),
+            ));
+        }
         if held + len > self.total {
             return Err(BackendError::out_of_memory(
                 BackendOp::Map,
@@ -328,7 +365,9 @@ impl Backend for HostBackend {
             BackendOp::Map,
             libc::PROT_READ | libc::PROT_WRITE,
         )?;
-        st.region_mut(region, BackendOp::Map)?.mapped_bytes += len;
+        let r = st.region_mut(region, BackendOp::Map)?;
+        r.mapped_bytes += len;
+        r.mark(first, n, true);
         st.held += len;
         Ok(())
     }
@@ -336,11 +375,27 @@ impl Backend for HostBackend {
     fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
         let mut st = self.state.lock();
         let r = st.region(region, BackendOp::Unmap)?;
-        if r.committed || r.mapped_bytes < len {
-            return Err(BackendError::new(BackendOp::Unmap, "range is not mapped"));
+        if r.committed {
+            return Err(BackendError::new(
+                BackendOp::Unmap,
+                "region is committed, not page-mapped",
+            ));
+        }
+        check_page_range(r.size, offset, len, self.granularity, BackendOp::Unmap)?;
+        let (first, n) = (offset / self.granularity, len / self.granularity);
+        if !r.pages_are(first, n, true) {
+            return Err(BackendError::new(
+                BackendOp::Unmap,
+                format!(
+                    "range [{offset:#x}, {:#x}) is not wholly mapped",
+                    offset + len
+                ),
+            ));
         }
         self.protect(r, offset, len, BackendOp::Unmap, libc::PROT_NONE)?;
-        st.region_mut(region, BackendOp::Unmap)?.mapped_bytes -= len;
+        let r = st.region_mut(region, BackendOp::Unmap)?;
+        r.mapped_bytes -= len;
+        r.mark(first, n, false);
         st.held -= len;
         Ok(())
     }
@@ -408,6 +463,31 @@ impl Drop for HostBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_are_mapped_once_and_unmapped_only_while_mapped() {
+        // As the CUDA backend and the sim refuse them: held must count each page once.
+        let g = DEFAULT_GRANULARITY;
+        let b = HostBackend::with_memory(2 * g);
+        let r = b.reserve(8 * g, Storage::Private, false).unwrap();
+        b.map(&r, 0, 2 * g).unwrap();
+        let never_mapped = b.unmap(&r, 4 * g, 2 * g).unwrap_err();
+        assert!(
+            never_mapped.message.contains("not wholly mapped"),
+            "{never_mapped:?}"
+        );
+        assert!(b.unmap(&r, g, 2 * g).is_err(), "half of it is mapped");
+        assert_eq!(b.held(), 2 * g, "pages 0 and 1 are still mapped");
+        // The budget of two pages grants no third.
+        assert!(b.map(&r, 2 * g, g).is_err(), "held {}", b.held());
+        let again = b.map(&r, g, g).unwrap_err();
+        assert!(again.message.contains("already mapped"), "{again:?}");
+        assert_eq!(b.held(), 2 * g);
+        b.unmap(&r, 0, 2 * g).unwrap();
+        assert_eq!(b.held(), 0);
+        b.map(&r, 6 * g, 2 * g).unwrap();
+        assert_eq!(b.held(), 2 * g);
+    }
 
     #[test]
     fn page_mapping_round_trip() {
