@@ -412,7 +412,10 @@ impl<B: Backend> Allocator<B> {
             st.stats.num_ooms += 1;
             let free = self.engine.backend.memory_info().free;
             st.trace(crate::TraceAction::Oom, free as u64, aligned, stream);
-            self.out_of_memory(&mut st, aligned, storage)
+            // The pool's storage, as the seed names it ("shared" for tiny requests routed to
+            // the shared small pool on unified memory).
+            let pool_storage = st.select_kind(size, aligned, storage, scalar).storage();
+            self.out_of_memory(&mut st, aligned, pool_storage)
         };
         self.fire(notes);
         Err(Error::OutOfMemory(Box::new(oom)))

@@ -77,7 +77,9 @@ impl<B: Backend> State<B> {
     pub fn take_cached(&mut self, p: u32, size: usize) -> Option<u32> {
         let cache = &mut self.pools[p as usize].cache;
         match self.policy {
-            Policy::Mps => cache.take_exact(size),
+            // The seed's get_free_buffer gates every reuse on the high watermark and ages the
+            // large pools' cached buffers: its step does both.
+            Policy::Mps => None,
             Policy::Default => {
                 let div = if size <= crate::cache::SMALL_LIMIT {
                     SMALL_SLACK_DIV
@@ -492,6 +494,11 @@ impl<B: Backend> State<B> {
         let mut pressure = !kind.is_small() && self.low_watermark_value() == 0;
         match phase {
             Phase::Normal => {
+                // Buffers whose events completed since are back in their pools, as the seed's
+                // completion handlers put scalar buffers back on their own.
+                if !self.pending.is_empty() {
+                    self.poll_pending(backend, notes);
+                }
                 if let Some(slot) =
                     self.mps_get_free_buffer(p, size, requested, &mut pressure, notes)
                 {
@@ -517,7 +524,9 @@ impl<B: Backend> State<B> {
                 Ok(self.mps_get_free_buffer(p, size, requested, &mut pressure, notes))
             }
             Phase::ReleasePool => {
-                self.mps_release_available(backend, p, size, notes)?;
+                if !self.mps_release_available(backend, p, size, notes)? {
+                    return Ok(None);
+                }
                 self.mps_alloc_buffer(backend, p, size, requested, pressure, notes)
             }
             Phase::ReleaseAll => {
@@ -705,12 +714,14 @@ impl<B: Backend> State<B> {
         let mut reclaimed = 0;
         let mut count = 0;
         while reclaimed < target && n > 0 {
-            let threshold = total_age / n;
             let mut freed_in_pass = 0;
             let mut i = 0;
             while i < candidates.len() && reclaimed < target {
                 let (size, slot, age) = candidates[i];
-                if age >= threshold && self.records[slot as usize].state == BufState::Cached {
+                // age >= total_age / n, the mean, without rounding it down.
+                if age as u128 * n as u128 >= total_age as u128
+                    && self.records[slot as usize].state == BufState::Cached
+                {
                     self.pools[p as usize].cache.remove(size, slot);
                     let split = self.pools[p as usize]
                         .heap(self.records[slot as usize].heap)
