@@ -108,9 +108,10 @@ pub fn replay(args: &ReplayArgs) -> Status {
             },
         );
         match result {
-            Ok(worst) => status = status.max(worst),
+            Ok((worst, false)) => status = status.max(worst),
             // Nobody reads the results any more: stop quietly.
-            Err(Failure::BrokenPipe) => return status,
+            Ok((worst, true)) => return status.max(worst).max(*plot_status),
+            Err(Failure::BrokenPipe) => return status.max(*plot_status),
             Err(failure) => status = status.max(report_failure(&failure)),
         }
     }
@@ -167,7 +168,7 @@ fn replay_trace(
     with_series: bool,
     show_progress: bool,
     emit: &mut dyn FnMut(Row, bool) -> Result<(), Failure>,
-) -> Result<Status, Failure> {
+) -> Result<(Status, bool), Failure> {
     let stem = trace_stem(path);
     let spinner = progress_bar(show_progress, None, &stem);
     spinner.set_message("reading");
@@ -194,6 +195,7 @@ fn replay_trace(
     }
     let several_devices = devices.len() > 1;
     let mut status = Status::Ok;
+    let mut broken = false;
     for device in devices {
         let (name, file_tag) = if several_devices {
             (
@@ -222,7 +224,7 @@ fn replay_trace(
             }
         };
         let warnings = report.warnings();
-        emit(
+        match emit(
             Row {
                 path: path.to_path_buf(),
                 name,
@@ -231,9 +233,16 @@ fn replay_trace(
                 warnings,
             },
             several_devices,
-        )?;
+        ) {
+            Ok(()) => {}
+            Err(Failure::BrokenPipe) => {
+                broken = true;
+                break;
+            }
+            Err(e) => return Err(e),
+        }
     }
-    Ok(status)
+    Ok((status, broken))
 }
 
 /// A progress bar on stderr (a spinner when `total` is `None`), or a hidden one.

@@ -587,6 +587,35 @@ fn a_device_that_fails_to_replay_does_not_stop_the_other_devices() {
 }
 
 #[test]
+fn a_closed_stdout_does_not_erase_a_failure_already_reported() {
+    use pickle::event;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("two.pickle");
+    std::fs::write(
+        &trace,
+        pickle::snapshot(vec![
+            vec![event("alloc", 0x7f00_0000_0000, 2 << 30)],
+            vec![event("alloc", 0x7f10_0000_0000, 1 << 20)],
+        ]),
+    )
+    .expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bufferheap"))
+        .args(["replay", "--json", "--device-memory", "1GiB"])
+        .arg(&trace)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // The reader goes away before anything is written.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error: "), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
+}
+
+#[test]
 fn a_snapshot_naming_too_many_devices_is_bad_input() {
     use pickle::event;
     let dir = tempfile::tempdir().expect("temp dir");
