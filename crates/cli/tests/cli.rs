@@ -556,12 +556,11 @@ fn a_plot_that_cannot_be_written_does_not_stop_the_other_devices() {
     assert!(dir.path().join("p-two-device1.svg").is_file());
 }
 
-#[test]
-fn a_device_that_fails_to_replay_does_not_stop_the_other_devices() {
+/// A two-device trace in `dir` whose device 0 asks for 2 GiB (more than a 1 GiB device has)
+/// and whose device 1 fits.
+fn trace_failing_on_device_0(dir: &Path) -> PathBuf {
     use pickle::event;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let trace = dir.path().join("two.pickle");
-    // Device 0 asks for more than the replayed device has; device 1 fits.
+    let trace = dir.join("two.pickle");
     std::fs::write(
         &trace,
         pickle::snapshot(vec![
@@ -570,6 +569,13 @@ fn a_device_that_fails_to_replay_does_not_stop_the_other_devices() {
         ]),
     )
     .expect("write");
+    trace
+}
+
+#[test]
+fn a_device_that_fails_to_replay_does_not_stop_the_other_devices() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = trace_failing_on_device_0(dir.path());
     let out = bufferheap(a!["replay", trace, "--json", "--device-memory", "1GiB"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("device 0"), "{}", stderr(&out));
@@ -588,18 +594,9 @@ fn a_device_that_fails_to_replay_does_not_stop_the_other_devices() {
 
 #[test]
 fn a_closed_stdout_does_not_erase_a_failure_already_reported() {
-    use pickle::event;
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let dir = tempfile::tempdir().expect("temp dir");
-    let trace = dir.path().join("two.pickle");
-    std::fs::write(
-        &trace,
-        pickle::snapshot(vec![
-            vec![event("alloc", 0x7f00_0000_0000, 2 << 30)],
-            vec![event("alloc", 0x7f10_0000_0000, 1 << 20)],
-        ]),
-    )
-    .expect("write");
+    let trace = trace_failing_on_device_0(dir.path());
     let mut child = Command::new(env!("CARGO_BIN_EXE_bufferheap"))
         .args(["replay", "--json", "--device-memory", "1GiB"])
         .arg(&trace)
