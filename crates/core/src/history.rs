@@ -30,7 +30,8 @@ pub struct TraceEntry {
     pub action: TraceAction,
     /// The buffer or range address (for `Oom`: the device's free bytes, as PyTorch records).
     pub addr: u64,
-    /// Bytes (the buffer's rounded size, as PyTorch records a block's size).
+    /// Bytes: for a buffer's entries the size requested (as PyTorch records `orig_size` and
+    /// `requested_size`), for a segment's its bytes.
     pub size: usize,
     pub stream: StreamId,
     /// Microseconds since the Unix epoch.

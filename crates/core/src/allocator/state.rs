@@ -321,7 +321,7 @@ impl<B: Backend> State<B> {
         notes.push(ptr, CallbackEvent::Recycled);
         if self.history.is_some() {
             let stream = self.records[slot as usize].stream;
-            self.trace(TraceAction::Alloc, ptr, size as usize, stream);
+            self.trace(TraceAction::Alloc, ptr, requested, stream);
         }
         if self.logs(debug::RECYCLES, kind, size as usize) {
             let rec = &self.records[slot as usize];
@@ -411,7 +411,7 @@ impl<B: Backend> State<B> {
             s.active[i].add(1);
         }
         notes.push(ptr, CallbackEvent::Allocated);
-        self.trace(TraceAction::Alloc, ptr, size, stream);
+        self.trace(TraceAction::Alloc, ptr, requested, stream);
         if self.logs(debug::ALLOCATIONS, kind, size) {
             tracing::info!(
                 target: "bufferheap",
@@ -428,8 +428,8 @@ impl<B: Backend> State<B> {
     pub fn retire(&mut self, backend: &B, slot: u32, notes: &mut Notes) -> Result<bool> {
         if self.history.is_some() {
             let rec = &self.records[slot as usize];
-            let (ptr, size, stream) = (rec.ptr, rec.size, rec.stream);
-            self.trace(TraceAction::FreeRequested, ptr, size, stream);
+            let (ptr, requested, stream) = (rec.ptr, rec.requested, rec.stream);
+            self.trace(TraceAction::FreeRequested, ptr, requested, stream);
         }
         let rec = &mut self.records[slot as usize];
         if rec.streams.is_empty()
@@ -553,11 +553,12 @@ impl<B: Backend> State<B> {
         // A buffer back from waiting on an event recorded after its free was freed already:
         // no second callback, no second trace entry.
         let rec = &mut self.records[slot as usize];
-        let (stream, again) = (rec.stream, std::mem::take(&mut rec.free_completed));
+        let (stream, requested) = (rec.stream, rec.requested);
+        let again = std::mem::take(&mut rec.free_completed);
         if !again {
             notes.push(ptr, CallbackEvent::Freed);
             if self.history.is_some() {
-                self.trace(TraceAction::FreeCompleted, ptr, size as usize, stream);
+                self.trace(TraceAction::FreeCompleted, ptr, requested, stream);
             }
         }
         if direct {
