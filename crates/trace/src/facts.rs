@@ -3,9 +3,10 @@
 //!
 //! Invariants:
 //! - [`facts`] follows the Python oracle step for step, quirks included: a block is alive before
-//!   recording if it is freed (`free_requested`) before any `alloc` at its address, or if it is
-//!   `active_allocated` in the final segments at an address never allocated in the trace (block
-//!   addresses found by walking each segment's block sizes). A repeated `alloc` at a live
+//!   recording if it is freed (`free_requested`, or `free_completed` with no request before it)
+//!   before any `alloc` at its address, or if it is `active_allocated` in the final segments at
+//!   an address never allocated in the trace (block addresses found by walking each segment's
+//!   block sizes). A repeated `alloc` at a live
 //!   address counts both sizes, as the oracle does.
 //! - Sums are taken in 128 bits, so no input overflows; results saturate to 64 bits.
 //! - [`initial_live_blocks`] is sorted by address, so a replay that allocates them first is
@@ -67,6 +68,11 @@ fn initial_live_map(snap: &Snapshot, device: usize) -> HashMap<u64, u64> {
                 traced.insert(e.addr);
             }
             Action::FreeRequested if !allocated.contains(&e.addr) => {
+                pre.insert(e.addr, e.size);
+            }
+            // The trace began between a block's free request and its completion (a history
+            // that wrapped, or a block waiting on another stream's events): it was alive.
+            Action::FreeCompleted if !traced.contains(&e.addr) && !pre.contains_key(&e.addr) => {
                 pre.insert(e.addr, e.size);
             }
             Action::FreeCompleted => {

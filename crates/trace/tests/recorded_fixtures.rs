@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use bufferheap_trace::{
-    Action, ReservedTracker, SettingValue, TraceFacts, facts, native_reserved_series, read_snapshot,
+    Action, ReservedTracker, SettingValue, TraceFacts, facts, initial_live_blocks,
+    native_reserved_series, read_snapshot,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -60,4 +61,28 @@ fn expandable_segments_map_pages_and_the_reserved_curve_starts_at_zero() {
     let series = native_reserved_series(&snap, 0);
     assert_eq!(*series.last().unwrap(), 838_860_800);
     assert!(series.windows(2).all(|w| w[0] <= w[1]));
+}
+
+#[test]
+fn a_block_whose_free_completes_in_the_trace_was_alive_at_its_start() {
+    // The history began between y's free request and its completion (it wrapped, or y waited
+    // on another stream's events): y was alive, and the peak counts it.
+    let (y, z) = (0x7f00_0000_0000, 0x7f10_0000_0000);
+    let ev = |action, addr, size| bufferheap_trace::TraceEvent {
+        action,
+        addr,
+        size,
+        stream: 0,
+        time_us: 0,
+    };
+    let snap = bufferheap_trace::Snapshot {
+        segments: Vec::new(),
+        device_traces: vec![vec![
+            ev(Action::FreeCompleted, y, 100 << 20),
+            ev(Action::Alloc, z, 1 << 20),
+        ]],
+        allocator_settings: Vec::new(),
+    };
+    assert_eq!(initial_live_blocks(&snap, 0), vec![(y, 100 << 20)]);
+    assert_eq!(facts(&snap, 0).peak_live_bytes, 100 << 20);
 }
