@@ -451,7 +451,9 @@ fn every_device_of_a_trace_is_a_row_and_skipped_events_are_warnings() {
             vec![
                 event("alloc", 0x7f10_0000_0000, big),
                 event("alloc", 0x7f20_0000_0000, mib),
-                event("free_completed", 0x7f30_0000_0000, mib),
+                event("free_completed", 0x7f20_0000_0000, mib),
+                // Freed twice: the second free names no live block.
+                event("free_completed", 0x7f20_0000_0000, mib),
                 event("some_future_action", 0, 0),
                 event("free_completed", 0x7f10_0000_0000, big),
             ],
