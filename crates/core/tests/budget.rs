@@ -243,3 +243,78 @@ fn a_huge_idle_page_fraction_means_never_unmapping() {
     a.free(y.ptr).unwrap();
     a.free(z.ptr).unwrap();
 }
+
+#[test]
+fn map_ahead_of_a_request_over_two_unmapped_runs_stays_within_the_budget() {
+    const G: usize = 64 << 10;
+    let a = Allocator::new(
+        SimBackend::new(1 << 30)
+            .with_granularity(G)
+            .with_physical_block(G),
+        Config {
+            front_cache_bytes: 0,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let x = a.alloc(2 * MIB).unwrap().unwrap();
+    let p = a.alloc(64 << 10).unwrap().unwrap();
+    let c = a.alloc(2 * MIB).unwrap().unwrap();
+    assert_eq!(p.ptr, x.ptr + 2 * MIB as u64);
+    a.free(x.ptr).unwrap();
+    a.free(c.ptr).unwrap();
+    a.empty_cache().unwrap();
+    // p (cached, 64 KiB) keeps one page mapped at 2 MiB; everything else is unmapped.
+    a.free(p.ptr).unwrap();
+    assert_eq!(a.usage().reserved, G);
+    // A new peak, in a burst: the 8 MiB at 0 need pages [0, 32) and [33, 128).
+    let big = a.alloc(8 * MIB).unwrap().unwrap();
+    assert_eq!(big.ptr, x.ptr);
+    // The budget: the most ever placed (8 MiB) plus the idle fraction (1%) plus two pages.
+    let budget = (8 * MIB) + (8 * MIB) / 100 + 2 * G;
+    let reserved = a.usage().reserved;
+    assert!(
+        reserved <= budget,
+        "{reserved} bytes reserved for an 8 MiB peak (budget {budget})"
+    );
+    a.free(big.ptr).unwrap();
+}
+
+#[test]
+fn pages_retiring_in_another_pool_do_not_set_the_reserved_peak() {
+    const G: usize = 64 << 10;
+    let a = Allocator::new(
+        SimBackend::new(1 << 30)
+            .with_manual_events()
+            .with_granularity(G)
+            .with_physical_block(G),
+        Config {
+            front_cache_bytes: 0,
+            map_chunk: G,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    // An earlier peak of 64 MiB on stream 0, all given back.
+    let b = a.alloc(64 * MIB).unwrap().unwrap();
+    a.free(b.ptr).unwrap();
+    a.empty_cache().unwrap();
+    assert_eq!(a.usage().reserved, 0);
+    // Stream 1's pool grows over its budget: 8 MiB of its idle pages retire, waiting for the
+    // device (below the earlier peak, growth does not wait for them).
+    let x = a.alloc_on(8 * MIB, 1).unwrap().unwrap();
+    let w = a.alloc_on(2 * MIB, 1).unwrap().unwrap();
+    a.free(x.ptr).unwrap();
+    let y = a.alloc_on(16 * MIB, 1).unwrap().unwrap();
+    // Stream 0's pool climbs to a new peak: the device passes those pages first.
+    let z = a.alloc(60 * MIB).unwrap().unwrap();
+    let peak = a.stats().reserved_bytes[0].peak as usize;
+    let live = w.size + y.size + z.size;
+    assert!(
+        peak <= live + 4 * G,
+        "the reserved peak ({peak}) holds pages retiring in another pool (live {live})"
+    );
+    for p in [w.ptr, y.ptr, z.ptr] {
+        a.free(p).unwrap();
+    }
+}

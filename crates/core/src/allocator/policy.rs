@@ -333,17 +333,24 @@ impl<B: Backend> State<B> {
                 0
             };
             if extra > 0 {
-                runs = pages_of(self, p, h).unmapped_runs(off, size, need / g + extra);
+                // The chunk extends the last run only (the one at the request's end), by
+                // `extra` pages: the headroom bounds what is mapped ahead, whatever the runs
+                // before it.
+                let last = runs.last().map_or(0, |r| r.1);
+                runs = pages_of(self, p, h).unmapped_runs(off, size, last + extra);
                 need = runs.iter().map(|r| r.1 * g).sum();
             }
             // Pages still waiting for the device before they can be unmapped count as
             // reserved. Where mapping now would reserve more than ever before, wait for the
             // device to pass them first: the lag must not set the peak.
+            // Every pool's: the peak is the engine's, over all of them.
             let reserved = &self.stats.reserved_bytes[0];
-            if self.pools[p as usize].retiring > 0
-                && reserved.current as usize + need > reserved.peak as usize
-            {
-                self.wait_retiring(backend, p, notes)?;
+            if reserved.current as usize + need > reserved.peak as usize {
+                for q in 0..self.pools.len() as u32 {
+                    if self.pools[q as usize].retiring > 0 {
+                        self.wait_retiring(backend, q, notes)?;
+                    }
+                }
             }
         }
         if need > 0 {
