@@ -143,20 +143,23 @@ fn main() {
     let backend: BackendKind = flag(&args, "--backend", BackendKind::Host);
     let policy: Policy = flag(&args, "--policy", Policy::Default);
     let which: String = flag(&args, "--scenario", "all".to_string());
-    let config = bufferheap_core::Config {
+    let mut config = bufferheap_core::Config {
         policy,
         front_cache_bytes: flag(
             &args,
             "--front-cache",
             bufferheap_core::Config::default().front_cache_bytes,
         ),
-        unmap_rate_limit: flag(
-            &args,
-            "--unmap-rate-limit",
-            bufferheap_core::Config::default().unmap_rate_limit,
-        ),
         ..bufferheap_core::Config::default()
     };
+    // Checked as the library checks the setting (a finite ratio of at least 0).
+    if let Some(i) = args.iter().position(|a| a == "--unmap-rate-limit") {
+        let value = args.get(i + 1).map_or("", String::as_str);
+        if let Err(e) = config.set("unmap_rate_limit", value) {
+            eprintln!("--unmap-rate-limit: {e}");
+            std::process::exit(2)
+        }
+    }
     let p = Params {
         threads: flag(&args, "--threads", 1usize).max(1),
         own_allocators: args.iter().any(|a| a == "--own-allocators"),
