@@ -366,17 +366,27 @@ impl<B: Backend> State<B> {
         Ok(())
     }
 
-    /// Waits for the events of pool `p`'s retiring runs, then unmaps them.
-    pub fn wait_retiring(&mut self, backend: &B, p: u32, notes: &mut Notes) -> Result<()> {
+    /// Waits for the events of the retiring runs (of pool `only`, or of every pool), then
+    /// unmaps them.
+    pub fn wait_retiring(
+        &mut self,
+        backend: &B,
+        only: Option<u32>,
+        notes: &mut Notes,
+    ) -> Result<()> {
         let start = std::time::Instant::now();
         let mut waited = false;
-        for r in self.retiring.iter().filter(|r| r.pool == p) {
+        for r in self
+            .retiring
+            .iter()
+            .filter(|r| only.is_none_or(|p| p == r.pool))
+        {
             waited |= wait_if_pending(backend, &r.event)?;
         }
         if waited {
             self.stats.note_device_wait(start);
         }
-        self.process_retiring(backend, Some(p), notes)
+        self.process_retiring(backend, only, notes)
     }
 
     /// Unmaps retiring runs whose event has completed (only in pool `only`, when given),

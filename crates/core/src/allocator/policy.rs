@@ -72,7 +72,7 @@ impl<B: Backend> State<B> {
     /// the cache: with `default`, exactly `size` or at most 1/REUSE_SLACK_DIV larger
     /// (1/SMALL_SLACK_DIV for small buffers), so a size seen again with a little variation is
     /// recycled rather than placed anew (its slack is counted as in use, and bounded); with
-    /// `mps` only exactly `size` here, its slack rules being part of its step.
+    /// `mps` none here: its step reuses cached buffers as the seed's `get_free_buffer` does.
     #[inline]
     pub fn take_cached(&mut self, p: u32, size: usize) -> Option<u32> {
         let cache = &mut self.pools[p as usize].cache;
@@ -342,15 +342,13 @@ impl<B: Backend> State<B> {
             }
             // Pages still waiting for the device before they can be unmapped count as
             // reserved. Where mapping now would reserve more than ever before, wait for the
-            // device to pass them first: the lag must not set the peak.
-            // Every pool's: the peak is the engine's, over all of them.
+            // device to pass them first, in every pool (the peak is the engine's): the lag
+            // must not set the peak.
             let reserved = &self.stats.reserved_bytes[0];
-            if reserved.current as usize + need > reserved.peak as usize {
-                for q in 0..self.pools.len() as u32 {
-                    if self.pools[q as usize].retiring > 0 {
-                        self.wait_retiring(backend, q, notes)?;
-                    }
-                }
+            if reserved.current as usize + need > reserved.peak as usize
+                && self.pools.iter().any(|q| q.retiring > 0)
+            {
+                self.wait_retiring(backend, None, notes)?;
             }
         }
         if need > 0 {
