@@ -232,7 +232,7 @@ impl<B: Backend> Allocator<B> {
     pub fn segments_and_history(&self) -> (Vec<SegmentInfo>, Vec<crate::TraceEntry>) {
         let mut st = self.engine.lock();
         let segments = segments_of(&mut st);
-        let history = st.history.as_ref().map(|h| h.entries()).unwrap_or_default();
+        let history = st.history_entries();
         (segments, history)
     }
 }

@@ -209,12 +209,7 @@ impl<B: Backend> Allocator<B> {
     /// The allocation history, oldest first (empty unless one is kept): PyTorch's
     /// `device_traces` entries, so `bufferheap replay` can replay a snapshot taken here.
     pub fn history(&self) -> Vec<crate::TraceEntry> {
-        self.engine
-            .lock()
-            .history
-            .as_ref()
-            .map(|h| h.entries())
-            .unwrap_or_default()
+        self.engine.lock().history_entries()
     }
 
     /// Every counter.

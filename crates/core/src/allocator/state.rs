@@ -257,6 +257,14 @@ impl<B: Backend> State<B> {
         }
     }
 
+    /// The history's entries, oldest first (empty unless one is kept).
+    pub fn history_entries(&self) -> Vec<crate::TraceEntry> {
+        self.history
+            .as_ref()
+            .map(|h| h.entries())
+            .unwrap_or_default()
+    }
+
     /// A clock that ticks once per allocation: ages idle pages.
     pub fn clock(&self) -> u64 {
         self.alloc_clock
