@@ -188,6 +188,39 @@ impl HostBackend {
 
     /// Changes the protection of `[offset, offset + len)` of `r`, a live region of this
     /// backend (the caller holds the table's lock, so it stays live meanwhile).
+    /// The pages `[offset, offset + len)` of the page-mapped region `r`, as (first, count),
+    /// when all of them are mapped (`mapped`) or none is: as the CUDA backend, a page is
+    /// mapped once and only mapped pages are unmapped.
+    fn pages_all(
+        &self,
+        r: &HostRegion,
+        offset: usize,
+        len: usize,
+        op: BackendOp,
+        mapped: bool,
+    ) -> Result<(usize, usize), BackendError> {
+        if r.committed {
+            return Err(BackendError::new(
+                op,
+                "region is committed, not page-mapped",
+            ));
+        }
+        check_page_range(r.size, offset, len, self.granularity, op)?;
+        let (first, n) = (offset / self.granularity, len / self.granularity);
+        if !r.pages_are(first, n, mapped) {
+            let state = if mapped {
+                "is not wholly mapped"
+            } else {
+                "is already mapped in part or whole"
+            };
+            return Err(BackendError::new(
+                op,
+                format!("range [{offset:#x}, {:#x}) {state}", offset + len),
+            ));
+        }
+        Ok((first, n))
+    }
+
     fn protect(
         &self,
         r: &HostRegion,
@@ -331,24 +364,7 @@ impl Backend for HostBackend {
         let mut st = self.state.lock();
         let held = st.held;
         let r = st.region(region, BackendOp::Map)?;
-        if r.committed {
-            return Err(BackendError::new(
-                BackendOp::Map,
-                "region is committed, not page-mapped",
-            ));
-        }
-        check_page_range(r.size, offset, len, self.granularity, BackendOp::Map)?;
-        let (first, n) = (offset / self.granularity, len / self.granularity);
-        // As the CUDA backend: a page is mapped once; mapping it again is an engine bug.
-        if !r.pages_are(first, n, false) {
-            return Err(BackendError::new(
-                BackendOp::Map,
-                format!(
-                    "range [{offset:#x}, {:#x}) is already mapped in part or whole",
-                    offset + len
-                ),
-            ));
-        }
+        let (first, n) = self.pages_all(r, offset, len, BackendOp::Map, false)?;
         if held + len > self.total {
             return Err(BackendError::out_of_memory(
                 BackendOp::Map,
@@ -375,23 +391,7 @@ impl Backend for HostBackend {
     fn unmap(&self, region: &Region, offset: usize, len: usize) -> Result<(), BackendError> {
         let mut st = self.state.lock();
         let r = st.region(region, BackendOp::Unmap)?;
-        if r.committed {
-            return Err(BackendError::new(
-                BackendOp::Unmap,
-                "region is committed, not page-mapped",
-            ));
-        }
-        check_page_range(r.size, offset, len, self.granularity, BackendOp::Unmap)?;
-        let (first, n) = (offset / self.granularity, len / self.granularity);
-        if !r.pages_are(first, n, true) {
-            return Err(BackendError::new(
-                BackendOp::Unmap,
-                format!(
-                    "range [{offset:#x}, {:#x}) is not wholly mapped",
-                    offset + len
-                ),
-            ));
-        }
+        let (first, n) = self.pages_all(r, offset, len, BackendOp::Unmap, true)?;
         self.protect(r, offset, len, BackendOp::Unmap, libc::PROT_NONE)?;
         let r = st.region_mut(region, BackendOp::Unmap)?;
         r.mapped_bytes -= len;
