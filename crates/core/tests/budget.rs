@@ -12,6 +12,21 @@ use bufferheap_sim::SimBackend;
 use common::Rng;
 
 const MIB: usize = 1 << 20;
+/// The page of [`small_pages`]: small, so that tests see page-level effects with few MiB.
+const G: usize = 64 << 10;
+
+/// An engine on `sim` with pages of [`G`], one physical allocation each, and
+/// no front caches, set up by `config` otherwise.
+fn small_pages(sim: SimBackend, config: Config) -> Allocator<SimBackend> {
+    Allocator::new(
+        sim.with_granularity(G).with_physical_block(G),
+        Config {
+            front_cache_bytes: 0,
+            ..config
+        },
+    )
+    .unwrap()
+}
 
 /// A ring of 32 buffers of log-uniform sizes in 1..64 MiB (the latency table's large row):
 /// each step frees the slot's buffer and allocates a new one. Returns the unmap calls per
@@ -172,20 +187,14 @@ fn resetting_the_accumulated_counts_does_not_stop_the_trim_of_stale_pages() {
 /// retirement that growth processes before it maps the rest.
 #[test]
 fn a_buffer_placed_over_retiring_pages_finds_them_mapped() {
-    const G: usize = 64 << 10;
-    let a = Allocator::new(
-        SimBackend::new(1 << 30)
-            .with_manual_events()
-            .with_granularity(G)
-            .with_physical_block(G),
+    let a = small_pages(
+        SimBackend::new(1 << 30).with_manual_events(),
         Config {
-            front_cache_bytes: 0,
             map_chunk: G,
             stale_page_age: 100,
             ..Config::default()
         },
-    )
-    .unwrap();
+    );
     let x = a.alloc(4 * MIB).unwrap().unwrap();
     let y = a.alloc(4 * MIB).unwrap().unwrap();
     assert_eq!(y.ptr, x.ptr + 4 * MIB as u64);
@@ -246,17 +255,7 @@ fn a_huge_idle_page_fraction_means_never_unmapping() {
 
 #[test]
 fn map_ahead_of_a_request_over_two_unmapped_runs_stays_within_the_budget() {
-    const G: usize = 64 << 10;
-    let a = Allocator::new(
-        SimBackend::new(1 << 30)
-            .with_granularity(G)
-            .with_physical_block(G),
-        Config {
-            front_cache_bytes: 0,
-            ..Config::default()
-        },
-    )
-    .unwrap();
+    let a = small_pages(SimBackend::new(1 << 30), Config::default());
     let x = a.alloc(2 * MIB).unwrap().unwrap();
     let p = a.alloc(64 << 10).unwrap().unwrap();
     let c = a.alloc(2 * MIB).unwrap().unwrap();
@@ -282,19 +281,13 @@ fn map_ahead_of_a_request_over_two_unmapped_runs_stays_within_the_budget() {
 
 #[test]
 fn pages_retiring_in_another_pool_do_not_set_the_reserved_peak() {
-    const G: usize = 64 << 10;
-    let a = Allocator::new(
-        SimBackend::new(1 << 30)
-            .with_manual_events()
-            .with_granularity(G)
-            .with_physical_block(G),
+    let a = small_pages(
+        SimBackend::new(1 << 30).with_manual_events(),
         Config {
-            front_cache_bytes: 0,
             map_chunk: G,
             ..Config::default()
         },
-    )
-    .unwrap();
+    );
     // An earlier peak of 64 MiB on stream 0, all given back.
     let b = a.alloc(64 * MIB).unwrap().unwrap();
     a.free(b.ptr).unwrap();
