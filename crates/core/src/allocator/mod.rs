@@ -353,6 +353,8 @@ impl<B: Backend> Allocator<B> {
         // The engine's hot path: a cached buffer that serves this size. On a miss the lock is
         // kept for the first phase below.
         let mut held = self.engine.lock();
+        // Pools are never removed, so `p` stays this request's pool across the phases below,
+        // each of which may take the lock anew.
         let kind = held.select_kind(size, aligned, storage, scalar);
         let p = held.pool_for(kind, stream);
         if let Some(slot) = held.take_cached(p, aligned) {
@@ -371,8 +373,6 @@ impl<B: Backend> Allocator<B> {
         ] {
             let result = {
                 let mut st = held.take().unwrap_or_else(|| self.engine.lock());
-                let kind = st.select_kind(size, aligned, storage, scalar);
-                let p = st.pool_for(kind, stream);
                 if phase == Phase::Normal {
                     st.shortfall = None;
                 } else {
@@ -414,8 +414,7 @@ impl<B: Backend> Allocator<B> {
             st.trace(crate::TraceAction::Oom, free as u64, aligned, stream);
             // The pool's storage, as the seed names it ("shared" for tiny requests routed to
             // the shared small pool on unified memory).
-            let pool_storage = st.select_kind(size, aligned, storage, scalar).storage();
-            self.out_of_memory(&mut st, aligned, pool_storage)
+            self.out_of_memory(&mut st, aligned, kind.storage())
         };
         self.fire(notes);
         Err(Error::OutOfMemory(Box::new(oom)))
