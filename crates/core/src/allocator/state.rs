@@ -379,31 +379,49 @@ impl<B: Backend> State<B> {
         let (kind, stream) = (pool.kind, pool.stream);
         let id = self.next_buffer_id;
         self.next_buffer_id += 1;
-        let rec = Record {
-            ptr,
-            size,
-            requested,
-            pool: p,
-            heap: h,
-            offset: off,
-            id,
-            state: BufState::InUse,
-            shape: Vec::new(),
-            stream,
-            streams: Vec::new(),
-            events: Vec::new(),
-            cached_at: 0,
-            use_count: 1,
-            front: 0,
-            free_completed: false,
-        };
         let slot = match self.free_slots.pop() {
             Some(s) => {
-                self.records[s as usize] = rec;
+                // A vacant record is filled in place: moving a new record over it would drop
+                // its three vectors and copy the whole record on every placement.
+                let r = &mut self.records[s as usize];
+                debug_assert_eq!(r.state, BufState::Vacant);
+                r.ptr = ptr;
+                r.size = size;
+                r.requested = requested;
+                r.pool = p;
+                r.heap = h;
+                r.offset = off;
+                r.id = id;
+                r.state = BufState::InUse;
+                r.shape.clear();
+                r.stream = stream;
+                r.streams.clear();
+                r.events.clear();
+                r.cached_at = 0;
+                r.use_count = 1;
+                r.front = 0;
+                r.free_completed = false;
                 s
             }
             None => {
-                self.records.push(rec);
+                self.records.push(Record {
+                    ptr,
+                    size,
+                    requested,
+                    pool: p,
+                    heap: h,
+                    offset: off,
+                    id,
+                    state: BufState::InUse,
+                    shape: Vec::new(),
+                    stream,
+                    streams: Vec::new(),
+                    events: Vec::new(),
+                    cached_at: 0,
+                    use_count: 1,
+                    front: 0,
+                    free_completed: false,
+                });
                 (self.records.len() - 1) as u32
             }
         };
@@ -609,6 +627,10 @@ impl<B: Backend> State<B> {
 
     /// Dissolves every cached buffer of pool `p`; returns the bytes dissolved.
     pub fn dissolve_cache(&mut self, p: u32) -> usize {
+        // Large buffers on page-mapped heaps never enter the cache: every large miss asks.
+        if self.pools[p as usize].cache.len() == 0 {
+            return 0;
+        }
         let mut entries = std::mem::take(&mut self.dissolving);
         self.pools[p as usize].cache.drain_into(&mut entries);
         let bytes = entries.iter().map(|&(s, _)| s).sum();
