@@ -86,7 +86,11 @@ pub struct Config {
     /// allocations) maps ahead in one call, within the budget's headroom.
     pub map_chunk: usize,
     /// Default policy on page-mapped heaps: an idle page is given back only after this many
-    /// allocations without a buffer on it.
+    /// allocations without a buffer on it, unless the pool holds more than three times the
+    /// budget's fraction over its peak. The default, 24, keeps the budget off the holes that
+    /// temporaries freed a moment ago, nearly always filled again within the step: unmapping
+    /// them only to map them again cost ViT-B/16's replay a third of its map and unmap calls
+    /// (BENCHMARKS.md).
     pub min_idle_age: u64,
     /// Default policy on page-mapped heaps: pages without a buffer for this many allocations
     /// are given back even when the pool is not growing (`u64::MAX`: never).
@@ -107,7 +111,7 @@ impl Default for Config {
             idle_page_fraction: 0.01,
             unmap_rate_limit: 2.0,
             map_chunk: 32 << 20,
-            min_idle_age: 0,
+            min_idle_age: 24,
             stale_page_age: u64::MAX,
             front_cache_bytes: 1 << 20,
         }

@@ -35,6 +35,9 @@ pub(crate) const SMALL_SLACK_DIV: usize = 4;
 const BURST_WINDOW: u64 = 64;
 /// Where a trim brings reserved bytes back to, as a fraction of the budget's band.
 const TRIM_TO: f64 = 0.5;
+/// Over this many times the budget's fraction, the budget gives back pages idle for fewer
+/// than `min_idle_age` allocations too (see `grow_paged`).
+const FRESH_PAGES_BUDGET: f64 = 3.0;
 /// Allocations between two looks for stale pages.
 const STALE_CHECK_EVERY: u64 = 256;
 
@@ -313,12 +316,31 @@ impl<B: Backend> State<B> {
             pool.last_growth = Some(now);
             let burst_pages = pool.burst_pages;
             if over > 0 {
+                // Pages idle for fewer than `min_idle_age` allocations are the holes that
+                // temporaries left a moment ago, nearly always filled again within the step:
+                // the trim takes older pages only, unless the pool is far over its budget
+                // ([`FRESH_PAGES_BUDGET`] times the fraction), where fresh pages go too, down
+                // to that bound.
                 let min_age = self.config.min_idle_age;
                 let surplus =
                     pages_of(self, p, h).surplus_runs(over.div_ceil(g), off, size, now, min_age);
                 self.pools[p as usize].churn.unmapped(surplus.len());
                 self.retire_pages(backend, p, h, surplus, notes)?;
                 self.process_retiring(backend, Some(p), notes)?;
+                if min_age > 0 {
+                    let pool = &self.pools[p as usize];
+                    let bound = ((placed_peak as f64 * (1.0 + FRESH_PAGES_BUDGET * fraction))
+                        as usize)
+                        .saturating_add(2 * g);
+                    let kept = pool.reserved - pool.retiring;
+                    if kept + need > bound {
+                        let more = (kept + need - bound).div_ceil(g);
+                        let fresh = pages_of(self, p, h).surplus_runs(more, off, size, now, 0);
+                        self.pools[p as usize].churn.unmapped(fresh.len());
+                        self.retire_pages(backend, p, h, fresh, notes)?;
+                        self.process_retiring(backend, Some(p), notes)?;
+                    }
+                }
             }
             let pool = &self.pools[p as usize];
             let headroom = budget.saturating_sub(pool.reserved - pool.retiring + need) / g;
